@@ -48,7 +48,9 @@ def _wordpiece_tokenizer(vocab_size: int = 400) -> Tokenizer:
     tokenizer.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return tokenizer
 
@@ -74,14 +76,26 @@ def make_tiny_backbone(family: str, directory: str | Path, max_positions: int = 
     directory.mkdir(parents=True, exist_ok=True)
     if family in ("bert", "distilbert"):
         backend = _wordpiece_tokenizer()
-        specials = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                    "mask_token": "[MASK]"}
+        specials = {
+            "unk_token": "[UNK]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "mask_token": "[MASK]",
+        }
         tokenizer_class = BertTokenizerFast if family == "bert" else DistilBertTokenizerFast
         tokenizer = tokenizer_class(tokenizer_object=backend, **specials)
     elif family in ("roberta", "modernbert"):
         backend = _bpe_tokenizer()
-        specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-                    "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"}
+        specials = {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "cls_token": "<s>",
+            "sep_token": "</s>",
+            "mask_token": "<mask>",
+        }
         tokenizer_class = RobertaTokenizerFast if family == "roberta" else PreTrainedTokenizerFast
         tokenizer = tokenizer_class(tokenizer_object=backend, **specials)
     else:
@@ -94,21 +108,38 @@ def make_tiny_backbone(family: str, directory: str | Path, max_positions: int = 
         config = BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, pad_token_id=pad_id, **TINY)
     elif family == "distilbert":
         config = DistilBertConfig(
-            vocab_size=vocab_size, max_position_embeddings=max_positions, pad_token_id=pad_id, dim=32, n_layers=2,
-            n_heads=2, hidden_dim=37,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            pad_token_id=pad_id,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=37,
         )
     elif family == "roberta":
         config = RobertaConfig(
-            vocab_size=vocab_size, max_position_embeddings=max_positions + 2, pad_token_id=pad_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions + 2,
+            pad_token_id=pad_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **TINY,
         )
     else:
         config = ModernBertConfig(
-            vocab_size=vocab_size, max_position_embeddings=max_positions, pad_token_id=pad_id,
-            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-            cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
-            global_attn_every_n_layers=2, local_attention=16,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            pad_token_id=pad_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=40,
+            global_attn_every_n_layers=2,
+            local_attention=16,
         )
     model = AutoModel.from_config(config)
     model.save_pretrained(directory)
