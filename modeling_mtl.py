@@ -214,6 +214,7 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         model = cls(config)
         # Swap the randomly initialised encoder for the pretrained one (same config, so same shapes).
         model.backbone = backbone
+        model.to(dtype=backbone.dtype)  # heads follow the backbone's dtype (e.g. dtype=torch.bfloat16)
         model.tokenizer = tokenizer
         model.config.name_or_path = str(name_or_path)
         return model
@@ -696,8 +697,10 @@ _ST_POOLING_FLAGS = {
 
 def _sentence_transformers_pooling(pooling_config: dict[str, Any]) -> str:
     if isinstance(pooling_config.get("pooling_mode"), str):
-        mode = pooling_config["pooling_mode"].replace("lasttoken", "last_token").replace("weightedmean", "weighted_mean")
-        return {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(mode, mode)
+        mode = pooling_config["pooling_mode"]
+        aliases = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max", "lasttoken": "last_token",
+                   "weightedmean": "weighted_mean", "mean_sqrt_len_tokens": "mean_sqrt_len"}
+        return aliases.get(mode, mode)
     chosen = [mode for flag, mode in _ST_POOLING_FLAGS.items() if pooling_config.get(flag)]
     if len(chosen) > 1:
         logger.warning(f"the checkpoint concatenates poolings {chosen}; using '{chosen[0]}' only")

@@ -399,3 +399,17 @@ def test_plain_backbone_defaults(tiny_bert):
     assert (model.config.pooling, model.config.normalize) == ("mean", False)
     assert model.config.max_seq_length == 128  # min(tokenizer limit, position embeddings, 512)
     assert isinstance(model.tokenizer, type(AutoTokenizer.from_pretrained(tiny_bert)))
+
+
+def test_gradient_checkpointing_and_bfloat16(tiny_bert):
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:1])
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = batch_for(model, SENTENCES)
+    model(**batch, labels={"topic": torch.tensor([0, 1, 2])}).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    half = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:1], dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half(**batch).logits["topic"].dtype == torch.bfloat16
+    assert half.encode(SENTENCES).dtype == np.float32  # encode always hands back float32

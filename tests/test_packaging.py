@@ -1,0 +1,39 @@
+"""`pip install .` builds and installs the modules and data the package declares."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_contains_modules_and_data_and_installs(tmp_path):
+    # --no-build-isolation: use the installed setuptools (no network); --no-deps: only this project.
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(tmp_path / "wheel")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("multitask_sentence_transformer-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("configuration_mtl.py", "modeling_mtl.py", "train.py", "push_to_hub.py", "multitask_st/__init__.py"):
+        assert module in names, f"{module} missing from the wheel"
+    assert not any(name.startswith("tests/") for name in names)
+    entry_points = next(name for name in names if name.endswith("entry_points.txt"))
+    assert "mtl = multitask_st.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules.pop('modeling_mtl', None); import modeling_mtl, multitask_st;"
+         "print(modeling_mtl.__file__)"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip().startswith(str(target))
