@@ -66,14 +66,26 @@ def main() -> None:
     gold = [r["score"] for r in sts]
 
     probes = {
-        "SST-2 (validation)": (read_jsonl(args.data_dir / "sst2" / "train.jsonl", args.probe_train),
-                               read_jsonl(args.data_dir / "sst2" / "validation.jsonl"), "sentence", "label"),
-        "TREC-6 (test)": (read_jsonl(args.data_dir / "trec" / "train.jsonl", args.probe_train),
-                          read_jsonl(args.data_dir / "trec" / "test.jsonl"), "text", "coarse_label"),
+        "SST-2 (validation)": (
+            read_jsonl(args.data_dir / "sst2" / "train.jsonl", args.probe_train),
+            read_jsonl(args.data_dir / "sst2" / "validation.jsonl"),
+            "sentence",
+            "label",
+        ),
+        "TREC-6 (test)": (
+            read_jsonl(args.data_dir / "trec" / "train.jsonl", args.probe_train),
+            read_jsonl(args.data_dir / "trec" / "test.jsonl"),
+            "text",
+            "coarse_label",
+        ),
     }
     probe_embeddings = {
-        name: (embed_all_modes(model, [r[text] for r in train]), embed_all_modes(model, [r[text] for r in test]),
-               [r[label] for r in train], [r[label] for r in test])
+        name: (
+            embed_all_modes(model, [r[text] for r in train]),
+            embed_all_modes(model, [r[text] for r in test]),
+            [r[label] for r in train],
+            [r[label] for r in test],
+        )
         for name, (train, test, text, label) in probes.items()
     }
 
@@ -92,9 +104,11 @@ def main() -> None:
     for row in rows:
         lines.append("| " + " | ".join(row[c] if isinstance(row[c], str) else f"{row[c]:.2f}" for c in columns) + " |")
     table = "\n".join(lines)
-    note = (f"all-MiniLM-L6-v2, frozen, no fine-tuning; probes: logistic regression on L2-normalised embeddings, "
-            f"{args.probe_train} training sentences per task (seed 0); {platform.processor() or platform.machine()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads; {elapsed:.0f} s")
+    note = (
+        f"all-MiniLM-L6-v2, frozen, no fine-tuning; probes: logistic regression on L2-normalised embeddings, "
+        f"{args.probe_train} training sentences per task (seed 0); {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {elapsed:.0f} s"
+    )
     print(table)
     print(note)
     if args.output:

@@ -12,9 +12,22 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_wheel_contains_modules_and_data_and_installs(tmp_path):
     # --no-build-isolation: use the installed setuptools (no network); --no-deps: only this project.
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w",
-         str(tmp_path / "wheel")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "wheel").glob("multitask_sentence_transformer-*.whl"))
@@ -26,14 +39,26 @@ def test_wheel_contains_modules_and_data_and_installs(tmp_path):
     assert "mtl = multitask_st.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     target = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                              str(wheel)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr[-2000:]
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules.pop('modeling_mtl', None); import modeling_mtl, multitask_st;"
-         "print(modeling_mtl.__file__)"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules.pop('modeling_mtl', None); import modeling_mtl, multitask_st;"
+            "print(modeling_mtl.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().startswith(str(target))

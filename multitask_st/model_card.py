@@ -1,0 +1,461 @@
+"""Model cards for saved multi-task models, built from what the model folder records.
+
+`write_model_card(folder)` reads `config.json` (architecture and tasks), and when present `metrics.json`,
+`training_config.json` and `trainer_state.json` (formats written by `train.py`), and renders
+`templates/model_card.md` through `huggingface_hub.ModelCard`, so that the YAML metadata (tags, base model,
+datasets, `model-index` with one result per task, split and metric) is what the Hub reads. Nothing is invented:
+a section whose source file is missing says so instead of showing numbers.
+
+Only the standard library and `huggingface_hub` (+ Jinja2) are imported, so refreshing a card is fast and needs
+neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from multitask_st import DEFAULT_BACKBONE_ID
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+CURVES_FIGURE = "training_curves.png"
+# Hub `pipeline_tag`/model-index task type of each task type. Regression heads on single texts are scored like
+# text-classification models on the Hub (a `problem_type: regression` classifier).
+HUB_TASK_TYPES = {
+    "classification": "text-classification",
+    "multi_label_classification": "text-classification",
+    "regression": "text-classification",
+    "token_classification": "token-classification",
+}
+TASK_TYPE_TAGS = {
+    "classification": "text-classification",
+    "multi_label_classification": "multi-label-classification",
+    "regression": "text-regression",
+    "token_classification": "token-classification",
+}
+# Metrics worth reporting in `model-index`; losses stay in the body tables (they are not comparable across models).
+_NOT_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second"}
+_HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.\-]*/)?[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_MAX_CURVE_ROWS = 25
+_FRAMEWORKS = ("transformers", "torch", "huggingface_hub", "tokenizers", "safetensors", "datasets", "accelerate")
+
+
+def _read_json(path: Path) -> Any | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def hub_dataset_id(dataset: str | None) -> str | None:
+    """`dataset` if it is a Hub dataset id (`name` or `namespace/name`), `None` for local paths or file specs."""
+    if not dataset or os.path.exists(dataset) or dataset.startswith((".", "/", "{", "~")):
+        return None
+    return dataset if _HUB_REPO_ID.match(dataset) else None
+
+
+def _dataset_label(dataset: str | None) -> str:
+    """A short name for a dataset: the Hub id, or the folder/file name of local data."""
+    if not dataset:
+        return "unknown"
+    if hub_dataset_id(dataset):
+        return dataset
+    if dataset.startswith("{"):  # data_files given as a JSON mapping
+        try:
+            files = json.loads(dataset)
+            first = next(iter(files.values()))
+            first = first[0] if isinstance(first, list) else first
+            return Path(str(first)).parent.name or Path(str(first)).stem
+        except (ValueError, StopIteration, AttributeError):
+            return "local files"
+    return Path(dataset.rstrip("/")).name or dataset
+
+
+def _base_model_id(base_model: str | None) -> str | None:
+    """The Hub id of the base model when it is one (the offline copy of the default backbone maps to its id)."""
+    if not base_model:
+        return None
+    try:
+        from multitask_st import default_backbone
+
+        if os.path.realpath(base_model) == os.path.realpath(default_backbone()):
+            return DEFAULT_BACKBONE_ID
+    except Exception:  # pragma: no cover - the default backbone package is optional
+        pass
+    return base_model if hub_dataset_id(base_model) else None
+
+
+def _base_model_metadata(base_model: str | None) -> dict[str, Any]:
+    """Language and license from the base model's own card, when it is available locally (never downloaded)."""
+    candidates = []
+    if base_model and os.path.isdir(base_model):
+        candidates.append(Path(base_model) / "README.md")
+    if _base_model_id(base_model) == DEFAULT_BACKBONE_ID:
+        from multitask_st import default_backbone
+
+        if os.path.isdir(default_backbone()):
+            candidates.append(Path(default_backbone()) / "README.md")
+    for readme in candidates:
+        if readme.is_file():
+            try:
+                data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+            except Exception:
+                continue
+            return {key: data[key] for key in ("language", "license") if data.get(key)}
+    return {}
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _task_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for task in tasks:
+        labels = task.get("labels") or []
+        shown = ", ".join(f"`{label}`" for label in labels[:20]) + (
+            f" … ({len(labels)} labels)" if len(labels) > 20 else ""
+        )
+        head = task.get("head") or {}
+        head_text = head.get("type", "linear")
+        if head_text == "mlp":
+            head_text += f" (hidden {head.get('hidden_size') or 'same as input'}, {head.get('activation', 'gelu')})"
+        head_text += f", dropout {head.get('dropout', 0.1)}"
+        hints = {
+            "classification": '{"label": ..., "score": ..., "scores": {label: probability}}',
+            "multi_label_classification": '{"labels": [labels above the threshold], "scores": {label: probability}}',
+            "regression": '{"value": ...}' if len(labels) <= 1 else '{"values": {name: value}}',
+            "token_classification": '{"words": [{"word", "tag", "score", ...}], "entities": [{"entity", "text", ...}]}',
+        }
+        rows.append(
+            {
+                "name": task["name"],
+                "type": task["type"] + (f" (threshold {task['threshold']})" if "threshold" in task else ""),
+                "labels_text": shown,
+                "head_text": head_text,
+                "loss_weight": task.get("loss_weight", 1.0),
+                "predict_hint": hints.get(task["type"], "..."),
+            }
+        )
+    return rows
+
+
+def _architecture(config: dict[str, Any]) -> tuple[str, str, str]:
+    backbone = config.get("backbone_config") or {}
+    model_type = backbone.get("model_type", "unknown")
+    layers = backbone.get("num_hidden_layers") or backbone.get("n_layers")
+    hidden = backbone.get("hidden_size") or backbone.get("dim")
+    heads = backbone.get("num_attention_heads") or backbone.get("n_heads")
+    backbone_line = (
+        f"{model_type}" + (f", {layers} layers" if layers else "") + (f", hidden size {hidden}" if hidden else "")
+    )
+    backbone_line += f", {heads} attention heads" if heads else ""
+    embedding_dim = config.get("projection_dim") or hidden
+    pooling = config.get("pooling", "mean")
+    embedding_line = f"{embedding_dim} dimensions, {pooling} pooling"
+    if config.get("projection_dim"):
+        embedding_line += f", linear projection {hidden} -> {config['projection_dim']}"
+        if config.get("projection_activation"):
+            embedding_line += f" + {config['projection_activation']}"
+    embedding_line += ", L2-normalised" if config.get("normalize") else ", not normalised"
+    embedding_line += f"; texts truncated to {config.get('max_seq_length', 256)} tokens"
+    parts = [
+        f"1. **Encoder**: `{backbone.get('architectures', ['AutoModel'])[0]}` ({backbone_line}), without its pooler.",
+        f"2. **Pooling**: `{pooling}` over the token states, ignoring padding.",
+    ]
+    if config.get("projection_dim"):
+        parts.append(
+            f"3. **Projection**: a linear layer to {config['projection_dim']} dimensions"
+            + (f" followed by `{config['projection_activation']}`." if config.get("projection_activation") else ".")
+        )
+    parts.append(
+        f"{len(parts) + 1}. **Embedding**: the pooled{' and projected' if config.get('projection_dim') else ''} "
+        f"vector{' (L2-normalised)' if config.get('normalize') else ''} is the sentence embedding; the heads "
+        "read it before normalisation."
+    )
+    parts.append(
+        f"{len(parts) + 1}. **Heads**: one per task. Sentence-level tasks (classification, multi-label, "
+        "regression) read the sentence vector; token classification reads each token state."
+    )
+    return backbone_line, embedding_line, "\n".join(parts)
+
+
+def _metric_results(
+    metrics: dict[str, Any], training: dict[str, Any] | None, tasks: dict[str, dict]
+) -> tuple[list[EvalResult], list[dict[str, Any]]]:
+    """`EvalResult`s for the model-index and the per-split tables of the card body."""
+    results, sections = [], []
+    task_info = (training or {}).get("tasks", {})
+    for split_key, title in (("eval", "Validation"), ("test", "Test")):
+        per_task = metrics.get(split_key)
+        if not isinstance(per_task, dict) or not per_task:
+            continue
+        rows = []
+        for task_name, scores in per_task.items():
+            info = task_info.get(task_name, {})
+            split = info.get(f"{split_key}_split") or ("validation" if split_key == "eval" else "test")
+            dataset = info.get("dataset")
+            task_type = (tasks.get(task_name) or {}).get("type") or info.get("type") or "classification"
+            for metric, value in scores.items():
+                if not _is_number(value):
+                    continue
+                rows.append({"task": task_name, "split": split, "metric": metric, "value": _format_number(value)})
+                if metric in _NOT_METRICS:
+                    continue
+                results.append(
+                    EvalResult(
+                        task_type=HUB_TASK_TYPES.get(task_type, "text-classification"),
+                        task_name=task_name,
+                        dataset_type=hub_dataset_id(dataset) or _dataset_label(dataset),
+                        dataset_name=_dataset_label(dataset) + ("" if hub_dataset_id(dataset) else " (local files)"),
+                        dataset_config=info.get("dataset_config"),
+                        dataset_split=split,
+                        metric_type=metric,
+                        metric_name=f"{task_name} {metric}",
+                        metric_value=float(value),
+                    )
+                )
+        combined_key = "combined_score" if split_key == "eval" else "test_combined_score"
+        combined = metrics.get(combined_key)
+        sections.append(
+            {
+                "title": f"{title} ({split_key} split)",
+                "rows": rows,
+                "combined": _format_number(combined) if _is_number(combined) else None,
+            }
+        )
+    return results, sections
+
+
+def _curves(state: dict[str, Any], folder: Path, figure: bool) -> dict[str, Any] | None:
+    history = [entry for entry in state.get("log_history") or [] if isinstance(entry, dict)]
+    by_step: dict[int, dict[str, Any]] = {}
+    for entry in history:
+        # Train logs carry `loss` (+ `loss_<task>`), eval logs `eval_*`; the final summary (train_loss, runtime)
+        # and test logs are not curve points.
+        keys = {
+            k: v
+            for k, v in entry.items()
+            if _is_number(v)
+            and (k == "loss" or k.startswith("loss_") or k.startswith("eval_"))
+            and not k.endswith(("_runtime", "_per_second"))
+        }
+        if keys and "step" in entry:
+            by_step.setdefault(int(entry["step"]), {"epoch": entry.get("epoch")}).update(keys)
+    if not by_step:
+        return None
+    keys = sorted(
+        {k for row in by_step.values() for k in row if k != "epoch"},
+        key=lambda k: (k != "loss", not k.startswith("loss_"), k != "eval_loss", k),
+    )
+    steps = sorted(by_step)
+    shown = steps
+    if len(steps) > _MAX_CURVE_ROWS:
+        stride = (len(steps) - 1) / (_MAX_CURVE_ROWS - 1)
+        shown = sorted({steps[round(i * stride)] for i in range(_MAX_CURVE_ROWS)})
+    rows = []
+    for step in shown:
+        row = by_step[step]
+        epoch = row.get("epoch")
+        rows.append(
+            [str(step), f"{epoch:.2f}" if _is_number(epoch) else ""]
+            + [_format_number(row[k]) if k in row else "" for k in keys]
+        )
+    figure_name = None
+    if figure:
+        try:
+            from multitask_st.plots import training_curves
+
+            training_curves(state, folder / CURVES_FIGURE)
+            figure_name = CURVES_FIGURE
+        except Exception:  # matplotlib is optional (the `serve` extra); the table carries the same numbers
+            figure_name = CURVES_FIGURE if (folder / CURVES_FIGURE).is_file() else None
+    return {
+        "columns": ["step", "epoch", *keys],
+        "rows": rows,
+        "subsampled": len(shown) < len(steps),
+        "shown": len(shown),
+        "total": len(steps),
+        "figure": figure_name,
+    }
+
+
+def _versions() -> list[tuple[str, str]]:
+    versions = [("Python", platform.python_version())]
+    for name in _FRAMEWORKS:
+        try:
+            versions.append((name, importlib_metadata.version(name)))
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_model_card(
+    folder: str | os.PathLike, repo_id: str | None = None, figure: bool = True, **overrides
+) -> ModelCard:
+    """Build (without writing) the model card of a saved multi-task model.
+
+    Args:
+        folder: the saved model (a `save_pretrained` / `train.py` output folder).
+        repo_id: the Hub repo the model is (or will be) published as; used in the title and usage example.
+        figure: also draw `training_curves.png` from `trainer_state.json` when matplotlib is available.
+        overrides: metadata fields that win over what is derived (`license`, `language`, `base_model`, `datasets`,
+            `tags` (added to the derived ones), `model_name`, or any other `ModelCardData` field).
+    """
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise FileNotFoundError(f"model folder {folder}: no config.json, is this a saved model?")
+    if "tasks" not in config or "backbone_config" not in config:
+        raise ValueError(f"{folder / 'config.json'} is not a multi-task model config (no `tasks`/`backbone_config`)")
+    metrics = _read_json(folder / "metrics.json") or {}
+    training = _read_json(folder / "training_config.json")
+    state = _read_json(folder / "trainer_state.json")
+
+    tasks = config.get("tasks") or []
+    tasks_by_name = {task["name"]: task for task in tasks}
+    task_types = [task["type"] for task in tasks]
+    base_model = (training or {}).get("base_model") or (config.get("backbone_config") or {}).get("_name_or_path")
+    name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
+
+    eval_results, evaluation = _metric_results(metrics, training, tasks_by_name)
+    datasets = sorted(
+        {hub_dataset_id(info.get("dataset")) for info in (training or {}).get("tasks", {}).values()} - {None}
+    )
+    tags = ["multi-task", "sentence-embeddings", "feature-extraction", "custom_code"]
+    tags += [TASK_TYPE_TAGS[t] for t in dict.fromkeys(task_types) if t in TASK_TYPE_TAGS]
+    tags += [tag for tag in overrides.pop("tags", None) or [] if tag not in tags]
+
+    fields: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "feature-extraction",
+        "tags": tags,
+        "base_model": _base_model_id(base_model),
+        "datasets": datasets or None,
+        "metrics": sorted({result.metric_type for result in eval_results}) or None,
+        **_base_model_metadata(base_model),
+    }
+    if eval_results:
+        fields.update(model_name=name, eval_results=eval_results)
+    fields.update(overrides)
+    card_data = ModelCardData(**{key: value for key, value in fields.items() if value is not None})
+
+    backbone_line, embedding_line, architecture = _architecture(config)
+    summary = (
+        f"A multi-task sentence transformer: one shared encoder turns a text into a "
+        f"{config.get('projection_dim') or (config.get('backbone_config') or {}).get('hidden_size')}-dimensional "
+        f"sentence embedding, and {len(tasks)} small head{'s' if len(tasks) != 1 else ''} "
+        f"({', '.join(f'`{t}`' for t in tasks_by_name) or 'none'}) predict{'s' if len(tasks) == 1 else ''} "
+        "from the same forward pass."
+    )
+    if card_data.base_model:
+        summary += f" The encoder was initialised from [`{card_data.base_model}`](https://huggingface.co/{card_data.base_model})."
+    elif base_model:
+        summary += f" The encoder was initialised from `{base_model}` (a local checkpoint)."
+
+    training_view = None
+    if isinstance(training, dict):
+        hyperparameters = sorted((training.get("hyperparameters") or {}).items())
+        runtime = training.get("train_runtime_s")
+        training_view = {
+            "base_model": card_data.base_model or training.get("base_model"),
+            "hardware": training.get("hardware"),
+            "runtime": f"{runtime:.0f} s" if _is_number(runtime) else None,
+            "hyperparameters": [
+                (key, json.dumps(value, default=str).replace("|", "\\|")) for key, value in hyperparameters
+            ],
+            "datasets": [
+                {
+                    "task": task_name,
+                    "dataset": (
+                        f"[{hub_dataset_id(info.get('dataset'))}](https://huggingface.co/datasets/"
+                        f"{hub_dataset_id(info.get('dataset'))})"
+                        if hub_dataset_id(info.get("dataset"))
+                        else f"`{_dataset_label(info.get('dataset'))}` (local files)"
+                    ),
+                    "config": info.get("dataset_config") or "-",
+                    "train_split": info.get("train_split") or "-",
+                    "num_train_examples": info.get("num_train_examples", "-"),
+                    "eval_split": info.get("eval_split") or "-",
+                    "test_split": info.get("test_split") or "-",
+                }
+                for task_name, info in (training.get("tasks") or {}).items()
+            ],
+        }
+
+    limitations = [
+        "Loading needs `trust_remote_code=True`: the Python files of this repository run on your machine. Review "
+        "them and pin `revision` to a commit hash.",
+        f"Texts longer than {config.get('max_seq_length', 256)} tokens are truncated.",
+        "Each head only knows the labels listed above; out-of-domain texts still get one of them, often with high "
+        "confidence.",
+        "The embedding is shaped by the supervised task losses (no contrastive or similarity objective), so "
+        "similarity quality may differ from the base encoder's.",
+    ]
+    if training_view:
+        limitations.append(
+            "The reported scores come from the splits listed above only; performance on other "
+            "domains, languages or label definitions is unknown."
+        )
+    else:
+        limitations.append("No training record was found: the task heads may be untrained.")
+
+    curves = _curves(state, folder, figure) if isinstance(state, dict) else None
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=name,
+        summary=summary,
+        backbone_line=backbone_line,
+        embedding_line=embedding_line,
+        architecture=architecture,
+        tasks=_task_rows(tasks),
+        task_names=[f"`{t}`" for t in tasks_by_name],
+        repo_id=repo_id or f"<namespace>/{name}",
+        revision_example="<commit hash>",
+        embedding_dim=config.get("projection_dim") or (config.get("backbone_config") or {}).get("hidden_size"),
+        normalize=bool(config.get("normalize")),
+        example_sentences='["The movie was great!", "Where is the Eiffel Tower?"]',
+        training=training_view,
+        evaluation=evaluation,
+        curves=curves,
+        limitations=limitations,
+        versions=_versions(),
+    )
+
+
+def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, **overrides) -> Path:
+    """Write `README.md` (the model card) into a saved model folder and return its path.
+
+    Args:
+        output_dir: the saved model (a `save_pretrained` / `train.py` output folder).
+        repo_id: the Hub repo id it is published as (shown in the usage example); `None` before publishing.
+        overrides: see [`build_model_card`] (`license`, `language`, `base_model`, `datasets`, `tags`, `figure`, ...).
+    """
+    card = build_model_card(output_dir, repo_id=repo_id, **overrides)
+    path = Path(output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+__all__ = ["build_model_card", "write_model_card", "hub_dataset_id"]

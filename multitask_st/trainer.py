@@ -1,0 +1,430 @@
+"""`MultiTaskTrainer`: the `transformers.Trainer` with a multi-task loss, task sampling, per-task logging,
+adaptive loss weighting, freezing and per-group learning rates.
+
+It overrides only what multi-task training changes:
+- `_get_train_sampler`: batches drawn per data source by the task-sampling strategy;
+- `_get_num_items_in_batch`: per-task label counts, so gradient accumulation and DDP keep exact means;
+- `compute_loss`: weighted (static or learned) sum of the per-task losses the model returns;
+- `prediction_step` / `evaluation_loop`: per-task predictions and losses for `compute_metrics`;
+- `log`: adds `loss_<task>` (train) beside `loss`;
+- `create_optimizer`: separate head learning rate and layer-wise learning-rate decay.
+Everything else (checkpointing, resuming, DDP via accelerate, mixed precision, callbacks) is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+from transformers import Trainer
+from transformers.utils import logging
+
+from .data import IGNORE_INDEX, label_column_name
+
+logger = logging.get_logger(__name__)
+
+SAMPLING_STRATEGIES = ("temperature", "proportional", "uniform", "round_robin")
+LOSS_WEIGHTINGS = ("static", "uncertainty")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.")
+
+
+def sampling_probabilities(sizes: list[int], strategy: str, temperature: float = 2.0) -> np.ndarray:
+    """Probability of drawing each source's next batch.
+
+    - `proportional`: p ∝ n (large datasets dominate; small tasks are seen rarely),
+    - `temperature`: p ∝ n^(1/T) (T=1 is proportional, T→∞ is uniform),
+    - `uniform` / `round_robin`: every source equally often (small datasets repeat many times per epoch).
+    """
+    if strategy not in SAMPLING_STRATEGIES:
+        raise ValueError(f"task_sampling '{strategy}' is not one of {list(SAMPLING_STRATEGIES)}")
+    sizes_array = np.asarray(sizes, dtype=np.float64)
+    if (sizes_array <= 0).any():
+        raise ValueError(f"every source needs at least one training row, got sizes {sizes}")
+    if strategy == "proportional":
+        weights = sizes_array
+    elif strategy == "temperature":
+        if temperature <= 0:
+            raise ValueError(f"sampling_temperature must be > 0, got {temperature}")
+        weights = sizes_array ** (1.0 / temperature)
+    else:
+        weights = np.ones_like(sizes_array)
+    return weights / weights.sum()
+
+
+class MultiTaskSampler(Sampler[int]):
+    """Yields row indices in blocks of `batch_size` that all come from one source, the source of each block drawn
+    by the task-sampling strategy. Deterministic given `(seed, epoch)`, so a resumed run replays the same order.
+
+    An epoch has as many batches as iterating every source once (`sum(ceil(n_i / batch_size))`); sources that
+    are drawn more often than their size allows are reshuffled and repeated, rarer ones are seen partly.
+
+    Args:
+        source_sizes: rows of each source, in the order they are concatenated in the training dataset.
+        batch_size: the per-device batch size (each block becomes one batch).
+        strategy: one of `SAMPLING_STRATEGIES`.
+        temperature: T of the temperature strategy.
+        seed: base seed (the Trainer's `seed`).
+    """
+
+    def __init__(
+        self,
+        source_sizes: list[int],
+        batch_size: int,
+        strategy: str = "temperature",
+        temperature: float = 2.0,
+        seed: int = 42,
+    ):
+        self.source_sizes = list(source_sizes)
+        self.batch_size = batch_size
+        self.strategy = strategy
+        self.probabilities = sampling_probabilities(self.source_sizes, strategy, temperature)
+        self.seed = seed
+        self.epoch = 0
+        self.num_batches = sum(math.ceil(size / batch_size) for size in self.source_sizes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def batch_sources(self) -> list[int]:
+        """The source of each batch of the current epoch."""
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        count = len(self.source_sizes)
+        if self.strategy == "round_robin":
+            return [batch % count for batch in range(self.num_batches)]
+        return rng.choice(count, size=self.num_batches, p=self.probabilities).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, 0])
+        offsets = np.concatenate([[0], np.cumsum(self.source_sizes)[:-1]]).astype(int)
+        orders = [rng.permutation(size) for size in self.source_sizes]
+        cursors = [0] * len(self.source_sizes)
+        for source in self.batch_sources():
+            size = self.source_sizes[source]
+            block = []
+            while len(block) < self.batch_size:
+                if cursors[source] == size:  # source exhausted: reshuffle and go round again
+                    orders[source] = rng.permutation(size)
+                    cursors[source] = 0
+                take = min(self.batch_size - len(block), size - cursors[source])
+                block.extend(orders[source][cursors[source] : cursors[source] + take].tolist())
+                cursors[source] += take
+            for index in block:
+                yield int(offsets[source] + index)
+
+
+class UncertaintyWeighting(nn.Module):
+    """Learned homoscedastic-uncertainty task weighting (Kendall, Gal & Cipolla, 2018).
+
+    With `s_t = log σ_t²` learned per task: `L = Σ_t exp(-s_t) · w_t · L_t + ½ s_t`. A task whose loss stays
+    high (noisy or hard) gets a larger σ and so a smaller weight; the `½ s_t` term stops σ from growing forever.
+    """
+
+    def __init__(self, task_names: list[str]):
+        super().__init__()
+        self.task_names = list(task_names)
+        self.log_variance = nn.Parameter(torch.zeros(len(self.task_names)))
+
+    def weights(self) -> dict[str, float]:
+        return {name: float(torch.exp(-value)) for name, value in zip(self.task_names, self.log_variance.detach())}
+
+    def forward(
+        self, task_losses: dict[str, torch.Tensor], static_weights: dict[str, float], regularizer_scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (weighted task losses, regulariser); the regulariser is added once per optimizer step."""
+        weighted = 0.0
+        for index, name in enumerate(self.task_names):
+            if name in task_losses:
+                weighted = weighted + torch.exp(-self.log_variance[index]) * static_weights[name] * task_losses[name]
+        regularizer = 0.5 * self.log_variance.sum() * regularizer_scale
+        return weighted, regularizer
+
+
+def apply_freezing(
+    model: nn.Module,
+    freeze_backbone: bool = False,
+    freeze_embeddings: bool = False,
+    freeze_layers: int = 0,
+    freeze_heads: list[str] | None = None,
+) -> list[str]:
+    """Set `requires_grad=False` on the chosen parameters; return their names.
+
+    Args:
+        freeze_backbone: the whole encoder (heads, pooling and projection still train: a "linear probe").
+        freeze_embeddings: the encoder's embedding layer.
+        freeze_layers: the lowest N transformer layers (with the embeddings, since they sit below them).
+        freeze_heads: names of task heads to keep fixed (e.g. heads loaded from a previous run).
+    """
+    frozen = []
+    heads = set(freeze_heads or [])
+    unknown = heads - set(getattr(model, "heads", {}).keys())
+    if unknown:
+        raise ValueError(f"freeze_heads: unknown task(s) {sorted(unknown)}; tasks are {list(model.heads.keys())}")
+    if freeze_layers < 0:
+        raise ValueError(f"freeze_layers must be >= 0, got {freeze_layers}")
+    num_layers = backbone_num_layers(model)
+    if freeze_layers > num_layers:
+        raise ValueError(f"freeze_layers={freeze_layers} exceeds the backbone's {num_layers} layers")
+    for name, parameter in model.named_parameters():
+        freeze = False
+        if name.startswith("backbone."):
+            layer = _layer_index(name)
+            is_embedding = layer is None and "embed" in name
+            freeze = (
+                freeze_backbone
+                or (freeze_embeddings and is_embedding)
+                or (freeze_layers > 0 and (is_embedding or (layer is not None and layer < freeze_layers)))
+            )
+        elif name.startswith("heads."):
+            freeze = name.split(".")[1] in heads
+        if freeze:
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def _layer_index(name: str) -> int | None:
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def backbone_num_layers(model: nn.Module) -> int:
+    indices = [_layer_index(name) for name, _ in model.named_parameters() if name.startswith("backbone.")]
+    indices = [index for index in indices if index is not None]
+    return max(indices) + 1 if indices else 0
+
+
+class MultiTaskTrainer(Trainer):
+    """A `Trainer` for [`MultiTaskModel`]: the loss is the weighted sum of the per-task losses.
+
+    Args:
+        source_sizes (`list[int]`, *optional*):
+            Rows per data source in `train_dataset` (as built by `multitask_st.data.build_datasets`); enables
+            per-source batches drawn by `task_sampling`. Without it, batches are the Trainer's usual random ones.
+        task_sampling (`str`, defaults to `"temperature"`): see [`sampling_probabilities`].
+        sampling_temperature (`float`, defaults to 2.0): T of the temperature strategy.
+        loss_weighting (`str`, defaults to `"static"`):
+            `"static"`: the config's `loss_weight` per task; `"uncertainty"`: learned weights (Kendall et al.).
+        head_learning_rate (`float`, *optional*): learning rate of heads, pooling and projection (default: the
+            `learning_rate`).
+        layerwise_lr_decay (`float`, *optional*): multiply the learning rate by this factor per layer going down
+            the encoder (top layer `lr·d`, embeddings `lr·d^(L+1)`); `None` or 1.0 disables it.
+        All other arguments are those of `transformers.Trainer`.
+    """
+
+    loss_is_scaled_for_ga = True  # each task loss is normalised by its count over the whole accumulated step
+
+    def __init__(
+        self,
+        *args,
+        source_sizes: list[int] | None = None,
+        task_sampling: str = "temperature",
+        sampling_temperature: float = 2.0,
+        loss_weighting: str = "static",
+        head_learning_rate: float | None = None,
+        layerwise_lr_decay: float | None = None,
+        **kwargs,
+    ):
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting '{loss_weighting}' is not one of {list(LOSS_WEIGHTINGS)}")
+        if task_sampling not in SAMPLING_STRATEGIES:
+            raise ValueError(f"task_sampling '{task_sampling}' is not one of {list(SAMPLING_STRATEGIES)}")
+        if layerwise_lr_decay is not None and not 0.0 < layerwise_lr_decay <= 1.0:
+            raise ValueError(f"layerwise_lr_decay must be in (0, 1], got {layerwise_lr_decay}")
+        model = kwargs.get("model", args[0] if args else None)
+        if model is None:
+            raise ValueError("MultiTaskTrainer needs a `model`")
+        self.task_configs = list(model.config.tasks)
+        self.task_names = [task["name"] for task in self.task_configs]
+        if loss_weighting == "uncertainty" and not hasattr(model, "loss_weighting"):
+            # Registered on the model so that the optimizer, DDP and checkpoints handle it like any weight;
+            # `detach_loss_weighting` removes it before the final save.
+            model.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
+        super().__init__(*args, **kwargs)
+        self.source_sizes = source_sizes
+        self.task_sampling = task_sampling
+        self.sampling_temperature = sampling_temperature
+        self.loss_weighting = loss_weighting
+        self.head_learning_rate = head_learning_rate
+        self.layerwise_lr_decay = layerwise_lr_decay
+        self._reset_task_logs()
+        self._eval_sums: dict[str, float] = {}
+        self._eval_counts: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- data
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The per-task label columns are not `forward` arguments (the collator turns them into `labels`), so
+        # `remove_unused_columns` would drop them: keep them.
+        super()._set_signature_columns_if_needed()
+        for name in self.task_names:
+            if label_column_name(name) not in self._signature_columns:
+                self._signature_columns.append(label_column_name(name))
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.source_sizes is None:
+            return super()._get_train_sampler(train_dataset)
+        if sum(self.source_sizes) != len(dataset):
+            raise ValueError(
+                f"source_sizes sum to {sum(self.source_sizes)} but the training set has {len(dataset)} rows"
+            )
+        return MultiTaskSampler(
+            self.source_sizes, self._train_batch_size, self.task_sampling, self.sampling_temperature, self.args.seed
+        )
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """Per task, the labelled items in the whole accumulated step (summed over processes)."""
+        if not batch_samples or "labels" not in batch_samples[0] or not isinstance(batch_samples[0]["labels"], dict):
+            return super()._get_num_items_in_batch(batch_samples, device)
+        counts = torch.zeros(len(self.task_names), dtype=torch.long, device=device)
+        for batch in batch_samples:
+            for index, name in enumerate(self.task_names):
+                labels = batch["labels"].get(name)
+                if labels is None:
+                    continue
+                valid = ~torch.isnan(labels) if labels.is_floating_point() else labels != IGNORE_INDEX
+                counts[index] += valid.sum().to(device)
+        if self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        if self.is_in_train:
+            for index, name in enumerate(self.task_names):
+                self._task_log_steps[name] += int(counts[index] > 0)
+        return dict(zip(self.task_names, counts))
+
+    # ------------------------------------------------------------------------------------------- loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        task_losses = outputs.task_losses or {}
+        # With counts summed over processes each process holds sum_local / count_global; DDP averages
+        # gradients over processes, so multiply back to get the gradient of the global mean.
+        scale = self.args.world_size if (num_items_in_batch is not None and self.args.world_size > 1) else 1
+        if self.loss_weighting == "uncertainty" and model.training:
+            weighting = self.accelerator.unwrap_model(model).loss_weighting
+            static = {task["name"]: task["loss_weight"] for task in self.task_configs}
+            steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
+            weighted, regularizer = weighting(task_losses, static, regularizer_scale=1.0 / steps)
+            loss = weighted * scale + regularizer
+        else:
+            loss = outputs.loss * scale
+        if model.training:
+            for name, value in task_losses.items():
+                self._task_log_sums[name] += value.detach().float() * scale
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------- logging
+
+    def _reset_task_logs(self) -> None:
+        device = self.args.device
+        self._task_log_sums = {name: torch.zeros((), device=device) for name in self.task_names}
+        self._task_log_steps = dict.fromkeys(self.task_names, 0)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add `loss_<task>` (mean per optimizer step that had labels for the task) beside the total `loss`."""
+        if "loss" in logs and not any(key.startswith(("eval_", "test_")) for key in logs):
+            sums = torch.stack([self._task_log_sums[name] for name in self.task_names])
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums, reduction="mean")
+            for index, name in enumerate(self.task_names):
+                if self._task_log_steps[name] > 0:
+                    logs[f"loss_{name}"] = round(float(sums[index]) / self._task_log_steps[name], 4)
+            model = self.accelerator.unwrap_model(self.model)
+            if self.loss_weighting == "uncertainty" and hasattr(model, "loss_weighting"):
+                for name, weight in model.loss_weighting.weights().items():
+                    logs[f"task_weight_{name}"] = round(weight, 4)
+            self._reset_task_logs()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels") or {}
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        loss = outputs.loss.detach() if outputs.loss is not None else None
+        for name, value in (outputs.task_losses or {}).items():
+            tensor = labels[name]
+            count = float((~torch.isnan(tensor) if tensor.is_floating_point() else tensor != IGNORE_INDEX).sum())
+            self._eval_sums[name] = self._eval_sums.get(name, 0.0) + float(value) * count
+            self._eval_counts[name] = self._eval_counts.get(name, 0.0) + count
+        if prediction_loss_only:
+            return loss, None, None
+        predictions, references = [], []
+        for task in self.task_configs:
+            logits = outputs.logits[task["name"]].detach()
+            # Token tasks keep only the predicted tag (not (batch, seq, labels) logits) to save memory.
+            predictions.append(logits.argmax(-1) if task["type"] == "token_classification" else logits.float())
+            references.append(labels.get(task["name"]))
+        return loss, tuple(predictions), tuple(references)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self._eval_sums, self._eval_counts = {}, {}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        sums = torch.tensor(
+            [[self._eval_sums.get(n, 0.0), self._eval_counts.get(n, 0.0)] for n in self.task_names],
+            dtype=torch.float32,
+            device=self.args.device,
+        )
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        for index, name in enumerate(self.task_names):
+            if sums[index, 1] > 0:
+                output.metrics[f"{metric_key_prefix}_{name}_loss"] = float(sums[index, 0] / sums[index, 1])
+        return output
+
+    # ------------------------------------------------------------------------------------------- optimizer
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or (self.head_learning_rate is None and self.layerwise_lr_decay in (None, 1.0)):
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, parameter in opt_model.named_parameters():
+            if not parameter.requires_grad:  # frozen: no optimizer state at all
+                continue
+            learning_rate = self.parameter_learning_rate(name, opt_model)
+            weight_decay = self.args.weight_decay if name in decay_names else 0.0
+            groups.setdefault((learning_rate, weight_decay), []).append(parameter)
+        parameter_groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(parameter_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def parameter_learning_rate(self, name: str, model: nn.Module) -> float:
+        """Learning rate of one parameter: heads (and pooling/projection) vs backbone, with layer-wise decay."""
+        base = self.args.learning_rate
+        if not name.startswith("backbone."):
+            return self.head_learning_rate if self.head_learning_rate is not None else base
+        decay = self.layerwise_lr_decay
+        if decay in (None, 1.0):
+            return base
+        num_layers = backbone_num_layers(model)
+        layer = _layer_index(name)
+        if layer is None:
+            depth = num_layers + 1 if "embed" in name else 1  # embeddings at the bottom; final norms at the top
+        else:
+            depth = num_layers - layer
+        return base * decay**depth
+
+
+def detach_loss_weighting(model: nn.Module) -> dict[str, float] | None:
+    """Remove the learned loss weighting from the model (it is a training device, not part of the model) and
+    return the learned weights."""
+    weighting = getattr(model, "loss_weighting", None)
+    if weighting is None:
+        return None
+    weights = weighting.weights()
+    del model.loss_weighting
+    return weights

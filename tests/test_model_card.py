@@ -1,0 +1,159 @@
+"""The generated model card: parsed back with `huggingface_hub`, its metadata and every metric checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from modeling_mtl import MultiTaskModel
+from multitask_st.model_card import write_model_card
+
+TASKS = [
+    {"name": "sentiment", "type": "classification", "labels": ["negative", "positive"]},
+    {"name": "ner", "type": "token_classification", "labels": ["B-PER", "I-PER", "O"]},
+    {"name": "similarity", "type": "regression"},
+    {"name": "topics", "type": "multi_label_classification", "labels": ["sport", "science"], "threshold": 0.4},
+]
+METRICS = {
+    "eval": {
+        "sentiment": {"accuracy": 0.875, "macro_f1": 0.8711, "loss": 0.41},
+        "ner": {"precision": 0.5, "recall": 0.625, "f1": 0.5555555555555556, "accuracy": 0.9, "loss": 0.3},
+        "similarity": {"pearson": 0.81, "spearman": 0.79, "mse": 0.52, "loss": 0.52},
+        "topics": {"micro_f1": 0.66, "macro_f1": 0.61, "loss": 0.2},
+    },
+    "combined_score": 0.7133,
+    "test": {"sentiment": {"accuracy": 0.86, "macro_f1": 0.859}},
+    "test_combined_score": 0.859,
+}
+
+
+def _training_config(base_model: str) -> dict:
+    def task(task_type, dataset, test_split=None):
+        return {"type": task_type, "dataset": dataset, "dataset_config": None, "train_split": "train",
+                "eval_split": "validation", "test_split": test_split, "num_train_examples": 100}  # fmt: skip
+
+    return {
+        "base_model": base_model,
+        "tasks": {
+            "sentiment": task("classification", "stanfordnlp/sst2", "test"),
+            "ner": task("token_classification", "../shared/data/wikiann-en"),
+            "similarity": task("regression", "sentence-transformers/stsb"),
+            "topics": task("multi_label_classification", json.dumps({"train": "/data/topics/train.jsonl"})),
+        },
+        "hyperparameters": {"learning_rate": 5e-05, "max_steps": 40, "task_sampling": "temperature"},
+        "hardware": "CPU (x86_64, 2 cores), 1 process(es)",
+        "train_runtime_s": 12.5,
+    }
+
+
+def _trainer_state(steps: int) -> dict:
+    history = []
+    for step in range(1, steps + 1):
+        history.append({"step": step, "epoch": step / steps, "loss": 2.0 / step, "loss_sentiment": 1.0 / step,
+                        "loss_ner": 1.5 / step, "learning_rate": 1e-5, "grad_norm": 1.0})  # fmt: skip
+        if step % 10 == 0:
+            history.append({"step": step, "epoch": step / steps, "eval_loss": 1.0 / step,
+                            "eval_sentiment_accuracy": 0.5 + step / 100, "eval_runtime": 0.1})  # fmt: skip
+    history.append({"step": steps, "train_loss": 0.3, "train_runtime": 12.5})
+    return {"global_step": steps, "log_history": history}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_bert, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("card") / "model"
+    MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS).save_pretrained(folder)
+    return folder
+
+
+def _with_records(saved_model: Path, target: Path, base_model: str, steps: int = 40) -> Path:
+    target.mkdir()
+    for path in saved_model.iterdir():
+        if path.is_file():
+            (target / path.name).write_bytes(path.read_bytes())
+    (target / "metrics.json").write_text(json.dumps(METRICS))
+    (target / "training_config.json").write_text(json.dumps(_training_config(base_model)))
+    (target / "trainer_state.json").write_text(json.dumps(_trainer_state(steps)))
+    return target
+
+
+def test_card_metadata_and_every_metric_match_the_run(saved_model, tiny_bert, tmp_path):
+    folder = _with_records(saved_model, tmp_path / "run", str(tiny_bert))
+    path = write_model_card(folder, repo_id="alice/multi", figure=False)
+    assert path == folder / "README.md"
+    card = ModelCard.load(path)
+    data = card.data
+
+    assert data.library_name == "transformers" and data.pipeline_tag == "feature-extraction"
+    for tag in ("multi-task", "sentence-embeddings", "text-classification", "token-classification", "text-regression",
+                "multi-label-classification"):  # fmt: skip
+        assert tag in data.tags, tag
+    assert "sentence-transformers" not in data.tags, "the model does not load with sentence-transformers"
+    # Only real Hub datasets go to `datasets`; a local base model is not claimed as a Hub `base_model`.
+    assert data.datasets == ["sentence-transformers/stsb", "stanfordnlp/sst2"]
+    assert data.base_model is None and str(tiny_bert) in card.text
+
+    # model-index: one result per task, split and metric (losses excepted), with the run's exact values.
+    results = {(r.task_name, r.dataset_split, r.metric_type): r for r in data.eval_results}
+    expected = {
+        (task, "validation" if split == "eval" else "test", metric): value
+        for split in ("eval", "test")
+        for task, scores in METRICS[split].items()
+        for metric, value in scores.items()
+        if metric != "loss"
+    }
+    assert {key: result.metric_value for key, result in results.items()} == expected
+    assert results[("sentiment", "test", "accuracy")].dataset_type == "stanfordnlp/sst2"
+    assert results[("ner", "validation", "f1")].task_type == "token-classification"
+    assert results[("ner", "validation", "f1")].dataset_name == "wikiann-en (local files)"
+    assert results[("topics", "validation", "micro_f1")].dataset_type == "topics"
+    assert results[("similarity", "validation", "pearson")].task_type == "text-classification"
+    assert data.model_name == "multi"
+
+    text = card.text
+    for task in TASKS:
+        for label in task.get("labels", ["score"]):
+            assert f"`{label}`" in text, label
+    assert "threshold 0.4" in text
+    assert '"alice/multi"' in text and "trust_remote_code=True" in text and "revision=" in text
+    assert "| `learning_rate` | 5e-05 |" in text and '| `task_sampling` | "temperature" |' in text
+    assert "| `ner` | validation | f1 | 0.5556 |" in text and "| `ner` | validation | loss | 0.3000 |" in text
+    assert "**0.7133**" in text and "**0.8590**" in text
+    # Training curves: 40 logged steps, at most 25 rows shown, first and last kept, eval metrics merged in.
+    curve_rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert 2 <= len(curve_rows) <= 25 and curve_rows[0].startswith("| 1 |") and curve_rows[-1].startswith("| 40 |")
+    assert "eval_sentiment_accuracy" in text and "train_runtime" not in text
+    assert "- transformers: " in text and "- torch: " in text
+
+
+def test_default_backbone_gives_base_model_license_and_language(saved_model, tmp_path):
+    folder = _with_records(saved_model, tmp_path / "run", "sentence-transformers/all-MiniLM-L6-v2", steps=3)
+    data = ModelCard.load(write_model_card(folder, figure=False)).data
+    # Inherited from the base model's own card (shipped with the offline copy of all-MiniLM-L6-v2).
+    assert data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data.license == "apache-2.0" and data.language == "en"
+    # Explicit values win, extra tags are added.
+    data = ModelCard.load(write_model_card(folder, license="mit", language=["en", "de"], tags=["demo"])).data
+    assert data.license == "mit" and data.language == ["en", "de"] and "demo" in data.tags
+
+
+def test_card_of_an_untrained_model_reports_no_numbers(saved_model, tmp_path):
+    folder = tmp_path / "untrained"
+    folder.mkdir()
+    for path in saved_model.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    card = ModelCard.load(write_model_card(folder))
+    assert card.data.eval_results is None and "model-index" not in card.content
+    assert "No evaluation results were recorded" in card.text
+    assert "No training record" in card.text and "No training log" in card.text
+    assert not (folder / "training_curves.png").exists()
+
+
+def test_missing_or_foreign_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        write_model_card(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="not a multi-task model config"):
+        write_model_card(tmp_path)

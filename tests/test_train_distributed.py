@@ -1,0 +1,192 @@
+"""Real multi-process and fault-tolerance runs: two DDP processes under `accelerate launch`, and a run killed
+mid-way then resumed from its checkpoint. Both start real Python processes, so they take tens of seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import make_dataset, separate_sources, three_tasks
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+    )
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _common_flags(tiny_bert, tasks, output_dir) -> list[str]:
+    return [
+        "--model_name_or_path",
+        str(tiny_bert),
+        "--tasks",
+        json.dumps(tasks),
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--max_seq_length",
+        "32",
+        "--num_examples_to_print",
+        "1",
+    ]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tiny_bert, tmp_path):
+    # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (multi-CPU needs mpirun); `--multi_gpu` on a
+    # machine without GPUs starts two processes joined by gloo, which is what we want to exercise.
+    # Three tasks from three datasets: every batch holds one task, so two heads see no labels in each step.
+    # `ddp_find_unused_parameters false` makes DDP fail loudly if any parameter went without a gradient.
+    tasks = separate_sources(tmp_path / "data")
+    output = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "train.py"),
+        # no --use_cpu: train.py adds it when launched distributed on a machine without GPUs
+        *[flag for flag in _common_flags(tiny_bert, tasks, output) if flag not in ("--use_cpu", "true")],
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "3",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--save_steps",
+        "3",
+        "--ddp_find_unused_parameters",
+        "false",
+        "--task_sampling",
+        "round_robin",
+    ]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    train_logs = [entry for entry in state["log_history"] if "loss" in entry]
+    assert all({"loss_topic", "loss_sentiment", "loss_ner"} <= set(entry) for entry in train_logs)
+    assert any("eval_ner_f1" in entry and "eval_loss" in entry for entry in state["log_history"])
+    config = json.loads((output / "training_config.json").read_text())
+    assert "2 process(es)" in config["hardware"]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"topic", "sentiment", "ner"}
+    assert (output / "model.safetensors").is_file() and (output / "checkpoint-6").is_dir()
+    assert "Model saved to" in result.stdout
+
+
+_SLOW_RUN = """
+import sys, time
+from transformers import TrainerCallback
+import train
+
+class SlowDown(TrainerCallback):  # gives the test time to kill the run between two checkpoints
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(0.1)
+
+sys.exit(train.main(sys.argv[1:], callbacks=[SlowDown()]))
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_same_model(tiny_bert, tmp_path):
+    files = make_dataset(tmp_path / "data", 40, 8)
+    flags = [
+        "--max_steps",
+        "24",
+        "--save_steps",
+        "8",
+        "--logging_steps",
+        "4",
+        "--eval_strategy",
+        "no",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "7",
+        "--gradient_accumulation_steps",
+        "2",
+    ]
+    reference = tmp_path / "reference"
+    assert train.main(_common_flags(tiny_bert, three_tasks(files), reference) + flags) == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, *_common_flags(tiny_bert, three_tasks(files), interrupted), *flags],
+        env=_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    checkpoint = interrupted / "checkpoint-8"
+    deadline = time.time() + 120
+    while not (checkpoint / "trainer_state.json").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint written in time"
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few more steps past the checkpoint, well before the next one (step 16)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not (interrupted / "checkpoint-16").exists() and not (interrupted / "metrics.json").exists()
+
+    assert (
+        train.main(
+            _common_flags(tiny_bert, three_tasks(files), interrupted)
+            + flags
+            + ["--resume_from_checkpoint", str(checkpoint)]
+        )
+        == 0
+    )
+    expected = load_file(reference / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    state = json.loads((interrupted / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
