@@ -9,9 +9,8 @@ Training code lives in `train.py` / `mtl_training.py`, never here.
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -439,23 +438,33 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             **kwargs,
         )
 
-    def _encode_batches(self, texts: list[str], batch_size: int, show_progress_bar: bool | None, **tokenize_kwargs):
-        """Yield (indices, batch encoding) in length-sorted batches, so each batch holds texts of similar length
-        and padding (wasted compute) stays small. Indices map rows back to input order."""
-        if not isinstance(batch_size, int) or batch_size < 1:
+    def _padded_batches(
+        self, input_ids: list[list[int]], batch_size: int, show_progress_bar: bool | None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """Yield `(indices, input_ids, attention_mask)` for already tokenised texts, in the batches chosen by
+        `plan_batches`: each batch is padded only to its own longest row. `indices` map rows to input order."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        order = np.argsort([-len(text) for text in texts], kind="stable")
-        starts = range(0, len(texts), batch_size)
+        lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        batches = plan_batches(lengths, batch_size)
         if show_progress_bar is None:
-            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(texts) > 10 * batch_size
+            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(input_ids) > 10 * batch_size
         if show_progress_bar:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="Batches", total=math.ceil(len(texts) / batch_size))
-        for start in starts:
-            indices = order[start : start + batch_size]
-            batch = self.tokenize([texts[i] for i in indices], **tokenize_kwargs)
-            yield indices, batch
+            batches = tqdm(batches, desc="Batches")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for indices in batches:
+            width = int(lengths[indices[0]])
+            ids = np.full((len(indices), width), pad_id, dtype=np.int64)  # (batch, seq)
+            mask = np.zeros((len(indices), width), dtype=np.int64)  # (batch, seq)
+            # Always pad on the right, whatever the tokenizer's padding_side: in a single forward pass every real
+            # token then keeps the position it has alone (left padding exists for generation, and shifts the
+            # absolute positions of BERT-style models).
+            for row, index in enumerate(indices):
+                ids[row, : lengths[index]] = input_ids[index]
+                mask[row, : lengths[index]] = 1
+            yield indices, torch.from_numpy(ids), torch.from_numpy(mask)
 
     def encode(
         self,
@@ -466,27 +475,35 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         convert_to_tensor: bool = False,
         show_progress_bar: bool | None = None,
         max_seq_length: int | None = None,
-        precision: str = "float32",
+        precision: str | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed sentences into fixed-length vectors.
+
+        All texts are tokenised in one call, sorted by token count and cut into batches that carry little
+        padding (`plan_batches`); results come back in input order.
 
         Args:
             sentences: one string or a list of strings (empty strings are fine; long ones are truncated to
                 `max_seq_length`, default `config.max_seq_length`).
-            batch_size: sentences per forward pass; batches are formed after sorting by length.
+            batch_size: at most this many sentences per forward pass.
             normalize: L2-normalise the vectors; default `config.normalize`.
             convert_to_numpy / convert_to_tensor: return a float32 `np.ndarray` (default) or a `torch.Tensor`
                 on the model's device.
             show_progress_bar: show a tqdm bar (default: only for long inputs when logging is verbose).
-            precision: `"float32"` (default, matches sentence-transformers to 1e-5) or `"bfloat16"` (autocast;
-                worth it on GPUs and CPUs with AMX/AVX512-BF16, see docs/BENCHMARKS.md for its quality cost).
-                For int8 on CPU use `model.quantize_dynamic().encode(...)`.
+            max_seq_length: truncation length in tokens for this call.
+            precision: `None` (default) computes in the weights' own dtype: float32 weights match
+                sentence-transformers to 1e-5. `"bfloat16"` runs the encoder under bfloat16 autocast; faster and
+                more so after `model.to(torch.bfloat16)`, which also halves the weights' memory traffic (GPUs,
+                and CPUs with AVX512-BF16 or AMX; measured in docs/BENCHMARKS.md). For int8 on CPU use
+                `model.quantize_dynamic().encode(...)`.
 
         Returns:
-            `(len(sentences), embedding_dim)` in input order; `(embedding_dim,)` for a single string.
+            `(len(sentences), embedding_dim)` float32, in input order; `(embedding_dim,)` for a single string.
         """
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
+        if precision not in (None, "float32", "bfloat16"):
+            raise ValueError(f"precision must be None, 'float32' or 'bfloat16', got {precision!r}")
+        if precision == "float32" and self.dtype != torch.float32:
+            raise ValueError(f"precision='float32' needs float32 weights, this model's are {self.dtype}: call .float()")
         single = isinstance(sentences, str)
         texts = _check_texts([sentences] if single else sentences)
         normalize = self.config.normalize if normalize is None else normalize
@@ -497,86 +514,61 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             result = torch.empty((len(texts), dimension), dtype=torch.float32, device=device)
         else:
             result = np.empty((len(texts), dimension), dtype=np.float32)
+        if not texts:
+            return result
+        input_ids = self._tokenize_unpadded(texts, max_seq_length)["input_ids"]
 
         was_training = self.training
         self.eval()
         try:
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+            autocast = torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16" and self.dtype == torch.float32
+            )
             with torch.inference_mode(), autocast:
-                for indices, input_ids, attention_mask in self._encode_token_batches(
-                    texts, batch_size, show_progress_bar, max_seq_length
+                for indices, batch_ids, attention_mask in self._padded_batches(
+                    input_ids, batch_size, show_progress_bar
                 ):
-                    input_ids = input_ids.to(device, non_blocking=True)
+                    batch_ids = batch_ids.to(device, non_blocking=True)
                     attention_mask = attention_mask.to(device, non_blocking=True)
-                    token_states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                    token_states = self.backbone(input_ids=batch_ids, attention_mask=attention_mask).last_hidden_state
                     features = self.pool(token_states, attention_mask).float()  # (batch, embedding_dim)
                     if normalize:
                         features = F.normalize(features, p=2, dim=-1)
                     if to_tensor:
-                        result[torch.as_tensor(indices, device=device)] = features
+                        result[torch.from_numpy(indices).to(device)] = features
                     else:
                         result[indices] = features.cpu().numpy()
         finally:
             self.train(was_training)
         return result[0] if single else result
 
-    def _encode_token_batches(
-        self, texts: list[str], batch_size: int, show_progress_bar: bool | None, max_seq_length: int | None
-    ):
-        """Yield (indices, input_ids, attention_mask) for `encode`, in batches sorted by *token* length.
-
-        All texts are tokenised in one call (the fast tokenizer parallelises it in Rust) without padding; each
-        batch is then padded only to its own longest row. Sorting by token count rather than characters makes
-        batches tighter, and building the tensors directly skips the per-batch tokenizer round trip, which
-        profiling showed to be a large share of small-batch time.
-        """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    def _tokenize_unpadded(self, texts: list, max_seq_length: int | None = None, **kwargs):
+        """Tokenise every text in one call (the fast tokenizer batches it in Rust), without padding."""
         if self.tokenizer is None:
             raise ValueError(
                 "this model has no tokenizer: load it with `from_pretrained`/`from_backbone`, or set `model.tokenizer`"
             )
-        if not texts:
-            return
-        encoded = self.tokenizer(
+        return self.tokenizer(
             texts,
             padding=False,
             truncation=True,
             max_length=max_seq_length or self.config.max_seq_length,
             return_attention_mask=False,
             return_token_type_ids=False,
-        )["input_ids"]
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        order = np.argsort(-lengths, kind="stable")
-        pad_id = self.tokenizer.pad_token_id or 0
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        starts = range(0, len(texts), batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(texts) > 10 * batch_size
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="Batches", total=math.ceil(len(texts) / batch_size))
-        for start in starts:
-            indices = order[start : start + batch_size]
-            width = int(lengths[indices[0]])
-            input_ids = np.full((len(indices), width), pad_id, dtype=np.int64)
-            attention_mask = np.zeros((len(indices), width), dtype=np.int64)
-            for row, index in enumerate(indices):
-                length = lengths[index]
-                span = slice(width - length, width) if left else slice(0, length)
-                input_ids[row, span] = encoded[index]
-                attention_mask[row, span] = 1
-            yield indices, torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+            **kwargs,
+        )
 
     def quantize_dynamic(self) -> MultiTaskModel:
-        """Return an int8 copy for CPU inference: dynamic quantisation of every `nn.Linear` (weights int8,
-        activations quantised on the fly). About 2x faster `encode` on AVX2 CPUs at a small quality cost
-        measured in docs/BENCHMARKS.md; the original model is left untouched. Inference only."""
+        """Return an int8 copy for CPU inference: dynamic quantisation of every `nn.Linear` (int8 weights with one
+        scale per output channel, activations quantised on the fly). Several times faster `encode` on CPUs with
+        VNNI, at a quality cost measured in docs/BENCHMARKS.md; the original model is left untouched.
+        Inference only."""
         import copy
 
-        quantized = copy.deepcopy(self).to("cpu").eval()
-        return torch.ao.quantization.quantize_dynamic(quantized, {nn.Linear}, dtype=torch.qint8)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantized = copy.deepcopy(self).to("cpu").float().eval()
+        return quantize_dynamic(quantized, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
     def predict(
         self,
@@ -618,77 +610,106 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             raise ValueError("token-classification predictions need a fast tokenizer (word ids and offsets)")
 
         results: list[dict[str, Any] | None] = [None] * len(items)
+        if not items:
+            return results
+        encoding = self._tokenize_unpadded(
+            items if split_into_words else texts,
+            is_split_into_words=split_into_words,
+            return_offsets_mapping=needs_words and not split_into_words,
+        )
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode():
-                batches = self._encode_batches(
-                    items if split_into_words else texts,
-                    batch_size,
-                    show_progress_bar,
-                    is_split_into_words=split_into_words,
-                    return_offsets_mapping=needs_words and not split_into_words,
-                )
-                for indices, batch in batches:
-                    batch_inputs = {
-                        key: value.to(self.device)
-                        for key, value in batch.items()
-                        if key in ("input_ids", "attention_mask", "token_type_ids")
-                    }
-                    outputs = self(**batch_inputs, tasks=tasks)
+                batches = self._padded_batches(encoding["input_ids"], batch_size, show_progress_bar)
+                for indices, input_ids, attention_mask in batches:
+                    outputs = self(
+                        input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), tasks=tasks
+                    )
+                    # One softmax/sigmoid and one device->host copy per task and batch, not per sentence.
+                    scores = {name: self._scores(name, outputs.logits[name]) for name in tasks}
                     for row, index in enumerate(indices):
-                        results[index] = {
-                            name: self._describe(
-                                name, outputs.logits[name][row], batch, row, items[index], split_into_words
+                        results[index] = {}
+                        for name in tasks:
+                            if self.config.get_task(name)["type"] != "token_classification":
+                                results[index][name] = self._describe(name, scores[name][row])
+                                continue
+                            length = len(encoding["input_ids"][index])
+                            results[index][name] = self._describe_words(
+                                name,
+                                scores[name][row, :length],
+                                encoding.word_ids(index),
+                                None if split_into_words else encoding["offset_mapping"][index],
+                                items[index],
                             )
-                            for name in tasks
-                        }
         finally:
             self.train(was_training)
         return results[0] if single else results
 
-    def _describe(self, name: str, logits: torch.Tensor, batch, row: int, item, split_into_words: bool) -> dict:
+    def _scores(self, name: str, logits: torch.Tensor) -> np.ndarray:
+        """Probabilities (classification, multi-label, token tasks) or values (regression) as a numpy array."""
+        task_type = self.config.get_task(name)["type"]
+        logits = logits.float()
+        if task_type == "multi_label_classification":
+            return logits.sigmoid().cpu().numpy()
+        if task_type == "regression":
+            return logits.cpu().numpy()
+        return logits.softmax(-1).cpu().numpy()
+
+    def _describe(self, name: str, scores: np.ndarray) -> dict[str, Any]:
+        """One sentence's prediction for a sequence-level task, from its row of `_scores`."""
         task = self.config.get_task(name)
         labels = task["labels"]
-        logits = logits.float()
+        values = scores.tolist()
         if task["type"] == "classification":
-            probabilities = logits.softmax(-1).tolist()
-            best = int(np.argmax(probabilities))
-            return {"label": labels[best], "score": probabilities[best], "scores": dict(zip(labels, probabilities))}
+            best = int(scores.argmax())
+            return {"label": labels[best], "score": values[best], "scores": dict(zip(labels, values))}
         if task["type"] == "multi_label_classification":
-            probabilities = logits.sigmoid().tolist()
-            chosen = [label for label, p in zip(labels, probabilities) if p >= task["threshold"]]
-            return {"labels": chosen, "scores": dict(zip(labels, probabilities))}
-        if task["type"] == "regression":
-            values = logits.tolist()
-            return {"value": values[0]} if len(values) == 1 else {"values": dict(zip(labels, values))}
-        # Token classification: one tag per word, read from the word's first sub-token.
-        probabilities = logits.softmax(-1)  # (seq, num_labels)
-        word_ids = batch.word_ids(row)
-        if split_into_words:
+            chosen = [label for label, p in zip(labels, values) if p >= task["threshold"]]
+            return {"labels": chosen, "scores": dict(zip(labels, values))}
+        return {"value": values[0]} if len(values) == 1 else {"values": dict(zip(labels, values))}
+
+    def _describe_words(
+        self,
+        name: str,
+        probabilities: np.ndarray,
+        word_ids: list[int | None],
+        offsets: list[tuple[int, int]] | None,
+        item: str | Sequence[str],
+    ) -> dict[str, Any]:
+        """Tags per word (read from each word's first sub-token, as in training) and grouped entity spans.
+
+        Args:
+            probabilities: `(tokens, num_labels)` for this sentence's real tokens.
+            word_ids: the tokenizer's word index of every token (`None` for special tokens).
+            offsets: character offsets of every token, or `None` when the input was a list of words.
+            item: the input string, or its list of words.
+        """
+        labels = self.config.get_task(name)["labels"]
+        if offsets is None:  # pre-split words: offsets into the words joined by single spaces
             spans, cursor = [], 0
             for word in item:
                 spans.append((cursor, cursor + len(word)))
                 cursor += len(word) + 1
             text = " ".join(item)
         else:
-            offsets = batch["offset_mapping"][row].tolist()
             text = item
+        best_tags = probabilities.argmax(-1)
         words, seen = [], set()
         for position, word_id in enumerate(word_ids):
             if word_id is None or word_id in seen:
                 continue
             seen.add(word_id)
-            if split_into_words:
+            if offsets is None:
                 start, end = spans[word_id]
             else:
-                start, end = offsets[position][0], offsets[position][1]
+                start, end = offsets[position]
                 # A word split into several sub-tokens ends where its last sub-token ends.
                 for later in range(position + 1, len(word_ids)):
                     if word_ids[later] != word_id:
                         break
                     end = offsets[later][1]
-            best = int(probabilities[position].argmax())
+            best = int(best_tags[position])
             words.append(
                 {
                     "word": text[start:end],
@@ -699,6 +720,37 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
                 }
             )
         return {"words": words, "entities": group_entities(words, text)}
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.1) -> list[np.ndarray]:
+    """Cut texts into inference batches, longest first, so that padding wastes little compute.
+
+    Texts are sorted by token count (descending, stable). A batch takes the next texts until it holds
+    `batch_size` of them or the next one is shorter than `(1 - max_padding)` times the batch's longest, so a row
+    is at most `max_padding` padding. Sorting alone leaves the first batches of a large `batch_size` mostly
+    padding (a 55-token sentence next to 20-token ones); exact-length buckets would remove all padding but run
+    many tiny batches, each of which pays for reading every weight from memory. 10% was the fastest of
+    0 / 10 / 20 / 100% on real sentences (docs/BENCHMARKS.md).
+
+    Args:
+        lengths: token count of every text, `(num_texts,)`.
+        batch_size: most texts per batch.
+        max_padding: largest fraction of a row that may be padding.
+
+    Returns:
+        Index arrays into `lengths`, one per batch; every index appears exactly once.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    descending = lengths[order]
+    batches, start = [], 0
+    while start < len(order):
+        window = -descending[start : start + batch_size]  # ascending
+        # Rows whose length is >= (1 - max_padding) * the longest row of this batch.
+        size = int(np.searchsorted(window, -(descending[start] * (1.0 - max_padding)), side="right"))
+        batches.append(order[start : start + max(size, 1)])
+        start += max(size, 1)
+    return batches
 
 
 def group_entities(words: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -852,5 +904,6 @@ __all__ = [
     "Pooling",
     "TaskHead",
     "group_entities",
+    "plan_batches",
     "read_sentence_transformers_settings",
 ]

@@ -188,7 +188,12 @@ def parse_arguments(argv: list[str] | None = None):
 def _cpu_only_distributed() -> bool:
     import torch
 
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # WORLD_SIZE comes from torchrun / `accelerate launch --multi_gpu`; the others from mpirun (Open MPI, Intel MPI,
+    # MVAPICH), the same list accelerate reads. `accelerate launch --cpu --mpirun_hostfile` also sets
+    # ACCELERATE_USE_CPU, which TrainingArguments honours; a bare `mpirun -n 2 python train.py` needs this check.
+    names = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    world_size = max(int(os.environ.get(name) or 1) for name in names)
+    return world_size > 1 and not torch.cuda.is_available()
 
 
 def describe_hardware(training_args: TrainingArguments) -> str:

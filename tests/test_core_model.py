@@ -266,6 +266,34 @@ def test_predict_formats(model):
     assert model.predict([]) == []
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_predict_batched_equals_one_at_a_time(model, padding_side):
+    # Sentences of very different lengths land in different padded batches; every prediction (token tags and
+    # scores included) must equal the one made for the sentence alone. Batches are always padded on the right,
+    # so a tokenizer set to pad on the left (which would shift BERT's absolute positions) changes nothing.
+    long = "Maria Lopez , who lives in Lyon with John Smith , works in Paris for Acme Corporation every day"
+    # The last two differ by one word: within plan_batches' padding bound, so they share a padded batch.
+    texts = SENTENCES + ["x", long, long.replace(" every day", " daily")]
+    original = model.tokenizer.padding_side
+    model.tokenizer.padding_side = padding_side
+    try:
+        batched = model.predict(texts, batch_size=4)
+        alone = [model.predict(text) for text in texts]
+    finally:
+        model.tokenizer.padding_side = original
+    tolerance = 1e-5
+    for got, expected in zip(batched, alone):
+        assert got["topic"]["label"] == expected["topic"]["label"]
+        assert got["topic"]["score"] == pytest.approx(expected["topic"]["score"], abs=tolerance)
+        assert got["score"]["value"] == pytest.approx(expected["score"]["value"], abs=tolerance)
+        assert [(w["word"], w["tag"]) for w in got["ner"]["words"]] == [
+            (w["word"], w["tag"]) for w in expected["ner"]["words"]
+        ]
+        assert [w["score"] for w in got["ner"]["words"]] == pytest.approx(
+            [w["score"] for w in expected["ner"]["words"]], abs=tolerance
+        )
+
+
 def test_predict_pre_split_words(model):
     words = ["Maria", "Lopez", "visited", "Paris", "."]
     result = model.predict([words], tasks=["ner"])[0]["ner"]

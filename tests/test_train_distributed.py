@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,19 +64,34 @@ def _common_flags(tiny_bert, tasks, output_dir) -> list[str]:
     ]
 
 
-@pytest.mark.slow
-def test_accelerate_launch_two_processes(tiny_bert, tmp_path):
-    # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (multi-CPU needs mpirun); `--multi_gpu` on a
-    # machine without GPUs starts two processes joined by gloo, which is what we want to exercise.
-    # Three tasks from three datasets: every batch holds one task, so two heads see no labels in each step.
-    # `ddp_find_unused_parameters false` makes DDP fail loudly if any parameter went without a gradient.
+# Three tasks from three datasets: every batch holds one task, so two heads see no labels in each step.
+# `ddp_find_unused_parameters false` makes DDP fail loudly if any parameter went without a gradient.
+_DDP_FLAGS = [
+    "--max_steps",
+    "6",
+    "--logging_steps",
+    "3",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "3",
+    "--save_steps",
+    "3",
+    "--ddp_find_unused_parameters",
+    "false",
+    "--task_sampling",
+    "round_robin",
+]
+
+
+def _launch(launcher_flags: list[str], tiny_bert, tmp_path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`accelerate launch <launcher_flags> train.py ...` for 6 steps on two processes; returns the finished run."""
     tasks = separate_sources(tmp_path / "data")
-    output = tmp_path / "out"
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *launcher_flags,
         "--num_processes",
         "2",
         "--num_machines",
@@ -88,35 +104,55 @@ def test_accelerate_launch_two_processes(tiny_bert, tmp_path):
         str(_free_port()),
         str(ROOT / "train.py"),
         # no --use_cpu: train.py adds it when launched distributed on a machine without GPUs
-        *[flag for flag in _common_flags(tiny_bert, tasks, output) if flag not in ("--use_cpu", "true")],
-        "--max_steps",
-        "6",
-        "--logging_steps",
-        "3",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "3",
-        "--save_steps",
-        "3",
-        "--ddp_find_unused_parameters",
-        "false",
-        "--task_sampling",
-        "round_robin",
+        *[flag for flag in _common_flags(tiny_bert, tasks, tmp_path / "out") if flag not in ("--use_cpu", "true")],
+        *_DDP_FLAGS,
     ]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def _assert_one_run_on_two_processes(result: subprocess.CompletedProcess, output: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+    # 80 training examples, 6 steps of 4 per process: 0.6 epoch with two processes sharing the data, 0.3 alone
+    assert state["epoch"] == pytest.approx(0.6)
     train_logs = [entry for entry in state["log_history"] if "loss" in entry]
     assert all({"loss_topic", "loss_sentiment", "loss_ner"} <= set(entry) for entry in train_logs)
     assert any("eval_ner_f1" in entry and "eval_loss" in entry for entry in state["log_history"])
     config = json.loads((output / "training_config.json").read_text())
-    assert "2 process(es)" in config["hardware"]
+    assert "2 process(es)" in config["hardware"]  # the world size of the process group both processes joined
     metrics = json.loads((output / "metrics.json").read_text())
     assert set(metrics["eval"]) == {"topic", "sentiment", "ner"}
     assert (output / "model.safetensors").is_file() and (output / "checkpoint-6").is_dir()
-    assert "Model saved to" in result.stdout
+    assert result.stdout.count("Model saved to") == 1  # printed by the main process only
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tiny_bert, tmp_path):
+    # `--multi_gpu` on a machine without GPUs starts two processes (torch elastic) joined by gloo.
+    result = _launch(["--multi_gpu"], tiny_bert, tmp_path, _env())
+    _assert_one_run_on_two_processes(result, tmp_path / "out")
+
+
+def _open_mpi() -> bool:
+    if shutil.which("mpirun") is None:
+        return False
+    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30)
+    return "Open MPI" in version.stdout + version.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _open_mpi(), reason="needs Open MPI's mpirun on PATH (Debian: apt-get install openmpi-bin)")
+def test_accelerate_launch_cpu_flag_two_processes(tiny_bert, tmp_path):
+    # accelerate 1.x: `--cpu --num_processes 2` alone starts ONE process; with `--mpirun_hostfile` it runs
+    # `mpirun --hostfile H --npernode 2 -n 2 python train.py ...`, each process finds its rank in OMPI_COMM_WORLD_*
+    # and they join one gloo process group (MASTER_ADDR/MASTER_PORT come from accelerate).
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")  # two slots even on a one-core machine
+    env = _env()
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")  # CI containers run as root
+    result = _launch(["--cpu", "--mpirun_hostfile", str(hostfile)], tiny_bert, tmp_path, env)
+    _assert_one_run_on_two_processes(result, tmp_path / "out")
 
 
 _SLOW_RUN = """
