@@ -207,7 +207,7 @@ def describe_hardware(training_args: TrainingArguments) -> str:
 
 
 def non_default_hyperparameters(training_args: TrainingArguments, *extra) -> dict[str, Any]:
-    """The TrainingArguments that differ from their defaults, plus every multi-task/model option."""
+    """The TrainingArguments, model, data and multi-task options that differ from their defaults."""
     defaults = {f.name: f.default for f in fields(TrainingArguments) if f.init}
     skip = {
         "output_dir",
@@ -232,9 +232,14 @@ def non_default_hyperparameters(training_args: TrainingArguments, *extra) -> dic
             continue  # unset either way (the dataclass default was None or a factory)
         if value != default and not callable(default):
             result[key] = value
-    for arguments in extra:
+    for arguments in extra:  # model / data / multi-task options: only those set to something else than default
+        option_defaults = {
+            f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            for f in fields(arguments)
+            if f.default is not MISSING or f.default_factory is not MISSING
+        }
         for key, value in asdict(arguments).items():
-            if key != "tasks":
+            if key != "tasks" and (key not in option_defaults or value != option_defaults[key]):
                 result[key] = value
     return json.loads(json.dumps(result, default=str))
 

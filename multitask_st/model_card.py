@@ -206,6 +206,9 @@ def _metric_results(
     """`EvalResult`s for the model-index and the per-split tables of the card body."""
     results, sections = [], []
     task_info = (training or {}).get("tasks", {})
+    # huggingface_hub groups model-index results by (task type, dataset, config, split): tasks trained on one
+    # dataset (several label columns) would merge into one result, so those get their label column as config.
+    shared = _tasks_sharing_a_dataset(task_info, tasks)
     for split_key, title in (("eval", "Validation"), ("test", "Test")):
         per_task = metrics.get(split_key)
         if not isinstance(per_task, dict) or not per_task:
@@ -228,7 +231,9 @@ def _metric_results(
                         task_name=task_name,
                         dataset_type=hub_dataset_id(dataset) or _dataset_label(dataset),
                         dataset_name=_dataset_label(dataset) + ("" if hub_dataset_id(dataset) else " (local files)"),
-                        dataset_config=info.get("dataset_config"),
+                        dataset_config=_label_config(info, task_name)
+                        if task_name in shared
+                        else info.get("dataset_config"),
                         dataset_split=split,
                         metric_type=metric,
                         metric_name=f"{task_name} {metric}",
@@ -245,6 +250,20 @@ def _metric_results(
             }
         )
     return results, sections
+
+
+def _tasks_sharing_a_dataset(task_info: dict[str, dict], tasks: dict[str, dict]) -> set[str]:
+    groups: dict[tuple, list[str]] = {}
+    for name, info in task_info.items():
+        task_type = (tasks.get(name) or {}).get("type") or info.get("type") or "classification"
+        key = (HUB_TASK_TYPES.get(task_type), info.get("dataset"), info.get("dataset_config"))
+        groups.setdefault(key, []).append(name)
+    return {name for names in groups.values() if len(names) > 1 for name in names}
+
+
+def _label_config(info: dict[str, Any], task_name: str) -> str:
+    column = info.get("label_column") or task_name
+    return f"{info['dataset_config']}/{column}" if info.get("dataset_config") else column
 
 
 def _curves(state: dict[str, Any], folder: Path, figure: bool) -> dict[str, Any] | None:

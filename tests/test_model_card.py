@@ -128,6 +128,37 @@ def test_card_metadata_and_every_metric_match_the_run(saved_model, tiny_bert, tm
     assert "- transformers: " in text and "- torch: " in text
 
 
+def test_tasks_sharing_one_dataset_keep_one_result_each(tiny_bert, tmp_path):
+    # huggingface_hub merges model-index results with the same task type, dataset, config and split; two
+    # classification tasks labelled on one file must still come back as two results under their own names.
+    tasks = [{"name": "topic", "labels": ["a", "b"]}, {"name": "sentiment", "labels": ["neg", "pos"]}]
+    folder = tmp_path / "shared"
+    MultiTaskModel.from_backbone(tiny_bert, tasks=tasks).save_pretrained(folder)
+    metrics = {"eval": {"topic": {"accuracy": 0.9}, "sentiment": {"accuracy": 0.7}}}
+    files = json.dumps({"train": "/data/all/train.jsonl"})
+    training = _training_config(str(tiny_bert))
+    training["tasks"] = {
+        name: {
+            "type": "classification",
+            "dataset": files,
+            "dataset_config": None,
+            "label_column": name,
+            "train_split": "train",
+            "eval_split": "validation",
+            "num_train_examples": 10,
+        }  # fmt: skip
+        for name in ("topic", "sentiment")
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "training_config.json").write_text(json.dumps(training))
+    card = ModelCard.load(write_model_card(folder, figure=False))
+    model_index = card.data.to_dict()["model-index"][0]["results"]
+    assert sorted(result["task"]["name"] for result in model_index) == ["sentiment", "topic"]
+    values = {(r.task_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert values == {("topic", "accuracy"): 0.9, ("sentiment", "accuracy"): 0.7}
+    assert {r.dataset_config for r in card.data.eval_results} == {"topic", "sentiment"}
+
+
 def test_default_backbone_gives_base_model_license_and_language(saved_model, tmp_path):
     folder = _with_records(saved_model, tmp_path / "run", "sentence-transformers/all-MiniLM-L6-v2", steps=3)
     data = ModelCard.load(write_model_card(folder, figure=False)).data
