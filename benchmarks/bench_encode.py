@@ -238,6 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size, name, count, ratio in rows:
         print(f"| {batch_size} | {name} | {count} | {ratio:.2f} |")
 
+    print("\n## Padding tolerance (float32 sentences/s by `inference_max_padding`; 1.0 = sorted only)\n")
+    tolerances = (0.0, 0.1, 0.2, 1.0)
+    print("| batch size | " + " | ".join(f"{t:.0%}" for t in tolerances) + " |")
+    print("|---|" + "---|" * len(tolerances))
+    for batch_size in [size for size in args.batch_sizes if size > 1]:
+        contenders = {}
+        for tolerance in tolerances:
+            variant = copy.copy(model)  # shares the weights; only the batching knob differs
+            variant.inference_max_padding = tolerance
+            contenders[tolerance] = lambda v=variant, bs=batch_size: v.encode(corpus, batch_size=bs)
+        medians = interleaved(contenders, 3)
+        print(f"| {batch_size} | " + " | ".join(f"{len(corpus) / medians[t]:.1f}" for t in tolerances) + " |")
+
     print("\n## Cost model\n")
     config = model.config.backbone_config
     mean_length = float(lengths.mean())
