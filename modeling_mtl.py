@@ -146,6 +146,12 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
 
     # Largest fraction of a row that `encode`/`predict` may pad (see `plan_batches`); an inference-speed knob only.
     inference_max_padding: float = 0.1
+    # CPU worker threads that `encode`/`predict` run batches on side by side (`run_concurrently`), the torch
+    # threads split between them; `None` = min(4, torch threads), 1 = one batch at a time. Within one batch,
+    # intra-op threads leave cores idle (small matrix multiplies are bound by reading the weights; layer norms,
+    # softmax and Python overhead run on one core); a second batch fills them. Each batch is computed exactly as
+    # it is alone. Measured in docs/BENCHMARKS.md; capped at 4 because every worker holds one batch's activations.
+    inference_workers: int | None = None
 
     def __init__(self, config: MultiTaskConfig):
         super().__init__(config)
@@ -538,8 +544,10 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             autocast = torch.autocast(
                 device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16" and self.dtype == torch.float32
             )
-            with torch.inference_mode(), autocast:
-                for indices, batch_ids, attention_mask in self._padded_batches(tokens, batch_size, show_progress_bar):
+
+            def embed_batch(indices: np.ndarray, batch_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+                # inference_mode and autocast are thread-local: entered here, so concurrent workers have them too.
+                with torch.inference_mode(), autocast:
                     batch_ids = batch_ids.to(device, non_blocking=True)
                     attention_mask = attention_mask.to(device, non_blocking=True)
                     token_states = self.backbone(input_ids=batch_ids, attention_mask=attention_mask).last_hidden_state
@@ -550,9 +558,29 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
                         result[torch.from_numpy(indices).to(device)] = features
                     else:
                         result[indices] = features.cpu().numpy()
+
+            self._for_each_batch(embed_batch, self._padded_batches(tokens, batch_size, show_progress_bar))
         finally:
             self.train(was_training)
         return result[0] if single else result
+
+    def _for_each_batch(self, function: Any, batches: Iterator[tuple]) -> None:
+        """Call `function(*batch)` per batch: side by side on `inference_workers` threads on CPU when there is
+        more than one batch, else one after the other. `function` must enter its own `inference_mode`."""
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        second = next(batches, None)
+        threads = torch.get_num_threads()
+        workers = min(4, threads) if self.inference_workers is None else self.inference_workers
+        if second is None or self.device.type != "cpu" or workers < 2:
+            for batch in itertools.chain([first], [] if second is None else [second], batches):
+                function(*batch)
+            return
+        run_concurrently(
+            function, itertools.chain([first, second], batches), workers, threads_per_worker=max(1, threads // workers)
+        )
 
     def _tokenize_unpadded(self, texts: list, max_seq_length: int | None = None, **kwargs):
         """Tokenise every text in one call (the fast tokenizer batches it in Rust), without padding."""
@@ -632,29 +660,31 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
-                tokens = PackedTokens.from_lists(encoding["input_ids"])
-                batches = self._padded_batches(tokens, batch_size, show_progress_bar)
-                for indices, input_ids, attention_mask in batches:
+            tokens = PackedTokens.from_lists(encoding["input_ids"])
+
+            def predict_batch(indices: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+                with torch.inference_mode():  # thread-local: entered here, so concurrent workers have it too
                     outputs = self(
                         input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), tasks=tasks
                     )
                     # One softmax/sigmoid and one device->host copy per task and batch, not per sentence.
                     scores = {name: self._scores(name, outputs.logits[name]) for name in tasks}
-                    for row, index in enumerate(indices):
-                        results[index] = {}
-                        for name in tasks:
-                            if self.config.get_task(name)["type"] != "token_classification":
-                                results[index][name] = self._describe(name, scores[name][row])
-                                continue
-                            length = tokens.lengths[index]
-                            results[index][name] = self._describe_words(
-                                name,
-                                scores[name][row, :length],
-                                encoding.word_ids(index),
-                                None if split_into_words else encoding["offset_mapping"][index],
-                                items[index],
-                            )
+                for row, index in enumerate(indices):
+                    results[index] = {}
+                    for name in tasks:
+                        if self.config.get_task(name)["type"] != "token_classification":
+                            results[index][name] = self._describe(name, scores[name][row])
+                            continue
+                        length = tokens.lengths[index]
+                        results[index][name] = self._describe_words(
+                            name,
+                            scores[name][row, :length],
+                            encoding.word_ids(index),
+                            None if split_into_words else encoding["offset_mapping"][index],
+                            items[index],
+                        )
+
+            self._for_each_batch(predict_batch, self._padded_batches(tokens, batch_size, show_progress_bar))
         finally:
             self.train(was_training)
         return results[0] if single else results
@@ -759,6 +789,37 @@ class PackedTokens:
         return self.ids[self.starts[index] : self.starts[index] + self.lengths[index]]
 
 
+def run_concurrently(function: Any, jobs: Iterable[tuple], workers: int, threads_per_worker: int = 1) -> None:
+    """Call `function(*job)` for every job on `workers` threads, each with `threads_per_worker` intra-op threads.
+
+    For CPU work made of independent pieces (inference batches) that one piece alone cannot spread over every
+    core. At most `2 * workers` jobs are in flight, so a lazy `jobs` iterator is never materialised. The
+    caller's torch thread count is restored afterwards (the BLAS library may keep one process-wide setting).
+    The first error of any job is raised.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    threads = torch.get_num_threads()
+    pending: set = set()
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(threads_per_worker,)) as pool:
+            try:
+                for job in jobs:
+                    if len(pending) >= 2 * workers:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            future.result()
+                    pending.add(pool.submit(function, *job))
+                for future in pending:
+                    future.result()
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+    finally:
+        torch.set_num_threads(threads)
+
+
 def plan_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.1) -> list[np.ndarray]:
     """Cut texts into inference batches, longest first, so that padding wastes little compute.
 
@@ -766,8 +827,8 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.1)
     `batch_size` of them or the next one is shorter than `(1 - max_padding)` times the batch's longest, so a row
     is at most `max_padding` padding. Sorting alone leaves the first batches of a large `batch_size` mostly
     padding (a 55-token sentence next to 20-token ones); exact-length buckets would remove all padding but run
-    many tiny batches, each of which pays for reading every weight from memory. 10% was the fastest of
-    0 / 10 / 20 / 100% on real sentences (docs/BENCHMARKS.md).
+    many tiny batches, each of which pays for reading every weight from memory. On real sentences 10% was as fast
+    as exact-length batches (0%) and 29% faster than sorting alone at batch size 128 (docs/BENCHMARKS.md).
 
     Args:
         lengths: token count of every text, `(num_texts,)`.
@@ -942,5 +1003,6 @@ __all__ = [
     "TaskHead",
     "group_entities",
     "plan_batches",
+    "run_concurrently",
     "read_sentence_transformers_settings",
 ]

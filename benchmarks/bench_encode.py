@@ -2,7 +2,7 @@
 padding each batching leaves, and a cost model (FLOPs per token, fraction of the CPU's measured peak).
 
     python benchmarks/bench_encode.py --data_dir ../shared/data [--num_sentences 1024] [--repeats 5]
-        [--batch_sizes 1 32 128] [--modes float32 float32-sorted bfloat16 bfloat16-weights int8] [--threads N]
+        [--batch_sizes 1 32 128] [--modes float32 float32-1worker float32-sorted ...] [--threads N]
 
 Both contenders encode the same real sentences (SST-2 validation + STS-B test, shuffled with a fixed seed). Passes
 are interleaved A, B, C, A, B, C, ... so background load hits every contender alike; each contender gets one
@@ -12,11 +12,17 @@ embeddings, and STS-B test Spearman (cosine vs gold score, 1,379 pairs) against 
 
 Modes (ours):
 - `float32`: `model.encode(...)`, the default: must match the peer within 1e-5;
+- `float32-1worker`: the same with one batch at a time (`inference_workers = 1`), to show what running batches
+  side by side buys;
 - `float32-sorted`: the same with padding-bounded batching switched off (`inference_max_padding = 1.0`: batches are
   cut by length order only, as sentence-transformers does), to show what the batching plan buys;
 - `bfloat16`: `model.encode(..., precision="bfloat16")`: float32 weights, bfloat16 autocast;
 - `bfloat16-weights`: `model.to(torch.bfloat16).encode(...)`: bfloat16 weights (half the memory traffic);
 - `int8`: `model.quantize_dynamic().encode(...)`: int8 per-channel weights, dynamic activation quantisation (CPU).
+
+On CPU, ours runs batches side by side on worker threads (`MultiTaskModel.inference_workers`); every batch,
+including the batch-size-1 ones, is still one forward pass over exactly those sentences. The latency table times
+single sentences, one call each, where no such overlap is possible.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES = ("float32", "float32-sorted", "bfloat16", "bfloat16-weights", "int8")
+MODES = ("float32", "float32-1worker", "float32-sorted", "bfloat16", "bfloat16-weights", "int8")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -157,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--skip_quality", action="store_true", help="skip the STS-B Spearman of each mode")
+    parser.add_argument("--latency_sentences", type=int, default=200, help="sentences timed one call each")
+    parser.add_argument(
+        "--profile_batch_size",
+        type=int,
+        default=None,
+        help="only profile ours (float32, cProfile, top functions by own time) at this batch size, then exit",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,10 +186,27 @@ def main(argv: list[str] | None = None) -> int:
     peer = SentenceTransformer(str(default_backbone()), device=args.device)
     model = MultiTaskModel.from_backbone(default_backbone()).to(args.device).eval()
 
+    if args.profile_batch_size:
+        import cProfile
+        import pstats
+
+        model.inference_workers = 1  # cProfile sees only this thread: keep every batch on it
+        model.encode(corpus[:64], batch_size=args.profile_batch_size)  # warm-up
+        profiler = cProfile.Profile()
+        profiler.enable()
+        model.encode(corpus, batch_size=args.profile_batch_size)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+        return 0
+
     variants: dict[str, tuple] = {}  # mode -> (model, precision)
     for mode in args.modes:
         if mode == "float32":
             variants[mode] = (model, None)
+        elif mode == "float32-1worker":
+            one_worker = copy.copy(model)  # shares the weights; one batch at a time
+            one_worker.inference_workers = 1
+            variants[mode] = (one_worker, None)
         elif mode == "float32-sorted":
             sorted_only = copy.copy(model)  # shares the weights; only the batching knob differs
             sorted_only.inference_max_padding = 1.0
@@ -211,6 +241,28 @@ def main(argv: list[str] | None = None) -> int:
             ours = len(corpus) / medians[mode]
             cells.append(f"{ours:.1f} ({ours / theirs:.2f}x)")
         print(f"| {batch_size} | {theirs:.1f} | " + " | ".join(cells) + " |", flush=True)
+
+    print("\n## Single-sentence latency (one `encode(sentence)` call per sentence; median and p90 in ms)\n")
+    latency_texts = corpus[: args.latency_sentences]
+    calls = {"peer": lambda text: peer.encode([text])}
+    for mode, (variant, precision) in variants.items():
+        if mode not in ("float32-sorted", "float32-1worker"):  # one sentence: one batch, nothing to differ
+            calls[mode] = lambda text, v=variant, p=precision: v.encode([text], precision=p)
+    samples = {name: [] for name in calls}
+    for call in calls.values():  # warm-up
+        call(latency_texts[0])
+    for text in latency_texts:  # interleaved per sentence
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(text)
+            samples[name].append(1000 * (time.perf_counter() - start))
+    print("| contender | median ms | p90 ms | ratio (peer median / median) |")
+    print("|---|---|---|---|")
+    peer_median = statistics.median(samples["peer"])
+    for name, values in samples.items():
+        median, p90 = statistics.median(values), float(np.percentile(values, 90))
+        label = "sentence-transformers" if name == "peer" else name
+        print(f"| {label} | {median:.2f} | {p90:.2f} | {peer_median / median:.2f}x |", flush=True)
 
     print("\n## Quality of each mode\n")
     print("| mode | mean cosine to float32 | min cosine | STS-B test Spearman | delta vs float32 |")
@@ -266,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| batch size | mode | useful GFLOP/s | fraction of GEMM peak |")
     print("|---|---|---|---|")
     for batch_size in args.batch_sizes:
-        for mode in ("float32", "float32-sorted"):
+        for mode in ("float32", "float32-1worker", "float32-sorted"):
             if mode not in variants:
                 continue
             variant, precision = variants[mode]

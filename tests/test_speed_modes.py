@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from modeling_mtl import MultiTaskModel, plan_batches
+from modeling_mtl import MultiTaskModel, plan_batches, run_concurrently
 
 TEXTS = [
     "short",
@@ -104,3 +106,112 @@ def test_bfloat16_weights_encode_close_to_float32(model):
     assert (full * half).sum(1).min() > 0.98
     with pytest.raises(ValueError, match="float32 weights"):
         half_model.encode(TEXTS, precision="float32")
+
+
+@pytest.fixture
+def two_torch_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", ["float32", "bfloat16-weights", "int8"])
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_concurrent_batches_give_the_sequential_result(model, two_torch_threads, batch_size, variant):
+    texts = [f"{text} {index}" for index in range(30) for text in TEXTS[:4]]  # 120 texts: several batches
+    if variant == "bfloat16-weights":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    elif variant == "int8":
+        model = model.quantize_dynamic()
+    assert model.inference_workers is None  # default: min(4, torch threads) = 2 workers here
+    concurrent = model.encode(texts, batch_size=batch_size, normalize=False)
+    model.inference_workers = 1  # one batch at a time, on this instance only
+    try:
+        sequential = model.encode(texts, batch_size=batch_size, normalize=False)
+    finally:
+        del model.inference_workers  # back to the class default
+    np.testing.assert_allclose(concurrent, sequential, atol=1e-6)
+    if variant == "float32":
+        np.testing.assert_allclose(concurrent, reference_embeddings(model, texts), atol=1e-5)
+    assert torch.get_num_threads() == 2  # the caller's setting survives
+
+
+def test_run_concurrently_calls_every_job_once_on_single_thread_workers(two_torch_threads):
+    import threading
+
+    drawn, seen, lock = [], {}, threading.Lock()
+
+    def jobs():
+        for index in range(50):
+            drawn.append(index)
+            yield (index,)
+
+    def work(index):
+        with lock:
+            seen[index] = (threading.get_ident(), torch.get_num_threads())
+
+    run_concurrently(work, jobs(), workers=2)
+    assert sorted(seen) == list(range(50)) and drawn == list(range(50))
+    assert {threads for _, threads in seen.values()} == {1}  # one intra-op thread per worker
+    assert threading.get_ident() not in {ident for ident, _ in seen.values()}
+    assert torch.get_num_threads() == 2
+
+
+def test_run_concurrently_raises_the_first_error_and_bounds_work_in_flight(two_torch_threads):
+    import threading
+
+    release = threading.Event()
+    drawn, drawn_when_released = [], []
+
+    def jobs():
+        for index in range(100):
+            drawn.append(index)
+            yield (index,)
+
+    def work(index):
+        release.wait(timeout=10)
+        if index == 0:
+            raise ValueError("job 0 failed")
+
+    def let_go():
+        drawn_when_released.append(len(drawn))
+        release.set()
+
+    timer = threading.Timer(0.5, let_go)
+    timer.start()
+    with pytest.raises(ValueError, match="job 0 failed"):
+        run_concurrently(work, jobs(), workers=2)
+    timer.join()
+    # While every job was blocked, the lazy iterator was drawn only as far as 2 * workers jobs (+1 waiting).
+    assert drawn_when_released[0] <= 5
+    assert len(drawn) < 100  # and drawing stopped after the error
+    assert torch.get_num_threads() == 2
+
+
+def test_predict_concurrent_batches_give_the_sequential_result(tiny_bert, two_torch_threads):
+    tasks = [
+        {"name": "topic", "labels": ["a", "b", "c"]},
+        {"name": "ner", "type": "token_classification", "labels": ["O", "B-PER", "I-PER"]},
+        {"name": "tags", "type": "multi_label_classification", "labels": ["x", "y"]},
+        {"name": "quality", "type": "regression"},
+    ]
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=tasks).eval()
+    texts = [f"Maria Lopez met {index} people in Lyon" + " again" * (index % 7) for index in range(40)]
+    concurrent = model.predict(texts, batch_size=3)
+    model.inference_workers = 1
+    sequential = model.predict(texts, batch_size=3)
+    assert len(concurrent) == len(texts)
+    for got, expected in zip(concurrent, sequential):
+        assert got["topic"]["label"] == expected["topic"]["label"]
+
+        def spans(words):
+            return [(w["word"], w["start"], w["end"], w["tag"]) for w in words]
+
+        assert spans(got["ner"]["words"]) == spans(expected["ner"]["words"])
+        assert [w["score"] for w in got["ner"]["words"]] == pytest.approx(
+            [w["score"] for w in expected["ner"]["words"]], abs=1e-6
+        )
+        assert got["tags"]["scores"] == pytest.approx(expected["tags"]["scores"], abs=1e-6)
+        assert got["quality"]["value"] == pytest.approx(expected["quality"]["value"], abs=1e-6)
+    assert torch.get_num_threads() == 2
