@@ -598,6 +598,29 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             **kwargs,
         )
 
+    def add_tasks(self, tasks: list[dict[str, Any]]) -> MultiTaskModel:
+        """A new model with every weight of this one (encoder, pooling, projection, heads) plus freshly initialised
+        heads for `tasks` (task dicts as in `MultiTaskConfig(tasks=...)`), e.g. to add a task to a trained model
+        and train it with `MultiTaskTrainer` (docs/TRAINING_CHOICES.md: freeze the old heads and keep their tasks
+        in the mix, or freeze the encoder too). The old tasks and their labels are unchanged; this model is left
+        untouched. Call `transformers.set_seed` first for a reproducible new head.
+        """
+        names = [task["name"] for task in tasks]
+        clash = sorted(set(names) & set(self.config.task_names))
+        if clash:
+            raise ValueError(f"task(s) {clash} already exist in the model ({self.config.task_names})")
+        config_dict = self.config.to_dict()
+        config_dict["tasks"] = [*self.config.tasks, *tasks]
+        extended = type(self)(type(self.config).from_dict(config_dict))
+        missing, unexpected = extended.load_state_dict(self.state_dict(), strict=False)
+        new_prefixes = tuple(f"heads.{name}." for name in names)
+        wrong = [key for key in missing if not key.startswith(new_prefixes)]
+        if wrong or unexpected:
+            raise RuntimeError(f"weights did not carry over: missing {wrong}, unexpected {list(unexpected)}")
+        extended.to(device=self.device, dtype=self.dtype)
+        extended.tokenizer = self.tokenizer
+        return extended
+
     def quantize_dynamic(self) -> MultiTaskModel:
         """Return an int8 copy for CPU inference: dynamic quantisation of every `nn.Linear` (int8 weights with one
         scale per output channel, activations quantised on the fly). Several times faster `encode` on CPUs with

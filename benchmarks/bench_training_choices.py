@@ -14,7 +14,7 @@ SST-2 sentiment, TREC coarse question type and WikiANN-en NER; same steps, batch
   phase 2 continues from that model on NER only with (a) the old heads frozen, encoder trainable, (b) the old heads
   and the encoder frozen, (c) nothing frozen (reference). `train.py` cannot start from a saved `MultiTaskModel`
   (it builds a fresh model from an encoder and keeps only the `--tasks` heads), so phase 2 is done here with the
-  public pieces: `MultiTaskModel.from_pretrained`, `add_task_heads` (below), `build_datasets`,
+  public pieces: `MultiTaskModel.from_pretrained`, `MultiTaskModel.add_tasks`, `build_datasets`,
   `MultiTaskTrainer` and `apply_freezing`. Reported: test scores before/after phase 2 (forgetting, NER gained).
 - `scarce`: SST-2 with many rows (`--abundant_samples`, 20,000) next to TREC with few (`--scarce_samples`, 300),
   same steps: `--task_sampling` proportional vs temperature (T=2) vs uniform (static weighting), and
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
@@ -155,30 +154,6 @@ def train_main_with_callback(callback: TrainerCallback):
         train.main = original
 
 
-def add_task_heads(model: Any, tasks: list[dict[str, Any]]) -> Any:
-    """A new `MultiTaskModel` holding every weight of `model` (encoder, pooling, projection, heads) plus freshly
-    initialised heads for `tasks` (task dicts as in `MultiTaskConfig(tasks=...)`). The old task entries, labels
-    included, are kept unchanged; call `transformers.set_seed` first for a reproducible new head."""
-    from modeling_mtl import MultiTaskModel
-
-    clash = sorted({task["name"] for task in tasks} & set(model.config.task_names))
-    if clash:
-        raise ValueError(f"task(s) {clash} already exist in the model ({model.config.task_names})")
-    config_dict = model.config.to_dict()
-    config_dict["tasks"] = [copy.deepcopy(task) for task in model.config.tasks] + [copy.deepcopy(t) for t in tasks]
-    config = type(model.config).from_dict(config_dict)
-    extended = MultiTaskModel(config)
-    missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
-    new_prefixes = tuple(f"heads.{task['name']}." for task in tasks)
-    wrong = [key for key in missing if not key.startswith(new_prefixes)]
-    if wrong or unexpected:
-        raise RuntimeError(f"weights did not carry over: missing {wrong}, unexpected {list(unexpected)}")
-    extended.to(dtype=model.dtype)
-    extended.tokenizer = model.tokenizer
-    extended.config.name_or_path = model.config.name_or_path
-    return extended
-
-
 def continue_training(
     base_model_dir: str | Path,
     task_dicts: list[dict[str, Any]],
@@ -241,7 +216,7 @@ def continue_training(
 
     set_seed(seed)
     new_tasks = [spec.model_task() for spec in specs if spec.name not in old_tasks]
-    model = add_task_heads(base, new_tasks) if new_tasks else base
+    model = base.add_tasks(new_tasks) if new_tasks else base
     frozen = apply_freezing(model, freeze_backbone=freeze_backbone, freeze_heads=old_tasks if freeze_old_heads else [])
     probe = OptimizerStateProbe()
     arguments = TrainingArguments(**{**training_arguments, "output_dir": str(output_dir)})

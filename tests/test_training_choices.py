@@ -20,7 +20,6 @@ from multitask_st.trainer import MultiTaskSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from bench_training_choices import (  # noqa: E402
-    add_task_heads,
     batches_per_source,
     continue_training,
     make_random_init_backbone,
@@ -76,9 +75,9 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in MultiTaskModel.from_pretrained(str(path)).state_dict().items()}
 
 
-def test_add_task_heads_keeps_every_weight_and_adds_a_fresh_head(phase1):
+def test_add_tasks_keeps_every_weight_and_adds_a_fresh_head(phase1, tmp_path):
     model = MultiTaskModel.from_pretrained(str(phase1["dir"])).eval()
-    extended = add_task_heads(model, [{"name": "ner", "type": "token_classification", "labels": NER_TAGS}]).eval()
+    extended = model.add_tasks([{"name": "ner", "type": "token_classification", "labels": NER_TAGS}]).eval()
     assert extended.task_names == ["sentiment", "ner"]
     assert extended.config.get_task("sentiment") == model.config.get_task("sentiment")
     old = model.state_dict()
@@ -92,7 +91,14 @@ def test_add_task_heads_keeps_every_weight_and_adds_a_fresh_head(phase1):
         batch = {key: value for key, value in batch.items() if key != "token_type_ids"}
         assert torch.equal(model(**batch).logits["sentiment"], extended(**batch).logits["sentiment"])
     with pytest.raises(ValueError, match="already exist"):
-        add_task_heads(model, [{"name": "sentiment", "type": "classification", "labels": ["a", "b"]}])
+        model.add_tasks([{"name": "sentiment", "type": "classification", "labels": ["a", "b"]}])
+    assert model.task_names == ["sentiment"]  # the original is left untouched
+    assert extended.tokenizer is model.tokenizer
+    extended.save_pretrained(tmp_path / "extended")
+    reloaded = MultiTaskModel.from_pretrained(str(tmp_path / "extended")).eval()
+    assert reloaded.config.task_id2label("ner") == dict(enumerate(NER_TAGS))
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits["ner"], extended(**batch).logits["ner"])
 
 
 def test_continue_training_frozen_heads_and_encoder(phase1, tmp_path):
