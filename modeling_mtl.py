@@ -568,19 +568,15 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         """Call `function(*batch)` per batch: side by side on `inference_workers` threads on CPU when there is
         more than one batch, else one after the other. `function` must enter its own `inference_mode`."""
         batches = iter(batches)
-        first = next(batches, None)
-        if first is None:
-            return
-        second = next(batches, None)
+        head = list(itertools.islice(batches, 2))  # one batch alone has nothing to overlap with
+        jobs = itertools.chain(head, batches)
         threads = torch.get_num_threads()
         workers = min(4, threads) if self.inference_workers is None else self.inference_workers
-        if second is None or self.device.type != "cpu" or workers < 2:
-            for batch in itertools.chain([first], [] if second is None else [second], batches):
+        if len(head) < 2 or self.device.type != "cpu" or workers < 2:
+            for batch in jobs:
                 function(*batch)
-            return
-        run_concurrently(
-            function, itertools.chain([first, second], batches), workers, threads_per_worker=max(1, threads // workers)
-        )
+        else:
+            run_concurrently(function, jobs, workers, threads_per_worker=max(1, threads // workers))
 
     def _tokenize_unpadded(self, texts: list, max_seq_length: int | None = None, **kwargs):
         """Tokenise every text in one call (the fast tokenizer batches it in Rust), without padding."""

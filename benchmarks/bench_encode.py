@@ -69,6 +69,14 @@ def stsb_spearman(encode, data_dir: Path) -> float:
     return float(spearmanr(cosine, [row["score"] for row in rows]).statistic) * 100
 
 
+def with_knobs(model, **knobs):
+    """A shallow copy of `model` (the same weights) with inference settings such as `inference_workers` changed."""
+    variant = copy.copy(model)
+    for name, value in knobs.items():
+        setattr(variant, name, value)
+    return variant
+
+
 def interleaved(contenders: dict, repeats: int) -> dict[str, float]:
     """Median seconds per pass for each contender, passes interleaved round-robin after one warm-up each."""
     for run in contenders.values():
@@ -204,13 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "float32":
             variants[mode] = (model, None)
         elif mode == "float32-1worker":
-            one_worker = copy.copy(model)  # shares the weights; one batch at a time
-            one_worker.inference_workers = 1
-            variants[mode] = (one_worker, None)
+            variants[mode] = (with_knobs(model, inference_workers=1), None)
         elif mode == "float32-sorted":
-            sorted_only = copy.copy(model)  # shares the weights; only the batching knob differs
-            sorted_only.inference_max_padding = 1.0
-            variants[mode] = (sorted_only, None)
+            variants[mode] = (with_knobs(model, inference_max_padding=1.0), None)
         elif mode == "bfloat16":
             variants[mode] = (model, "bfloat16")
         elif mode == "bfloat16-weights":
@@ -297,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in [size for size in args.batch_sizes if size > 1]:
         contenders = {}
         for tolerance in tolerances:
-            variant = copy.copy(model)  # shares the weights; only the batching knob differs
-            variant.inference_max_padding = tolerance
+            variant = with_knobs(model, inference_max_padding=tolerance)
             contenders[tolerance] = lambda v=variant, bs=batch_size: v.encode(corpus, batch_size=bs)
         medians = interleaved(contenders, 3)
         print(f"| {batch_size} | " + " | ".join(f"{len(corpus) / medians[t]:.1f}" for t in tolerances) + " |")

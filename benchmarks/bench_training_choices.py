@@ -40,7 +40,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_encode import cpu_name  # noqa: E402
 from bench_multitask_training import TASKS, run_training, task_specs  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -295,17 +295,6 @@ def batches_per_source(
 # ------------------------------------------------------------------------------------------ the benchmark
 
 
-def cpu_model() -> str:
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in output.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def hardware_line() -> str:
     import torch
     import transformers
@@ -315,7 +304,7 @@ def hardware_line() -> str:
     else:
         affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         device = (
-            f"CPU {cpu_model()} ({os.cpu_count()} cores on the machine, this process pinned to core(s) "
+            f"CPU {cpu_name()} ({os.cpu_count()} cores on the machine, this process pinned to core(s) "
             f"{','.join(map(str, affinity))}), no GPU"
         )
     return (

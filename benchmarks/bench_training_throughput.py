@@ -30,25 +30,21 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def step_clock():
-    from transformers import TrainerCallback
+class StepClock(TrainerCallback):
+    """Wall-clock time at the end of every optimizer step."""
 
-    class StepClock(TrainerCallback):
-        """Wall-clock time at the end of every optimizer step, and the padded tokens of every batch."""
+    def __init__(self):
+        self.stamps: list[float] = []
 
-        def __init__(self):
-            self.stamps: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
-
-    return StepClock()
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stamps.append(time.perf_counter())
 
 
 class TokenCounter:
@@ -105,7 +101,7 @@ def make_stock(args: argparse.Namespace, backbone: str, rows, seed: int):
         remove_columns=["sentence", "idx"] if "idx" in rows.column_names else ["sentence"],
     )
     collator = TokenCounter(DataCollatorWithPadding(tokenizer))
-    clock = step_clock()
+    clock = StepClock()
     trainer = Trainer(
         model=model,
         args=training_arguments(args, Path(args.output_root) / "stock", seed),
@@ -136,7 +132,7 @@ def make_multitask(args: argparse.Namespace, backbone: str, data_file: str, seed
     model = MultiTaskModel.from_backbone(backbone, tasks=[specs[0].model_task()], max_seq_length=args.max_seq_length)
     data = build_datasets(specs, model.tokenizer, args.max_seq_length, seed=seed, do_eval=False)
     collator = TokenCounter(MultiTaskCollator(model.tokenizer, model.config.tasks))
-    clock = step_clock()
+    clock = StepClock()
     trainer = MultiTaskTrainer(
         model=model,
         args=training_arguments(args, Path(args.output_root) / "multitask", seed),

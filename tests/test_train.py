@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_helpers import make_dataset, make_rows, separate_sources, three_tasks, write_jsonl
+from train_helpers import make_dataset, make_rows, separate_sources, three_tasks, train_flags, write_jsonl
 from transformers import AutoTokenizer, TrainingArguments
 
 import train
@@ -57,27 +57,7 @@ def _trainer(model, data, tokenizer, output_dir, **kwargs):
 
 
 def _run(tiny_bert, tasks, output_dir, *flags):
-    argv = [
-        "--model_name_or_path",
-        str(tiny_bert),
-        "--tasks",
-        json.dumps(tasks),
-        "--output_dir",
-        str(output_dir),
-        "--per_device_train_batch_size",
-        "4",
-        "--per_device_eval_batch_size",
-        "8",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "true",
-        "--max_seq_length",
-        "32",
-        "--num_examples_to_print",
-        "1",
-        *flags,
-    ]
+    argv = [*train_flags(tiny_bert, tasks, output_dir), *flags]
     assert train.main(argv) == 0
     return json.loads((Path(output_dir) / "trainer_state.json").read_text())
 

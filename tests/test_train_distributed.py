@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_dataset, separate_sources, three_tasks
+from train_helpers import make_dataset, separate_sources, three_tasks, train_flags
 
 import train
 
@@ -39,29 +39,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _common_flags(tiny_bert, tasks, output_dir) -> list[str]:
-    return [
-        "--model_name_or_path",
-        str(tiny_bert),
-        "--tasks",
-        json.dumps(tasks),
-        "--output_dir",
-        str(output_dir),
-        "--per_device_train_batch_size",
-        "4",
-        "--per_device_eval_batch_size",
-        "8",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "true",
-        "--max_seq_length",
-        "32",
-        "--num_examples_to_print",
-        "1",
-    ]
 
 
 # Three tasks from three datasets: every batch holds one task, so two heads see no labels in each step.
@@ -104,7 +81,7 @@ def _launch(launcher_flags: list[str], tiny_bert, tmp_path, env: dict[str, str])
         str(_free_port()),
         str(ROOT / "train.py"),
         # no --use_cpu: train.py adds it when launched distributed on a machine without GPUs
-        *[flag for flag in _common_flags(tiny_bert, tasks, tmp_path / "out") if flag not in ("--use_cpu", "true")],
+        *[flag for flag in train_flags(tiny_bert, tasks, tmp_path / "out") if flag not in ("--use_cpu", "true")],
         *_DDP_FLAGS,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -188,11 +165,11 @@ def test_resume_after_kill_gives_the_same_model(tiny_bert, tmp_path):
         "2",
     ]
     reference = tmp_path / "reference"
-    assert train.main(_common_flags(tiny_bert, three_tasks(files), reference) + flags) == 0
+    assert train.main(train_flags(tiny_bert, three_tasks(files), reference) + flags) == 0
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_RUN, *_common_flags(tiny_bert, three_tasks(files), interrupted), *flags],
+        [sys.executable, "-c", _SLOW_RUN, *train_flags(tiny_bert, three_tasks(files), interrupted), *flags],
         env=_env(),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -213,7 +190,7 @@ def test_resume_after_kill_gives_the_same_model(tiny_bert, tmp_path):
 
     assert (
         train.main(
-            _common_flags(tiny_bert, three_tasks(files), interrupted)
+            train_flags(tiny_bert, three_tasks(files), interrupted)
             + flags
             + ["--resume_from_checkpoint", str(checkpoint)]
         )

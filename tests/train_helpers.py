@@ -85,3 +85,27 @@ def separate_sources(folder: Path, sizes=(40, 16, 24)) -> list[dict]:
             task["label_column"] = column
         tasks.append(task)
     return tasks
+
+
+def train_flags(model_dir: str | Path, tasks: list[dict], output_dir: str | Path) -> list[str]:
+    """The train.py arguments every training test shares: tiny batches, short sequences, CPU, no reporting."""
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--tasks",
+        json.dumps(tasks),
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--max_seq_length",
+        "32",
+        "--num_examples_to_print",
+        "1",
+    ]
