@@ -68,12 +68,7 @@ def similarity_heatmap(
                 color="black" if value > 0.6 else "white",
             )
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def training_curves(trainer_state: str | os.PathLike | dict, path: str | os.PathLike) -> Path:
@@ -123,9 +118,14 @@ def training_curves(trainer_state: str | os.PathLike | dict, path: str | os.Path
         axes[0, 1].set_xlabel("step")
         axes[0, 1].set_title("Evaluation metrics")
         axes[0, 1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write `fig` as a PNG (creating the folder) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
