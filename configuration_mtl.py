@@ -7,6 +7,7 @@ only `transformers` (and the standard library), never the rest of this project.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Any
 
@@ -14,11 +15,33 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "weighted_mean", "last_token", "attention")
-TASK_TYPES = ("classification", "multi_label_classification", "token_classification", "regression")
+# Tasks on one text per row. Sequence-level heads read the pooled sentence vector, token heads the token states.
+TEXT_TASK_TYPES = ("classification", "multi_label_classification", "token_classification", "regression")
+# Tasks on two (or three) texts per row, each embedded by the shared encoder: these train the embedding itself.
+PAIR_TASK_TYPES = ("similarity", "pair_classification", "contrastive")
+TASK_TYPES = TEXT_TASK_TYPES + PAIR_TASK_TYPES
+EMBEDDING_TASK_TYPES = PAIR_TASK_TYPES
 HEAD_TYPES = ("linear", "mlp")
-_TASK_KEYS = {"name", "type", "labels", "head", "loss_weight", "threshold"}
+SIMILARITY_LOSSES = ("cosent", "cosine_mse")
+PAIR_FEATURES = ("u", "v", "|u-v|", "u*v")
+# Keys every task may have, then the keys that only some task types take.
+_COMMON_KEYS = {"name", "type", "labels", "head", "loss_weight"}
+_TYPE_KEYS = {
+    "multi_label_classification": {"threshold"},
+    "similarity": {"loss", "score_range", "scale"},
+    "pair_classification": {"pair_features"},
+    "contrastive": {"scale", "gather_across_processes"},
+}
+_HEADLESS_TYPES = ("similarity", "contrastive")  # scored on the embeddings alone: no head, no labels
 _HEAD_KEYS = {"type", "hidden_size", "activation", "dropout"}
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+# Names that would shadow `nn.Module` attributes if used as `nn.ModuleDict` keys.
+# "embedding" names the embedding's own metrics (`eval_embedding/...`).
+_RESERVED_TASK_NAMES = {"training", "forward", "type", "to", "train", "eval", "state_dict", "parameters", "embedding"}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _normalize_head(task_name: str, head: Any, default_dropout: float) -> dict[str, Any]:
@@ -35,12 +58,14 @@ def _normalize_head(task_name: str, head: Any, default_dropout: float) -> dict[s
     if head_type not in HEAD_TYPES:
         raise ValueError(f"task '{task_name}': head type '{head_type}' is not one of {list(HEAD_TYPES)}")
     dropout = head.get("dropout", default_dropout)
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if not _number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"task '{task_name}': head dropout must be a number in [0, 1), got {dropout!r}")
     normalized: dict[str, Any] = {"type": head_type, "dropout": float(dropout)}
     if head_type == "mlp":
         hidden_size = head.get("hidden_size")
-        if hidden_size is not None and (not isinstance(hidden_size, int) or hidden_size <= 0):
+        if hidden_size is not None and (
+            not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0
+        ):
             raise ValueError(f"task '{task_name}': head hidden_size must be a positive int, got {hidden_size!r}")
         activation = head.get("activation", "gelu")
         if activation not in ACT2FN:
@@ -53,30 +78,11 @@ def _normalize_head(task_name: str, head: Any, default_dropout: float) -> dict[s
     return normalized
 
 
-def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[str, Any]:
-    """Validate one task description and return it with every default filled in.
-
-    Args:
-        task (`dict`):
-            `name` (str), `type` (one of `TASK_TYPES`), `labels` (list of label names; for `regression` the
-            names of the predicted values, default `["score"]`), optional `head` (`"linear"`, `"mlp"` or a
-            dict with `type`, `hidden_size`, `activation`, `dropout`), `loss_weight` (float >= 0, default 1)
-            and, for multi-label tasks, `threshold` (probability above which a label is predicted, default 0.5).
-        default_dropout (`float`): head dropout used when the task does not set one.
-    """
-    if not isinstance(task, dict):
-        raise ValueError(f"each task must be a dict, got {type(task).__name__}: {task!r}")
-    unknown = set(task) - _TASK_KEYS
-    if unknown:
-        raise ValueError(f"task {task.get('name')!r}: unknown keys {sorted(unknown)}; allowed: {sorted(_TASK_KEYS)}")
-    name = task.get("name")
-    if not isinstance(name, str) or not _TASK_NAME.match(name):
-        raise ValueError(f"task name must be a non-empty string of letters, digits, '_' or '-', got {name!r}")
-    task_type = task.get("type", "classification")
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task '{name}': type '{task_type}' is not one of {list(TASK_TYPES)}")
-
-    labels = task.get("labels")
+def _normalize_labels(name: str, task_type: str, labels: Any) -> list[str]:
+    if task_type in _HEADLESS_TYPES:
+        if labels not in (None, [], ["score"]):
+            raise ValueError(f"task '{name}': a {task_type} task has no label names (it scores embeddings)")
+        return []
     if task_type == "regression" and labels is None:
         labels = ["score"]
     if not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
@@ -88,25 +94,109 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise ValueError(f"task '{name}': duplicate labels {duplicates}")
+    return labels
 
+
+def _type_options(name: str, task_type: str, task: dict[str, Any]) -> dict[str, Any]:
+    """The options only some task types take, validated, with their defaults."""
+    if task_type == "multi_label_classification":
+        threshold = task.get("threshold", 0.5)
+        if not _number(threshold) or not 0.0 < threshold < 1.0:
+            raise ValueError(f"task '{name}': threshold must be in (0, 1), got {threshold!r}")
+        return {"threshold": float(threshold)}
+    options: dict[str, Any] = {}
+    if task_type in ("similarity", "contrastive"):
+        # 20 is sentence-transformers' default for both CoSENT and multiple-negatives ranking: cosines in [-1, 1]
+        # become logits in [-20, 20], sharp enough for a softmax over in-batch candidates.
+        scale = task.get("scale", 20.0)
+        if not _number(scale) or scale <= 0:
+            raise ValueError(f"task '{name}': scale must be a number > 0, got {scale!r}")
+        options["scale"] = float(scale)
+    if task_type == "similarity":
+        loss = task.get("loss", "cosent")
+        if loss not in SIMILARITY_LOSSES:
+            raise ValueError(f"task '{name}': loss '{loss}' is not one of {list(SIMILARITY_LOSSES)}")
+        score_range = task.get("score_range", [0.0, 1.0])
+        if (
+            not isinstance(score_range, (list, tuple))
+            or len(score_range) != 2
+            or not all(_number(v) for v in score_range)
+            or not score_range[0] < score_range[1]
+        ):
+            raise ValueError(f"task '{name}': score_range must be [low, high] with low < high, got {score_range!r}")
+        options.update(loss=loss, score_range=[float(score_range[0]), float(score_range[1])])
+    elif task_type == "pair_classification":
+        features = task.get("pair_features", ["u", "v", "|u-v|"])
+        if (
+            not isinstance(features, (list, tuple))
+            or not features
+            or any(feature not in PAIR_FEATURES for feature in features)
+            or len(set(features)) != len(features)
+        ):
+            raise ValueError(
+                f"task '{name}': pair_features must be a non-empty list of distinct items of {list(PAIR_FEATURES)}, "
+                f"got {features!r}"
+            )
+        options["pair_features"] = list(features)
+    elif task_type == "contrastive":
+        gather = task.get("gather_across_processes", False)
+        if not isinstance(gather, bool):
+            raise ValueError(f"task '{name}': gather_across_processes must be true or false, got {gather!r}")
+        options["gather_across_processes"] = gather
+    return options
+
+
+def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[str, Any]:
+    """Validate one task description and return it with every default filled in.
+
+    Args:
+        task (`dict`):
+            Every task: `name` (str), `type` (one of `TASK_TYPES`, default `"classification"`), `loss_weight`
+            (float >= 0, default 1).
+            Tasks with a head (all but `similarity` and `contrastive`): `labels` (label names; for `regression` the
+            names of the predicted values, default `["score"]`) and `head` (`"linear"`, `"mlp"` or a dict with
+            `type`, `hidden_size`, `activation`, `dropout`).
+            `multi_label_classification`: `threshold` (probability above which a label is predicted, default 0.5).
+            `similarity`: `loss` (`"cosent"`, default, or `"cosine_mse"`), `score_range` (`[low, high]` of the
+            gold scores, default `[0, 1]`), `scale` (CoSENT's, default 20).
+            `pair_classification`: `pair_features` (what the head reads of the two embeddings u, v: any of
+            `"u"`, `"v"`, `"|u-v|"`, `"u*v"`; default `["u", "v", "|u-v|"]`, the SBERT classifier).
+            `contrastive`: `scale` (cosine -> logit factor, default 20), `gather_across_processes` (in-batch
+            negatives from every process under DDP, default false).
+        default_dropout (`float`): head dropout used when the task does not set one.
+    """
+    if not isinstance(task, dict):
+        raise ValueError(f"each task must be a dict, got {type(task).__name__}: {task!r}")
+    name = task.get("name")
+    if not isinstance(name, str) or not _TASK_NAME.match(name):
+        raise ValueError(f"task name must be a non-empty string of letters, digits, '_' or '-', got {name!r}")
+    if name in _RESERVED_TASK_NAMES:
+        raise ValueError(f"task name '{name}' is reserved (it would shadow a torch module attribute): rename the task")
+    task_type = task.get("type", "classification")
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task '{name}': type '{task_type}' is not one of {list(TASK_TYPES)}")
+    allowed = _COMMON_KEYS | _TYPE_KEYS.get(task_type, set())
+    unknown = set(task) - allowed
+    if unknown:
+        raise ValueError(
+            f"task '{name}': unknown keys {sorted(unknown)} for a {task_type} task; allowed: {sorted(allowed)}"
+        )
     loss_weight = task.get("loss_weight", 1.0)
-    if not isinstance(loss_weight, (int, float)) or isinstance(loss_weight, bool) or loss_weight < 0:
-        raise ValueError(f"task '{name}': loss_weight must be a number >= 0, got {loss_weight!r}")
+    if not _number(loss_weight) or loss_weight < 0:
+        raise ValueError(f"task '{name}': loss_weight must be a finite number >= 0, got {loss_weight!r}")
 
     normalized = {
         "name": name,
         "type": task_type,
-        "labels": labels,
-        "head": _normalize_head(name, task.get("head"), default_dropout),
+        "labels": _normalize_labels(name, task_type, task.get("labels")),
         "loss_weight": float(loss_weight),
     }
-    if task_type == "multi_label_classification":
-        threshold = task.get("threshold", 0.5)
-        if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-            raise ValueError(f"task '{name}': threshold must be in (0, 1), got {threshold!r}")
-        normalized["threshold"] = float(threshold)
-    elif "threshold" in task:
-        raise ValueError(f"task '{name}': threshold only applies to multi_label_classification tasks")
+    if task_type in _HEADLESS_TYPES:
+        if task.get("head") is not None:
+            raise ValueError(f"task '{name}': a {task_type} task has no head (it scores the embeddings directly)")
+    else:
+        normalized["head"] = _normalize_head(name, task.get("head"), default_dropout)
+    normalized.update(_type_options(name, task_type, task))
     return normalized
 
 
@@ -224,4 +314,13 @@ class MultiTaskConfig(PretrainedConfig):
         return self.projection_dim or self.backbone_config.hidden_size
 
 
-__all__ = ["MultiTaskConfig", "normalize_task", "POOLING_MODES", "TASK_TYPES", "HEAD_TYPES"]
+__all__ = [
+    "MultiTaskConfig",
+    "normalize_task",
+    "POOLING_MODES",
+    "TASK_TYPES",
+    "TEXT_TASK_TYPES",
+    "PAIR_TASK_TYPES",
+    "EMBEDDING_TASK_TYPES",
+    "HEAD_TYPES",
+]

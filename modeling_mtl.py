@@ -1,21 +1,22 @@
 """A multi-task sentence transformer: one shared encoder, mask-aware pooling, and one head per task.
 
-This file is copied next to the weights by `save_pretrained` (together with `configuration_mtl.py`), so that
-`AutoModel.from_pretrained(path, trust_remote_code=True)` works on a machine without this project. It must
-therefore stay self-contained: standard library, torch, numpy, transformers, and a relative import of the config.
-Training code lives in `train.py` / `mtl_training.py`, never here.
+This file is copied next to the weights by `save_pretrained` (with `configuration_mtl.py` and `inference_mtl.py`),
+so that `AutoModel.from_pretrained(path, trust_remote_code=True)` works on a machine without this project. It stays
+self-contained: standard library, torch, numpy, transformers, and relative imports of those two files. It holds the
+model proper, read top to bottom: output type, label convention, pooling, heads, losses, the model and its forward.
+The inference engine (`encode`, `predict`, `similarity`) is in `inference_mtl.py`; training code lives in the
+`multitask_st` package, never here.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -24,14 +25,23 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a Hub/remote-code package
-    from .configuration_mtl import MultiTaskConfig
+    from .configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
+    from .inference_mtl import MultiTaskInferenceMixin, group_entities, plan_batches, run_concurrently
 except ImportError:  # installed as top-level modules, or run from the project folder
-    from configuration_mtl import MultiTaskConfig
+    from configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
+    from inference_mtl import MultiTaskInferenceMixin, group_entities, plan_batches, run_concurrently
 
 logger = logging.get_logger(__name__)
 
+# The one label convention, from the data files to the loss and the metrics: integer labels (class, tag, pair-class
+# ids; contrastive row markers) are missing when IGNORE_INDEX, float labels (multi-label, regression, similarity)
+# when NaN. `labelled_mask` is the only place that rule is written.
 IGNORE_INDEX = -100
-SEQUENCE_TASK_TYPES = ("classification", "multi_label_classification", "regression")
+
+
+def labelled_mask(labels: torch.Tensor) -> torch.Tensor:
+    """True where a label is present: integer labels other than `IGNORE_INDEX`, float labels other than NaN."""
+    return ~torch.isnan(labels) if labels.is_floating_point() else labels != IGNORE_INDEX
 
 
 @dataclass
@@ -42,14 +52,18 @@ class MultiTaskModelOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
             Sum over the labelled tasks of `loss_weight * task_loss`.
-        embeddings (`torch.FloatTensor` of shape `(batch, embedding_dim)`):
-            Sentence embeddings (pooled, projected if configured, L2-normalised if `config.normalize`).
+        embeddings (`torch.FloatTensor` of shape `(batch, embedding_dim)` or `(batch, texts, embedding_dim)`):
+            Sentence embeddings (pooled, projected if configured, L2-normalised if `config.normalize`), one per text;
+            texts absent from a row (all-zero attention mask) are zero vectors.
         logits (`dict[str, torch.FloatTensor]`):
-            Per task: `(batch, num_labels)` for sequence tasks, `(batch, seq, num_labels)` for token tasks.
+            Per task: `(batch, num_labels)` for sequence and pair-classification tasks, `(batch, seq, num_labels)`
+            for token tasks, `(batch,)` cosines for `similarity`, `(batch, candidates)` scaled cosines of each
+            anchor to every in-batch positive/negative for `contrastive`. Pair tasks are absent from batches of
+            single texts.
         task_losses (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
             The unweighted loss of each task that received labels.
         last_hidden_state (`torch.FloatTensor` of shape `(batch, seq, hidden)`):
-            The backbone's token states.
+            The backbone's token states of each row's first text.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): returned with `output_hidden_states=True`.
     """
 
@@ -122,6 +136,112 @@ class TaskHead(nn.Module):
         return self.out_proj(features)
 
 
+def pair_features(u: torch.Tensor, v: torch.Tensor, combination: Sequence[str]) -> torch.Tensor:
+    """The SBERT classifier input: the chosen of u, v, |u-v|, u*v, concatenated on the last dimension."""
+    parts = {"u": lambda: u, "v": lambda: v, "|u-v|": lambda: (u - v).abs(), "u*v": lambda: u * v}
+    return torch.cat([parts[name]() for name in combination], dim=-1)  # (batch, len(combination) * dim)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+#
+# Each loss returns `(sum over labelled items, number of labelled items)`; `MultiTaskModel.task_loss` divides by the
+# count (of this batch, or of the whole accumulated step when the trainer passes `num_items_in_batch`).
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over class or tag ids; `(batch, num_labels)` or `(batch, seq, num_labels)` logits."""
+    per_item = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return per_item.sum(), labelled_mask(labels).sum()
+
+
+def elementwise_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary cross-entropy (multi-label) or squared error (regression) over the labelled entries."""
+    valid = labelled_mask(labels)
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    if kind == "bce":
+        per_item = F.binary_cross_entropy_with_logits(logits.float(), safe, reduction="none")
+    else:
+        per_item = F.mse_loss(logits.float(), safe, reduction="none")
+    return (per_item * valid).sum(), valid.sum()
+
+
+def cosent_loss(cosines: torch.Tensor, scores: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CoSENT (Su, 2022): for every pair of pairs (i, j) with gold score i > j, penalise cos_j > cos_i:
+    `log(1 + Σ exp(scale · (cos_j − cos_i)))`. It learns the *order* of the gold scores, which is what Spearman
+    measures, and unlike cosine-MSE it does not force cosines onto the gold scale. A batch-level loss: it is
+    returned as `loss · n` with `n` labelled pairs, so averaging over items weighs batches by their size."""
+    valid = labelled_mask(scores)
+    cosines, scores = cosines[valid].float(), scores[valid]
+    count = valid.sum()
+    if cosines.numel() < 2:
+        return cosines.sum() * 0.0, count
+    differences = scale * (cosines[None, :] - cosines[:, None])  # (n, n): cos_j − cos_i
+    differences = differences.masked_fill(~(scores[:, None] > scores[None, :]), float("-inf"))
+    zero = torch.zeros(1, dtype=differences.dtype, device=differences.device)
+    return torch.logsumexp(torch.cat([zero, differences.flatten()]), dim=0) * count, count
+
+
+def contrastive_loss(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    targets: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    anchor_ids: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Multiple-negatives ranking (InfoNCE): cross-entropy of each anchor's scaled cosines over every candidate,
+    the target being its own positive. Candidates holding the same text as the anchor or its positive (duplicates
+    in the batch) are not negatives: they are masked out instead of being pushed away (false negatives).
+
+    Args:
+        anchors: `(n, dim)`; candidates: `(m, dim)` (all positives, then all hard negatives).
+        targets: `(n,)` index of each anchor's positive in `candidates`.
+        candidate_ids / anchor_ids: `(m,)` / `(n,)` text fingerprints (`text_fingerprints`) for the duplicate mask.
+
+    Returns: the summed loss over the anchors.
+    """
+    logits = scale * F.normalize(anchors.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T  # (n, m)
+    positive_ids = candidate_ids[targets]  # (n,)
+    duplicate = (candidate_ids[None, :] == positive_ids[:, None]) | (candidate_ids[None, :] == anchor_ids[:, None])
+    duplicate[torch.arange(len(targets), device=targets.device), targets] = False
+    logits = logits.masked_fill(duplicate, float("-inf"))
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def text_fingerprints(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One int64 per text, equal for equal token sequences (a polynomial hash; int64 overflow wraps, which is
+    deterministic). Used to recognise duplicate texts among in-batch negatives, also across processes."""
+    powers = torch.arange(1, input_ids.shape[-1] + 1, device=input_ids.device, dtype=torch.int64)
+    powers = powers * 1_000_003 + 0x9E3779B97F4A7C15 % (1 << 61)
+    ids = (input_ids.to(torch.int64) + 1) * attention_mask.to(torch.int64)
+    return (ids * powers).sum(-1) ^ attention_mask.sum(-1).to(torch.int64)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All processes' rows of `tensor`, concatenated in rank order, with gradients flowing back to each owner;
+    returns the gathered tensor and the offset of this process's rows. Rows may differ in number between processes.
+    Without an initialised process group, the tensor itself and 0."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    from torch.distributed.nn.functional import all_gather
+
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(tensor, (0,) * (2 * (tensor.dim() - 1)) + (0, max(sizes) - tensor.shape[0]))
+    parts = all_gather(padded)
+    rank = dist.get_rank()
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
 class MultiTaskPreTrainedModel(PreTrainedModel):
     config_class = MultiTaskConfig
     config: MultiTaskConfig
@@ -134,24 +254,16 @@ class MultiTaskPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
 
-class MultiTaskModel(MultiTaskPreTrainedModel):
+class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
     """A shared transformer encoder with mask-aware pooling, optional projection/normalisation and task heads.
 
-    One backbone pass serves the sentence embedding and every head: sequence-level heads read the pooled vector,
-    token-level heads read the token states.
+    One backbone pass serves the sentence embedding and every head: sequence-level heads read the pooled vector of a
+    row's (first) text, token-level heads its token states, pair tasks the pooled vectors of the row's two (or
+    three) texts, which go through the encoder together in that same pass.
 
     Args:
         config ([`MultiTaskConfig`]): the single source of truth for the architecture.
     """
-
-    # Largest fraction of a row that `encode`/`predict` may pad (see `plan_batches`); an inference-speed knob only.
-    inference_max_padding: float = 0.1
-    # CPU worker threads that `encode`/`predict` run batches on side by side (`run_concurrently`), the torch
-    # threads split between them; `None` = min(4, torch threads), 1 = one batch at a time. Within one batch,
-    # intra-op threads leave cores idle (small matrix multiplies are bound by reading the weights; layer norms,
-    # softmax and Python overhead run on one core); a second batch fills them. Each batch is computed exactly as
-    # it is alone. Measured in docs/BENCHMARKS.md; capped at 4 because every worker holds one batch's activations.
-    inference_workers: int | None = None
 
     def __init__(self, config: MultiTaskConfig):
         super().__init__(config)
@@ -167,12 +279,19 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             self.projection = None
         self.heads = nn.ModuleDict()
         for task in config.tasks:
-            input_size = config.hidden_size if task["type"] == "token_classification" else config.embedding_dim
+            if task["type"] in ("similarity", "contrastive"):
+                continue  # scored on the embeddings themselves
+            if task["type"] == "token_classification":
+                input_size = config.hidden_size
+            elif task["type"] == "pair_classification":
+                input_size = len(task["pair_features"]) * config.embedding_dim
+            else:
+                input_size = config.embedding_dim
             self.heads[task["name"]] = TaskHead(input_size, len(task["labels"]), task["head"])
         self.tokenizer = None  # attached by `from_pretrained` / `from_backbone`
         self.post_init()
 
-    # ------------------------------------------------------------------ construction helpers
+    # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_backbone(
@@ -196,11 +315,18 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             tasks: task descriptions (see `configuration_mtl.normalize_task`).
             pooling / normalize / max_seq_length / projection_dim: override the defaults.
             tokenizer: a tokenizer to use instead of the checkpoint's own.
-            kwargs: passed to `MultiTaskConfig` (e.g. `head_dropout`, `projection_activation`), or to the
-                backbone's `from_pretrained` when they are loading options (`revision`, `token`, `cache_dir`,
-                `local_files_only`, `attn_implementation`, `dtype`).
+            kwargs: `MultiTaskConfig` options (`head_dropout`, `projection_activation`), or the backbone's
+                loading options (`revision`, `token`, `cache_dir`, `local_files_only`, `attn_implementation`,
+                `dtype`). Anything else is an error.
         """
         load_keys = ("revision", "token", "cache_dir", "local_files_only", "attn_implementation", "dtype")
+        config_keys = ("head_dropout", "projection_activation")
+        unknown = sorted(set(kwargs) - set(load_keys) - set(config_keys))
+        if unknown:
+            raise TypeError(
+                f"from_backbone got unexpected keyword argument(s) {unknown}; "
+                f"allowed: {sorted((*load_keys, *config_keys))}"
+            )
         load_kwargs = {key: kwargs.pop(key) for key in load_keys if key in kwargs}
         hub_kwargs = {
             key: load_kwargs[key]
@@ -212,13 +338,11 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         _drop_backbone_pooler(backbone)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
-        if max_seq_length is None:
-            max_seq_length = st_defaults.get("max_seq_length") or _default_max_length(backbone.config, tokenizer)
         config = MultiTaskConfig(
             backbone_config=backbone.config,
             pooling=pooling or st_defaults.get("pooling", "mean"),
             normalize=st_defaults.get("normalize", False) if normalize is None else normalize,
-            max_seq_length=max_seq_length,
+            max_seq_length=resolve_max_seq_length(backbone.config, tokenizer, st_defaults, max_seq_length),
             projection_dim=projection_dim,
             tasks=tasks,
             **kwargs,
@@ -250,349 +374,8 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus the tokenizer (so the folder is complete on its own)."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        if self.tokenizer is not None and getattr(self, "_save_tokenizer", True):
+        if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
-
-    # ------------------------------------------------------------------ forward
-
-    @property
-    def task_names(self) -> list[str]:
-        return self.config.task_names
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.backbone.get_input_embeddings()
-
-    def _check_tasks(self, tasks: Iterable[str]) -> list[str]:
-        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        unknown = [name for name in tasks if name not in self.heads]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; this model's tasks are {self.task_names}")
-        return tasks
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: dict[str, torch.Tensor] | None = None,
-        tasks: Sequence[str] | None = None,
-        num_items_in_batch: dict[str, int | torch.Tensor] | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> MultiTaskModelOutput | tuple:
-        r"""
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids.
-            attention_mask (`torch.Tensor` of shape `(batch, seq)`): 1 for real tokens, 0 for padding.
-            token_type_ids, position_ids, inputs_embeds: passed to the backbone when given.
-            labels (`dict[str, torch.Tensor]`, *optional*):
-                Per task: class ids `(batch,)` for classification (`-100` = unlabelled), multi-hot `(batch,
-                num_labels)` floats for multi-label (`-100` or NaN = unlabelled), `(batch, seq)` tag ids for token
-                tasks (`-100` = ignored sub-token), `(batch,)` or `(batch, n)` floats for regression (NaN =
-                unlabelled). Tasks without an entry get logits but no loss.
-            tasks (`list[str]`, *optional*): compute only these heads (default: all, or all labelled ones).
-            num_items_in_batch (`dict[str, int]`, *optional*):
-                Per task, the number of labelled items in the whole gradient-accumulation step; each task's
-                loss is then `sum / num_items` so accumulation gives the same gradient as one large batch.
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("forward needs `input_ids` or `inputs_embeds`")
-        if labels is not None and not isinstance(labels, dict):
-            raise TypeError(f"`labels` must be a dict of task name -> tensor, got {type(labels).__name__}")
-        if tasks is None:
-            tasks = self.task_names
-        else:
-            tasks = self._check_tasks(tasks)
-        if labels:
-            missing = [name for name in self._check_tasks(labels) if name not in tasks]
-            if missing:
-                raise ValueError(f"labels were given for task(s) {missing} that `tasks={list(tasks)}` excludes")
-        if attention_mask is None:
-            reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-
-        backbone_inputs = {"attention_mask": attention_mask}
-        if input_ids is not None:
-            backbone_inputs["input_ids"] = input_ids
-        else:
-            backbone_inputs["inputs_embeds"] = inputs_embeds
-        if token_type_ids is not None:
-            backbone_inputs["token_type_ids"] = token_type_ids
-        if position_ids is not None:
-            backbone_inputs["position_ids"] = position_ids
-        encoder_outputs = self.backbone(**backbone_inputs, output_hidden_states=output_hidden_states, return_dict=True)
-        token_states = encoder_outputs.last_hidden_state  # (batch, seq, hidden)
-
-        sentence_features = self.pool(token_states, attention_mask)  # (batch, embedding_dim)
-        embeddings = F.normalize(sentence_features, p=2, dim=-1) if self.config.normalize else sentence_features
-
-        logits = {}
-        for name in tasks:
-            task_type = self.config.get_task(name)["type"]
-            features = token_states if task_type == "token_classification" else sentence_features
-            logits[name] = self.heads[name](features)  # (batch, [seq,] num_labels)
-
-        loss, task_losses = None, None
-        if labels:
-            task_losses = {}
-            for name, task_labels in labels.items():
-                if task_labels is None:
-                    continue
-                task_losses[name] = self.task_loss(name, logits[name], task_labels, num_items_in_batch)
-            if task_losses:
-                loss = sum(self.config.get_task(name)["loss_weight"] * value for name, value in task_losses.items())
-
-        output = MultiTaskModelOutput(
-            loss=loss,
-            embeddings=embeddings,
-            logits=logits,
-            task_losses=task_losses,
-            last_hidden_state=token_states,
-            hidden_states=encoder_outputs.hidden_states,
-        )
-        return output if return_dict else output.to_tuple()
-
-    def pool(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled (and projected, if configured) sentence features, before normalisation."""
-        features = self.pooling(token_states, attention_mask)  # (batch, hidden)
-        if self.projection is not None:
-            features = self.projection_activation(self.projection(features))  # (batch, projection_dim)
-        return features
-
-    def task_loss(
-        self,
-        name: str,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        num_items_in_batch: dict[str, int | torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Mean loss of one task over its labelled items; unlabelled items (-100 / NaN) count for nothing.
-
-        A batch with no labelled item for the task gives a zero that still depends on the head's parameters,
-        so distributed training never sees a parameter without a gradient.
-        """
-        task = self.config.get_task(name)
-        task_type = task["type"]
-        labels = labels.to(logits.device)
-        if task_type in ("classification", "token_classification"):
-            if labels.is_floating_point():
-                labels = labels.long()
-            expected = logits.shape[:-1]
-            if labels.shape != expected:
-                raise ValueError(f"task '{name}': labels have shape {tuple(labels.shape)}, expected {tuple(expected)}")
-            valid = labels != IGNORE_INDEX
-            _check_label_range(name, labels[valid], len(task["labels"]), task["labels"])
-            per_item = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-        else:
-            labels = labels.to(torch.float32)
-            if task_type == "regression" and labels.dim() == 1:
-                labels = labels.unsqueeze(-1)
-            if labels.shape != logits.shape:
-                raise ValueError(
-                    f"task '{name}': labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape)}"
-                )
-            valid = ~torch.isnan(labels)
-            if task_type == "multi_label_classification":
-                valid &= labels != IGNORE_INDEX
-                bad = labels[valid & (labels != 0) & (labels != 1)]
-                if bad.numel():
-                    raise ValueError(
-                        f"task '{name}': multi-label targets must be 0 or 1 (or -100/NaN for unlabelled), "
-                        f"got {bad[0].item()}"
-                    )
-                safe = torch.where(valid, labels, torch.zeros_like(labels))
-                per_item = F.binary_cross_entropy_with_logits(logits.float(), safe, reduction="none")
-            else:
-                safe = torch.where(valid, labels, torch.zeros_like(labels))
-                per_item = F.mse_loss(logits.float(), safe, reduction="none")
-            per_item = per_item * valid
-        total = per_item.sum()
-        if num_items_in_batch is not None and name in num_items_in_batch:
-            count = num_items_in_batch[name]
-        else:
-            count = valid.sum()
-        if isinstance(count, torch.Tensor):
-            count = count.to(total.device)
-            return torch.where(count > 0, total / count.clamp(min=1), logits.sum() * 0.0)
-        return total / count if count > 0 else logits.sum() * 0.0
-
-    # ------------------------------------------------------------------ inference helpers
-
-    def tokenize(
-        self,
-        texts: Sequence[str] | Sequence[Sequence[str]],
-        max_seq_length: int | None = None,
-        padding: bool | str = True,
-        return_tensors: str | None = "pt",
-        **kwargs,
-    ):
-        """Tokenise texts (or pre-split words with `is_split_into_words=True`) the way the model expects."""
-        if self.tokenizer is None:
-            raise ValueError(
-                "this model has no tokenizer: load it with `from_pretrained`/`from_backbone`, or set `model.tokenizer`"
-            )
-        return self.tokenizer(
-            list(texts),
-            padding=padding,
-            truncation=True,
-            max_length=max_seq_length or self.config.max_seq_length,
-            return_tensors=return_tensors,
-            **kwargs,
-        )
-
-    def _padded_batches(
-        self, tokens: PackedTokens, batch_size: int, show_progress_bar: bool | None
-    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        """Yield `(indices, input_ids, attention_mask)` for already tokenised texts, in the batches chosen by
-        `plan_batches`: each batch is padded only to its own longest row. `indices` map rows to input order."""
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        batches = plan_batches(tokens.lengths, batch_size, self.inference_max_padding)
-        if show_progress_bar is None:
-            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(tokens.lengths) > 10 * batch_size
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="Batches")
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for indices in batches:
-            width = int(tokens.lengths[indices[0]])
-            ids = np.full((len(indices), width), pad_id, dtype=np.int64)  # (batch, seq)
-            mask = np.zeros((len(indices), width), dtype=np.int64)  # (batch, seq)
-            # Always pad on the right, whatever the tokenizer's padding_side: in a single forward pass every real
-            # token then keeps the position it has alone (left padding exists for generation, and shifts the
-            # absolute positions of BERT-style models).
-            for row, index in enumerate(indices):
-                length = tokens.lengths[index]
-                ids[row, :length] = tokens.row(index)
-                mask[row, :length] = 1
-            yield indices, torch.from_numpy(ids), torch.from_numpy(mask)
-
-    def encode(
-        self,
-        sentences: str | Sequence[str],
-        batch_size: int = 32,
-        normalize: bool | None = None,
-        convert_to_numpy: bool = True,
-        convert_to_tensor: bool = False,
-        show_progress_bar: bool | None = None,
-        max_seq_length: int | None = None,
-        precision: str | None = None,
-    ) -> np.ndarray | torch.Tensor:
-        """Embed sentences into fixed-length vectors.
-
-        All texts are tokenised in one call, sorted by token count and cut into batches that carry little
-        padding (`plan_batches`); results come back in input order.
-
-        Args:
-            sentences: one string or a list of strings (empty strings are fine; long ones are truncated to
-                `max_seq_length`, default `config.max_seq_length`).
-            batch_size: at most this many sentences per forward pass.
-            normalize: L2-normalise the vectors; default `config.normalize`.
-            convert_to_numpy / convert_to_tensor: return a float32 `np.ndarray` (default) or a `torch.Tensor`
-                on the model's device.
-            show_progress_bar: show a tqdm bar (default: only for long inputs when logging is verbose).
-            max_seq_length: truncation length in tokens for this call.
-            precision: `None` (default) computes in the weights' own dtype: float32 weights match
-                sentence-transformers to 1e-5. `"bfloat16"` runs the encoder under bfloat16 autocast; faster and
-                more so after `model.to(torch.bfloat16)`, which also halves the weights' memory traffic (GPUs,
-                and CPUs with AVX512-BF16 or AMX; measured in docs/BENCHMARKS.md). For int8 on CPU use
-                `model.quantize_dynamic().encode(...)`.
-
-        Returns:
-            `(len(sentences), embedding_dim)` float32, in input order; `(embedding_dim,)` for a single string.
-        """
-        if precision not in (None, "float32", "bfloat16"):
-            raise ValueError(f"precision must be None, 'float32' or 'bfloat16', got {precision!r}")
-        if precision == "float32" and self.dtype != torch.float32:
-            raise ValueError(f"precision='float32' needs float32 weights, this model's are {self.dtype}: call .float()")
-        single = isinstance(sentences, str)
-        texts = _check_texts([sentences] if single else sentences)
-        normalize = self.config.normalize if normalize is None else normalize
-        dimension = self.config.embedding_dim
-        to_tensor = convert_to_tensor or not convert_to_numpy
-        device = self.device
-        if to_tensor:
-            result = torch.empty((len(texts), dimension), dtype=torch.float32, device=device)
-        else:
-            result = np.empty((len(texts), dimension), dtype=np.float32)
-        if not texts:
-            return result
-        # Tokenised in chunks and packed into one flat int32 array: 100k sentences take a few MB instead of the
-        # ~70 MB of Python int lists, so memory grows with the output array, not with the token lists.
-        chunk = 8192
-        tokens = PackedTokens.concatenate(
-            [
-                PackedTokens.from_lists(
-                    self._tokenize_unpadded(texts[start : start + chunk], max_seq_length)["input_ids"]
-                )
-                for start in range(0, len(texts), chunk)
-            ]
-        )
-
-        was_training = self.training
-        self.eval()
-        try:
-            autocast = torch.autocast(
-                device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16" and self.dtype == torch.float32
-            )
-
-            def embed_batch(indices: np.ndarray, batch_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-                # inference_mode and autocast are thread-local: entered here, so concurrent workers have them too.
-                with torch.inference_mode(), autocast:
-                    batch_ids = batch_ids.to(device, non_blocking=True)
-                    attention_mask = attention_mask.to(device, non_blocking=True)
-                    token_states = self.backbone(input_ids=batch_ids, attention_mask=attention_mask).last_hidden_state
-                    features = self.pool(token_states, attention_mask).float()  # (batch, embedding_dim)
-                    if normalize:
-                        features = F.normalize(features, p=2, dim=-1)
-                    if to_tensor:
-                        result[torch.from_numpy(indices).to(device)] = features
-                    else:
-                        result[indices] = features.cpu().numpy()
-
-            self._for_each_batch(embed_batch, self._padded_batches(tokens, batch_size, show_progress_bar))
-        finally:
-            self.train(was_training)
-        return result[0] if single else result
-
-    def _for_each_batch(self, function: Any, batches: Iterator[tuple]) -> None:
-        """Call `function(*batch)` per batch: side by side on `inference_workers` threads on CPU when there is
-        more than one batch, else one after the other. `function` must enter its own `inference_mode`."""
-        batches = iter(batches)
-        head = list(itertools.islice(batches, 2))  # one batch alone has nothing to overlap with
-        jobs = itertools.chain(head, batches)
-        threads = torch.get_num_threads()
-        workers = min(4, threads) if self.inference_workers is None else self.inference_workers
-        if len(head) < 2 or self.device.type != "cpu" or workers < 2:
-            for batch in jobs:
-                function(*batch)
-        else:
-            run_concurrently(function, jobs, workers, threads_per_worker=max(1, threads // workers))
-
-    def _tokenize_unpadded(self, texts: list, max_seq_length: int | None = None, **kwargs):
-        """Tokenise every text in one call (the fast tokenizer batches it in Rust), without padding."""
-        if self.tokenizer is None:
-            raise ValueError(
-                "this model has no tokenizer: load it with `from_pretrained`/`from_backbone`, or set `model.tokenizer`"
-            )
-        return self.tokenizer(
-            texts,
-            padding=False,
-            truncation=True,
-            max_length=max_seq_length or self.config.max_seq_length,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            **kwargs,
-        )
 
     def add_tasks(self, tasks: list[dict[str, Any]]) -> MultiTaskModel:
         """A new model with every weight of this one (encoder, pooling, projection, heads) plus freshly initialised
@@ -617,287 +400,390 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         extended.tokenizer = self.tokenizer
         return extended
 
-    def quantize_dynamic(self) -> MultiTaskModel:
-        """Return an int8 copy for CPU inference: dynamic quantisation of every `nn.Linear` (int8 weights with one
-        scale per output channel, activations quantised on the fly). Several times faster `encode` on CPUs with
-        VNNI, at a quality cost measured in docs/BENCHMARKS.md; the original model is left untouched.
-        Inference only."""
-        import copy
+    # ------------------------------------------------------------------ forward
 
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    @property
+    def task_names(self) -> list[str]:
+        return self.config.task_names
 
-        quantized = copy.deepcopy(self).to("cpu").float().eval()
-        return quantize_dynamic(quantized, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
 
-    def predict(
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def _check_tasks(self, tasks: Iterable[str]) -> list[str]:
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        names = set(self.task_names)
+        unknown = [name for name in tasks if name not in names]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; this model's tasks are {self.task_names}")
+        return tasks
+
+    def forward(
         self,
-        sentences: str | Sequence[str] | Sequence[Sequence[str]],
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: dict[str, torch.Tensor] | None = None,
         tasks: Sequence[str] | None = None,
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-    ) -> dict[str, Any] | list[dict[str, Any]]:
-        """Human-readable predictions of every task (or the chosen ones) from one encoder pass per batch.
+        num_items_in_batch: dict[str, int | torch.Tensor] | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MultiTaskModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq)`, or `(batch, texts, seq)` for rows of several
+                texts: `[text_a, text_b]` for similarity / pair classification, `[anchor, positive(, negative)]`
+                for contrastive tasks). A text whose attention mask is all zero is absent and not encoded.
+            attention_mask (`torch.Tensor`, same shape): 1 for real tokens, 0 for padding.
+            token_type_ids, position_ids, inputs_embeds: passed to the backbone when given.
+            labels (`dict[str, torch.Tensor]`, *optional*):
+                Per task, with `IGNORE_INDEX` (-100) marking a missing integer label and NaN a missing float label
+                (`labelled_mask`): class ids `(batch,)` for classification and pair classification, multi-hot
+                `(batch, num_labels)` floats for multi-label, `(batch, seq)` tag ids for token tasks (-100 also for
+                sub-tokens that are not scored), `(batch,)` or `(batch, n)` floats for regression, `(batch,)` gold
+                scores for similarity, `(batch,)` ints for contrastive (0: the row takes part). Tasks without an
+                entry get logits but no loss.
+            tasks (`list[str]`, *optional*): compute only these heads (default: all).
+            num_items_in_batch (`dict[str, int]`, *optional*):
+                Per task, the number of labelled items in the whole gradient-accumulation step; each task's
+                loss is then `sum / num_items` so accumulation gives the same gradient as one large batch.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("forward needs `input_ids` or `inputs_embeds`")
+        if labels is not None and not isinstance(labels, dict):
+            raise TypeError(f"`labels` must be a dict of task name -> tensor, got {type(labels).__name__}")
+        tasks = self.task_names if tasks is None else self._check_tasks(tasks)
+        if labels:
+            excluded = [name for name in self._check_tasks(labels) if name not in tasks]
+            if excluded:
+                raise ValueError(f"labels were given for task(s) {excluded} that `tasks={list(tasks)}` excludes")
+
+        texts = _TextGroups(input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids)
+        encoder_outputs, features = self._encode(texts, output_hidden_states)  # features: (batch, texts, dim)
+        first_token_states = encoder_outputs.last_hidden_state[: texts.batch_size]  # (batch, seq, hidden)
+
+        logits = {name: self._task_logits(name, features, first_token_states) for name in tasks}
+        logits = {name: value for name, value in logits.items() if value is not None}
+        loss, task_losses = None, None
+        if labels:
+            task_losses = {
+                name: self.task_loss(name, logits.get(name), task_labels, num_items_in_batch, features, texts)
+                for name, task_labels in labels.items()
+                if task_labels is not None
+            }
+            if task_losses:
+                loss = sum(self.config.get_task(name)["loss_weight"] * value for name, value in task_losses.items())
+
+        embeddings = F.normalize(features, p=2, dim=-1) if self.config.normalize else features
+        output = MultiTaskModelOutput(
+            loss=loss,
+            embeddings=embeddings if texts.grouped else embeddings[:, 0],
+            logits=logits,
+            task_losses=task_losses,
+            last_hidden_state=first_token_states,
+            hidden_states=encoder_outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _encode(self, texts: _TextGroups, output_hidden_states: bool | None = None) -> tuple[Any, torch.Tensor]:
+        """One backbone pass over the present texts; returns its outputs and the `(batch, texts, dim)` features."""
+        encoder_outputs = self.backbone(
+            **texts.backbone_inputs(), output_hidden_states=output_hidden_states, return_dict=True
+        )
+        token_states = encoder_outputs.last_hidden_state  # (present texts, seq, hidden), first texts first
+        return encoder_outputs, texts.scatter(self.pool(token_states, texts.present_mask))
+
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool | None = None
+    ) -> torch.Tensor:
+        """Sentence embeddings of tokenised texts, without running any head.
 
         Args:
-            sentences: a string, a list of strings, or a list of pre-split word lists (for token tasks on
-                your own word boundaries).
+            input_ids / attention_mask: `(batch, seq)` or `(batch, texts, seq)`, as for `forward`.
+            normalize: L2-normalise (default `config.normalize`).
 
-        Returns:
-            Per sentence, a dict task -> prediction:
-            - classification: `{"label", "score", "scores": {label: probability}}`
-            - multi_label_classification: `{"labels": [labels above the task threshold], "scores": {...}}`
-            - regression: `{"value": float}` (one output) or `{"values": {name: float}}`
-            - token_classification: `{"words": [{"word", "start", "end", "tag", "score"}], "entities":
-              [{"entity", "text", "start", "end", "score"}]}` with tags per word (first sub-token) and
-              character offsets into the input string.
+        Returns: `(batch, embedding_dim)` or `(batch, texts, embedding_dim)`.
         """
-        # A single pre-split sentence cannot be told from a list of sentences: pass a list of word lists.
-        single = isinstance(sentences, str)
-        items = [sentences] if single else list(sentences)
-        split_into_words = bool(items) and all(isinstance(item, (list, tuple)) for item in items)
-        if split_into_words:
-            for index, words in enumerate(items):
-                for word_index, word in enumerate(words):
-                    if not isinstance(word, str):
-                        raise TypeError(f"sentences[{index}][{word_index}] must be a str, got {type(word).__name__}")
-            texts = [" ".join(words) for words in items]
-        else:
-            texts = _check_texts(items)
-        tasks = self.task_names if tasks is None else self._check_tasks(tasks)
-        needs_words = any(self.config.get_task(name)["type"] == "token_classification" for name in tasks)
-        if needs_words and not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError("token-classification predictions need a fast tokenizer (word ids and offsets)")
+        texts = _TextGroups(input_ids, attention_mask, None, None, None)
+        features = self._encode(texts)[1]
+        if self.config.normalize if normalize is None else normalize:
+            features = F.normalize(features, p=2, dim=-1)
+        return features if texts.grouped else features[:, 0]
 
-        results: list[dict[str, Any] | None] = [None] * len(items)
-        if not items:
-            return results
-        encoding = self._tokenize_unpadded(
-            items if split_into_words else texts,
-            is_split_into_words=split_into_words,
-            return_offsets_mapping=needs_words and not split_into_words,
-        )
+    def pool(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled (and projected, if configured) sentence features, before normalisation."""
+        features = self.pooling(token_states, attention_mask)  # (batch, hidden)
+        if self.projection is not None:
+            features = self.projection_activation(self.projection(features))  # (batch, projection_dim)
+        return features
+
+    def _task_logits(self, name: str, features: torch.Tensor, token_states: torch.Tensor) -> torch.Tensor | None:
+        """One task's output for a batch; `None` for a pair task in a batch of single texts."""
+        task = self.config.get_task(name)
+        task_type = task["type"]
+        if task_type == "token_classification":
+            return self.heads[name](token_states)  # (batch, seq, num_labels)
+        if task_type in ("classification", "multi_label_classification", "regression"):
+            return self.heads[name](features[:, 0])  # (batch, num_labels)
+        if features.shape[1] < 2:
+            return None
+        u, v = features[:, 0], features[:, 1]
+        if task_type == "pair_classification":
+            return self.pair_head_logits(name, u, v)  # (batch, num_labels)
+        if task_type == "similarity":
+            return F.cosine_similarity(u.float(), v.float(), dim=-1)  # (batch,)
+        candidates = features[:, 1:].transpose(0, 1).reshape(-1, features.shape[-1])  # positives, then negatives
+        return task["scale"] * F.normalize(u.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T
+
+    def pair_head_logits(self, name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A pair-classification head on two batches of sentence features."""
+        return self.heads[name](pair_features(u, v, self.config.get_task(name)["pair_features"]))
+
+    def task_loss(
+        self,
+        name: str,
+        logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        num_items_in_batch: dict[str, int | torch.Tensor] | None = None,
+        features: torch.Tensor | None = None,
+        texts: _TextGroups | None = None,
+    ) -> torch.Tensor:
+        """Mean loss of one task over its labelled items; missing labels (`labelled_mask`) count for nothing.
+
+        A batch with no labelled item for the task gives a zero that still depends on the task's parameters, so
+        distributed training never sees a parameter without a gradient.
+        """
+        task = self.config.get_task(name)
+        task_type = task["type"]
+        if logits is None:  # a pair task in a batch of single texts: nothing to learn, only touch the head
+            return self._zero_loss(name, features)
+        labels = labels.to(logits.device)
+        if task_type in ("classification", "token_classification", "pair_classification", "contrastive"):
+            if labels.is_floating_point():
+                raise ValueError(f"task '{name}': labels must be integer ids ({IGNORE_INDEX} for missing), got floats")
+            expected = logits.shape[:-1] if task_type != "contrastive" else logits.shape[:1]
+            _check_shape(name, labels, expected)
+        else:
+            labels = labels.to(torch.float32)
+            if task_type == "regression" and labels.dim() == 1:
+                labels = labels.unsqueeze(-1)
+            _check_shape(name, labels, logits.shape)
+        valid = labelled_mask(labels)
+        if task_type == "contrastive":
+            total, count = self._contrastive(name, features, texts, valid)
+        elif task_type in ("classification", "token_classification", "pair_classification"):
+            _check_label_range(name, labels[valid], len(task["labels"]), task["labels"])
+            total, count = classification_loss(logits, labels)
+        elif task_type == "multi_label_classification":
+            bad = labels[valid & (labels != 0) & (labels != 1)]
+            if bad.numel():
+                raise ValueError(
+                    f"task '{name}': multi-label targets must be 0 or 1 (NaN for missing), got {bad[0].item()}"
+                )
+            total, count = elementwise_loss(logits, labels, "bce")
+        elif task_type == "regression":
+            total, count = elementwise_loss(logits, labels, "mse")
+        else:  # similarity: gold scores mapped from the declared range to [0, 1]
+            low, high = task["score_range"]
+            targets = (labels - low) / (high - low)
+            if task["loss"] == "cosent":
+                total, count = cosent_loss(logits, targets, task["scale"])
+            else:
+                total, count = elementwise_loss(logits, targets, "mse")
+        if num_items_in_batch is not None and name in num_items_in_batch:
+            count = num_items_in_batch[name]
+        if isinstance(count, torch.Tensor):
+            count = count.to(total.device)
+            return torch.where(count > 0, total / count.clamp(min=1), self._zero_loss(name, features, logits))
+        return total / count if count > 0 else self._zero_loss(name, features, logits)
+
+    def _contrastive(
+        self, name: str, features: torch.Tensor, texts: _TextGroups, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In-batch negatives of one contrastive task: its rows' positives (and hard negatives), gathered from every
+        process when the task asks for it."""
+        task = self.config.get_task(name)
+        rows = valid.nonzero().squeeze(-1)
+        fingerprints = texts.fingerprints().view(texts.batch_size, -1)[rows]  # (n, texts)
+        anchors = features[rows, 0]  # (n, dim)
+        candidates = features[rows, 1:].transpose(0, 1).reshape(-1, features.shape[-1])  # (n * (texts-1), dim)
+        candidate_ids = fingerprints[:, 1:].transpose(0, 1).reshape(-1)
+        present = texts.present_mask_grouped()[rows, 1:].transpose(0, 1).reshape(-1)
+        candidates, candidate_ids = candidates[present], candidate_ids[present]
+        offset = 0
+        if task["gather_across_processes"]:
+            candidate_ids, _ = gather_with_grad(candidate_ids)
+            candidates, _ = gather_with_grad(candidates)
+            # This process's positives come first among its own candidates.
+            offset = _gathered_offset(present.sum())
+        targets = offset + torch.arange(len(rows), device=features.device)
+        total = contrastive_loss(anchors, candidates, targets, candidate_ids, fingerprints[:, 0], task["scale"])
+        return total, valid.sum()
+
+    # ------------------------------------------------------------------ inference hooks (see `inference_mtl`)
+
+    @contextmanager
+    def _inference_session(self) -> Iterator[None]:
         was_training = self.training
         self.eval()
         try:
-            tokens = PackedTokens.from_lists(encoding["input_ids"])
-
-            def predict_batch(indices: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-                with torch.inference_mode():  # thread-local: entered here, so concurrent workers have it too
-                    outputs = self(
-                        input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), tasks=tasks
-                    )
-                    # One softmax/sigmoid and one device->host copy per task and batch, not per sentence.
-                    scores = {name: self._scores(name, outputs.logits[name]) for name in tasks}
-                for row, index in enumerate(indices):
-                    results[index] = {}
-                    for name in tasks:
-                        if self.config.get_task(name)["type"] != "token_classification":
-                            results[index][name] = self._describe(name, scores[name][row])
-                            continue
-                        length = tokens.lengths[index]
-                        results[index][name] = self._describe_words(
-                            name,
-                            scores[name][row, :length],
-                            encoding.word_ids(index),
-                            None if split_into_words else encoding["offset_mapping"][index],
-                            items[index],
-                        )
-
-            self._for_each_batch(predict_batch, self._padded_batches(tokens, batch_size, show_progress_bar))
+            yield
         finally:
             self.train(was_training)
-        return results[0] if single else results
 
-    def _scores(self, name: str, logits: torch.Tensor) -> np.ndarray:
-        """Probabilities (classification, multi-label, token tasks) or values (regression) as a numpy array."""
-        task_type = self.config.get_task(name)["type"]
-        logits = logits.float()
-        if task_type == "multi_label_classification":
-            return logits.sigmoid().cpu().numpy()
-        if task_type == "regression":
-            return logits.cpu().numpy()
-        return logits.softmax(-1).cpu().numpy()
+    def _batch_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, precision: str | None = None
+    ) -> torch.Tensor:
+        """Pooled (projected) float32 features of one right-padded batch. `inference_mode` and autocast are
+        thread-local: entered here, so the worker threads of `encode` have them too."""
+        bf16 = precision == "bfloat16" and self.dtype == torch.float32
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            input_ids = input_ids.to(self.device, non_blocking=True)
+            attention_mask = attention_mask.to(self.device, non_blocking=True)
+            token_states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.pool(token_states, attention_mask).float()  # (batch, embedding_dim)
 
-    def _describe(self, name: str, scores: np.ndarray) -> dict[str, Any]:
-        """One sentence's prediction for a sequence-level task, from its row of `_scores`."""
-        task = self.config.get_task(name)
-        labels = task["labels"]
-        values = scores.tolist()
-        if task["type"] == "classification":
-            best = int(scores.argmax())
-            return {"label": labels[best], "score": values[best], "scores": dict(zip(labels, values))}
-        if task["type"] == "multi_label_classification":
-            chosen = [label for label, p in zip(labels, values) if p >= task["threshold"]]
-            return {"labels": chosen, "scores": dict(zip(labels, values))}
-        return {"value": values[0]} if len(values) == 1 else {"values": dict(zip(labels, values))}
+    def _batch_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: list[str]
+    ) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            return self(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), tasks=tasks
+            ).logits
 
-    def _describe_words(
-        self,
-        name: str,
-        probabilities: np.ndarray,
-        word_ids: list[int | None],
-        offsets: list[tuple[int, int]] | None,
-        item: str | Sequence[str],
-    ) -> dict[str, Any]:
-        """Tags per word (read from each word's first sub-token, as in training) and grouped entity spans.
+    def _pair_logits(self, name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.pair_head_logits(name, u.to(self.device, self.dtype), v.to(self.device, self.dtype))
 
-        Args:
-            probabilities: `(tokens, num_labels)` for this sentence's real tokens.
-            word_ids: the tokenizer's word index of every token (`None` for special tokens).
-            offsets: character offsets of every token, or `None` when the input was a list of words.
-            item: the input string, or its list of words.
-        """
-        labels = self.config.get_task(name)["labels"]
-        if offsets is None:  # pre-split words: offsets into the words joined by single spaces
-            spans, cursor = [], 0
-            for word in item:
-                spans.append((cursor, cursor + len(word)))
-                cursor += len(word) + 1
-            text = " ".join(item)
-        else:
-            text = item
-        best_tags = probabilities.argmax(-1)
-        words, seen = [], set()
-        for position, word_id in enumerate(word_ids):
-            if word_id is None or word_id in seen:
-                continue
-            seen.add(word_id)
-            if offsets is None:
-                start, end = spans[word_id]
-            else:
-                start, end = offsets[position]
-                # A word split into several sub-tokens ends where its last sub-token ends.
-                for later in range(position + 1, len(word_ids)):
-                    if word_ids[later] != word_id:
-                        break
-                    end = offsets[later][1]
-            best = int(best_tags[position])
-            words.append(
-                {
-                    "word": text[start:end],
-                    "start": start,
-                    "end": end,
-                    "tag": labels[best],
-                    "score": float(probabilities[position, best]),
-                }
+    def _zero_loss(self, name: str, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """An exact zero that depends on the task's parameters (its head), or on the features for headless tasks."""
+        if name in self.heads:
+            return sum(parameter.sum() for parameter in self.heads[name].parameters()) * 0.0
+        return (logits if logits is not None else features).sum() * 0.0
+
+
+class _TextGroups:
+    """The texts of a batch: `(batch, seq)` (one text per row) or `(batch, texts, seq)` inputs flattened for one
+    backbone pass over the texts that are present (first texts of every row first, then the others), and the way
+    back to `(batch, texts, ...)`."""
+
+    def __init__(self, input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids):
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        self.grouped = reference.dim() == 3
+        if attention_mask is None:
+            attention_mask = torch.ones(reference.shape, dtype=torch.long, device=reference.device)
+        if not self.grouped:
+            input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids = (
+                None if t is None else t.unsqueeze(1)
+                for t in (input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids)
             )
-        return {"words": words, "entities": group_entities(words, text)}
-
-
-class PackedTokens:
-    """Token ids of many texts in one flat int32 array (`ids`), with each text's `lengths` and `starts`."""
-
-    def __init__(self, ids: np.ndarray, lengths: np.ndarray):
-        self.ids = ids
-        self.lengths = lengths
-        self.starts = np.cumsum(lengths) - lengths
-
-    @classmethod
-    def from_lists(cls, rows: list[list[int]]) -> PackedTokens:
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-        return cls(ids, lengths)
-
-    @classmethod
-    def concatenate(cls, parts: list[PackedTokens]) -> PackedTokens:
-        if not parts:
-            return cls(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
-        return cls(np.concatenate([part.ids for part in parts]), np.concatenate([part.lengths for part in parts]))
-
-    def row(self, index: int) -> np.ndarray:
-        return self.ids[self.starts[index] : self.starts[index] + self.lengths[index]]
-
-
-def run_concurrently(function: Any, jobs: Iterable[tuple], workers: int, threads_per_worker: int = 1) -> None:
-    """Call `function(*job)` for every job on `workers` threads, each with `threads_per_worker` intra-op threads.
-
-    For CPU work made of independent pieces (inference batches) that one piece alone cannot spread over every
-    core. At most `2 * workers` jobs are in flight, so a lazy `jobs` iterator is never materialised. The
-    caller's torch thread count is restored afterwards (the BLAS library may keep one process-wide setting).
-    The first error of any job is raised.
-    """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    threads = torch.get_num_threads()
-    pending: set = set()
-    try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(threads_per_worker,)) as pool:
-            try:
-                for job in jobs:
-                    if len(pending) >= 2 * workers:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in done:
-                            future.result()
-                    pending.add(pool.submit(function, *job))
-                for future in pending:
-                    future.result()
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
-    finally:
-        torch.set_num_threads(threads)
-
-
-def plan_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.1) -> list[np.ndarray]:
-    """Cut texts into inference batches, longest first, so that padding wastes little compute.
-
-    Texts are sorted by token count (descending, stable). A batch takes the next texts until it holds
-    `batch_size` of them or the next one is shorter than `(1 - max_padding)` times the batch's longest, so a row
-    is at most `max_padding` padding. Sorting alone leaves the first batches of a large `batch_size` mostly
-    padding (a 55-token sentence next to 20-token ones); exact-length buckets would remove all padding but run
-    many tiny batches, each of which pays for reading every weight from memory. On real sentences 10% was as fast
-    as exact-length batches (0%) and 29% faster than sorting alone at batch size 128 (docs/BENCHMARKS.md).
-
-    Args:
-        lengths: token count of every text, `(num_texts,)`.
-        batch_size: most texts per batch.
-        max_padding: largest fraction of a row that may be padding.
-
-    Returns:
-        Index arrays into `lengths`, one per batch; every index appears exactly once.
-    """
-    lengths = np.asarray(lengths)
-    order = np.argsort(-lengths, kind="stable")
-    descending = lengths[order]
-    batches, start = [], 0
-    while start < len(order):
-        window = -descending[start : start + batch_size]  # ascending
-        # Rows whose length is >= (1 - max_padding) * the longest row of this batch.
-        size = int(np.searchsorted(window, -(descending[start] * (1.0 - max_padding)), side="right"))
-        batches.append(order[start : start + max(size, 1)])
-        start += max(size, 1)
-    return batches
-
-
-def group_entities(words: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """Group per-word BIO/IOB2 tags (`B-PER`, `I-PER`, `O`; plain `PER` counts as inside) into entity spans."""
-    entities: list[dict[str, Any]] = []
-    current = None
-    for word in words:
-        tag = word["tag"]
-        if tag == "O" or not tag:
-            current = None
-            continue
-        prefix, _, entity_type = tag.partition("-") if tag[:2] in ("B-", "I-", "E-", "S-") else ("I", "", tag)
-        if current is not None and prefix in ("I", "E") and current["entity"] == entity_type:
-            current["end"] = word["end"]
-            current["scores"].append(word["score"])
-        else:
-            current = {"entity": entity_type, "start": word["start"], "end": word["end"], "scores": [word["score"]]}
-            entities.append(current)
-        if prefix in ("E", "S"):
-            current = None
-    return [
-        {
-            "entity": e["entity"],
-            "text": text[e["start"] : e["end"]],
-            "start": e["start"],
-            "end": e["end"],
-            "score": float(np.mean(e["scores"])),
+        self.batch_size, self.num_texts = attention_mask.shape[:2]
+        self._tensors = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "inputs_embeds": inputs_embeds,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
         }
-        for e in entities
-    ]
+        present = attention_mask.bool().any(-1)  # (batch, texts)
+        present[:, 0] = True  # every row has a first text, even an empty one
+        self._present = present
+        if self.num_texts == 1:
+            self.order = None
+        else:
+            flat = present.transpose(0, 1).reshape(-1)  # text-major: all first texts, then all second texts, ...
+            self.order = flat.nonzero().squeeze(-1)  # positions in text-major order
+        self.present_mask = self._select(attention_mask)  # (present texts, seq)
+
+    def _select(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        if self.order is None:
+            return tensor[:, 0]
+        flat = tensor.transpose(0, 1).reshape(-1, *tensor.shape[2:])
+        return flat[self.order]
+
+    def backbone_inputs(self) -> dict[str, torch.Tensor]:
+        return {key: self._select(value) for key, value in self._tensors.items() if value is not None}
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """`(present texts, dim)` back to `(batch, texts, dim)`, zeros for absent texts."""
+        if self.order is None:
+            return rows.unsqueeze(1)
+        out = rows.new_zeros(self.num_texts * self.batch_size, rows.shape[-1])
+        out = out.index_copy(0, self.order, rows)
+        return out.view(self.num_texts, self.batch_size, -1).transpose(0, 1)
+
+    def present_mask_grouped(self) -> torch.Tensor:
+        return self._present
+
+    def fingerprints(self) -> torch.Tensor:
+        """`(batch * texts,)` fingerprints in row-major order (row 0's texts, then row 1's, ...)."""
+        ids = self._tensors["input_ids"]
+        if ids is None:
+            raise ValueError("contrastive tasks need input_ids (to recognise duplicate texts), not inputs_embeds")
+        mask = self._tensors["attention_mask"]
+        return text_fingerprints(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]))
+
+
+def _gathered_offset(local_count: torch.Tensor) -> int:
+    """Index of this process's first row once every process's rows are gathered in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    counts = [torch.zeros_like(local_count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, local_count)
+    return int(sum(int(c) for c in counts[: dist.get_rank()]))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_max_seq_length(
+    backbone_config: PretrainedConfig,
+    tokenizer: Any,
+    sentence_transformers_settings: dict[str, Any] | None = None,
+    requested: int | None = None,
+) -> int:
+    """The truncation length, decided in one place: the requested one; else a sentence-transformers checkpoint's
+    `max_seq_length`; else the smallest of 512, the tokenizer's `model_max_length` and the backbone's position
+    embeddings (a tokenizer without a limit reports ~1e30, so it cannot decide alone)."""
+    if requested is not None:
+        return requested
+    configured = (sentence_transformers_settings or {}).get("max_seq_length")
+    if configured:
+        return int(configured)
+    candidates = [512]
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 1 < model_max < 100_000:
+        candidates.append(model_max)
+    positions = getattr(backbone_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 1:
+        candidates.append(positions)
+    return min(candidates)
+
+
+def _check_shape(name: str, labels: torch.Tensor, expected: Sequence[int]) -> None:
+    if tuple(labels.shape) != tuple(expected):
+        raise ValueError(f"task '{name}': labels have shape {tuple(labels.shape)}, expected {tuple(expected)}")
+
+
+def _check_label_range(name: str, labels: torch.Tensor, num_labels: int, label_names: list[str]) -> None:
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_labels:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"task '{name}': label id {bad} is out of range; valid ids are 0..{num_labels - 1} "
+            f"({label_names}) or {IGNORE_INDEX} for unlabelled"
+        )
 
 
 def read_sentence_transformers_settings(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any]:
@@ -971,41 +857,8 @@ def _drop_backbone_pooler(backbone: nn.Module) -> None:
         backbone.pooler = None
 
 
-def _default_max_length(backbone_config: PretrainedConfig, tokenizer: Any) -> int:
-    candidates = [512]
-    model_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(model_max, int) and 1 < model_max < 100_000:
-        candidates.append(model_max)
-    positions = getattr(backbone_config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 1:
-        candidates.append(positions)
-    return min(candidates)
-
-
-def _check_texts(items: Sequence[Any]) -> list[str]:
-    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise TypeError(f"expected a string or a list of strings, got {type(items).__name__}")
-    texts = list(items)
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"sentences[{index}] must be a str, got {type(text).__name__}: {text!r:.80}")
-    return texts
-
-
-def _check_label_range(name: str, labels: torch.Tensor, num_labels: int, label_names: list[str]) -> None:
-    if labels.numel() == 0:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_labels:
-        bad = low if low < 0 else high
-        raise ValueError(
-            f"task '{name}': label id {bad} is out of range; valid ids are 0..{num_labels - 1} "
-            f"({label_names}) or {IGNORE_INDEX} for unlabelled"
-        )
-
-
 # Register with the Auto classes: `AutoModel.from_pretrained(dir)` then works without `trust_remote_code` once
-# this module is imported, and `save_pretrained` writes `auto_map` and copies this file and the config's.
+# this module is imported, and `save_pretrained` writes `auto_map` and copies this file and the ones it imports.
 MultiTaskConfig.register_for_auto_class()
 MultiTaskModel.register_for_auto_class("AutoModel")
 if not __name__.startswith("transformers_modules"):
@@ -1014,14 +867,18 @@ if not __name__.startswith("transformers_modules"):
 
 
 __all__ = [
-    "MultiTaskModel",
-    "MultiTaskPreTrainedModel",
-    "MultiTaskModelOutput",
+    "IGNORE_INDEX",
+    "EMBEDDING_TASK_TYPES",
     "MultiTaskConfig",
+    "MultiTaskModel",
+    "MultiTaskModelOutput",
+    "MultiTaskPreTrainedModel",
     "Pooling",
     "TaskHead",
     "group_entities",
+    "labelled_mask",
     "plan_batches",
-    "run_concurrently",
     "read_sentence_transformers_settings",
+    "resolve_max_seq_length",
+    "run_concurrently",
 ]

@@ -1,12 +1,13 @@
 """Train a multi-task sentence transformer with the `transformers.Trainer`.
 
     python train.py                                  # the embedded default job (all-MiniLM-L6-v2, CPU, minutes)
+    python train.py --output_dir out --seed 1        # flags alone change the embedded default job
     python train.py config.yaml [--flag value ...]   # a YAML/JSON config file; flags after it override it
     python train.py --tasks tasks.json --output_dir out --num_train_epochs 3 ...
     accelerate launch --num_processes 2 train.py config.yaml   # same arguments, distributed
 
-Every `TrainingArguments` flag works (see `python train.py --help`). Tasks are a JSON/YAML list of dicts (see
-`multitask_st.data.TaskDataSpec`), e.g.
+Every `TrainingArguments` flag works (see `python train.py --help`); the defaults are the project's measured recipe
+(`RECIPE`), not the plain Trainer's. Tasks are a JSON/YAML list of dicts (`multitask_st.data.TaskDataSpec`), e.g.
     [{"name": "sentiment", "type": "classification", "dataset": "data/sst2", "text_column": "sentence",
       "label_column": "label", "labels": ["negative", "positive"]},
      {"name": "ner", "type": "token_classification", "dataset": "data/wikiann-en"}]
@@ -16,19 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
+import shutil
 import sys
-import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging
 
 logger = logging.get_logger("train")
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "multitask_st" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "multitask_st" / "default_data"
 
 
 @dataclass
@@ -74,22 +74,56 @@ class MultiTaskArguments:
         metadata={"help": "static (each task's loss_weight) or uncertainty (learned, Kendall et al. 2018)."},
     )
     head_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of heads/pooling/projection (default: learning_rate)."}
+        default=2e-3, metadata={"help": "Learning rate of heads/pooling/projection (fresh weights learn faster)."}
     )
     layerwise_lr_decay: float | None = field(
         default=None, metadata={"help": "Per-layer learning-rate decay factor down the encoder (e.g. 0.9)."}
+    )
+    embedding_protection: str = field(
+        default="distillation",
+        metadata={"help": "Keep the sentence embedding while heads train: distillation, l2sp or none."},
+    )
+    protection_weight: float | None = field(
+        default=None, metadata={"help": "Factor of the protection term (default: the measured default per method)."}
+    )
+    drift_sample_size: int = field(
+        default=1000, metadata={"help": "Eval texts on which each evaluation measures the embedding's drift (0: off)."}
+    )
+    drift_warning_cosine: float = field(
+        default=0.9, metadata={"help": "Warn when the mean cosine to the initial embedding falls below this."}
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the whole encoder (train heads only)."})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Freeze the encoder's embeddings."})
     freeze_layers: int = field(default=0, metadata={"help": "Freeze the embeddings and the lowest N layers."})
     freeze_heads: list[str] | None = field(default=None, metadata={"help": "Task heads to keep frozen."})
+    lora_rank: int = field(default=0, metadata={"help": "Train LoRA adapters of this rank on the encoder (0: off)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Encoder linear layers to adapt, by name (default: all of them)."}
+    )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement of the best metric."}
     )
     early_stopping_threshold: float = field(
         default=0.0, metadata={"help": "How much the best metric must improve to count as an improvement."}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a model already saved in output_dir (otherwise that is an error)."}
+    )
     num_examples_to_print: int = field(default=3, metadata={"help": "Example predictions printed at the end."})
+
+
+# The project's recipe (docs/TRAINING.md, measured in docs/RESULTS.md), used as the defaults of every run.
+RECIPE: dict[str, Any] = {
+    "learning_rate": 1e-4,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "warmup_steps": 0.1,
+    "weight_decay": 0.01,
+    "logging_steps": 50,
+    "report_to": "none",
+}
 
 
 def default_tasks() -> list[dict[str, Any]]:
@@ -101,27 +135,17 @@ def default_tasks() -> list[dict[str, Any]]:
     return [
         {"name": "topic", "type": "classification", "data_files": files, "label_column": "topic"},
         {"name": "sentiment", "type": "classification", "data_files": files, "label_column": "sentiment"},
-        {
-            "name": "ner",
-            "type": "token_classification",
-            "data_files": files,
-            "tokens_column": "tokens",
-            "tags_column": "ner_tags",
-        },
+        {"name": "ner", "type": "token_classification", "data_files": files},
     ]
 
 
-# What `python train.py` with no arguments runs. Sized for a CPU laptop: a few minutes.
+# What `python train.py` runs, and what flags given without `--tasks` or a config file change. Sized for a CPU
+# laptop: a few minutes.
 DEFAULT_JOB: dict[str, Any] = {
     "output_dir": "outputs/multitask-minilm-default",
     "max_seq_length": 64,
     "num_train_epochs": 6,
     "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 64,
-    "learning_rate": 1e-4,
-    "head_learning_rate": 2e-3,
-    "warmup_steps": 0.1,
-    "weight_decay": 0.01,
     "eval_strategy": "epoch",
     "save_strategy": "epoch",
     "save_total_limit": 1,
@@ -129,59 +153,58 @@ DEFAULT_JOB: dict[str, Any] = {
     "metric_for_best_model": "combined_score",
     "greater_is_better": True,
     "logging_steps": 10,
-    "report_to": "none",
     "seed": 42,
+    "overwrite_output_dir": True,
+    "tasks": default_tasks(),
 }
 
-
-def _to_flags(config: dict[str, Any]) -> list[str]:
-    """Turn a config dict into command-line flags (so that later flags override the file)."""
-    flags = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        if key == "tasks" and not isinstance(value, str):
-            flags += [f"--{key}", json.dumps(value)]
-        elif isinstance(value, bool):
-            flags += [f"--{key}", str(value)]
-        elif isinstance(value, (list, tuple)):
-            flags += [f"--{key}", *[str(item) for item in value]]
-        elif isinstance(value, dict):
-            flags += [f"--{key}", json.dumps(value)]
-        else:
-            flags += [f"--{key}", str(value)]
-    return flags
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path}")
     text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
 
-        config = yaml.safe_load(text) or {}
-    else:
-        config = json.loads(text)
+            config = yaml.safe_load(text) or {}
+        else:
+            config = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"config file {path} could not be parsed: {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"config file {path} must hold a mapping of argument names to values")
     return config
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """Parse flags and/or a leading YAML/JSON config file into the four argument dataclasses.
+    """The four argument dataclasses from an optional leading YAML/JSON config file and flags (flags win).
 
-    With no arguments at all, the embedded default job (`DEFAULT_JOB` on `default_tasks()`) is used.
+    Without a config file and without `--tasks`, the flags change the embedded default job (`DEFAULT_JOB`). The
+    config's values, `tasks` included, are used as they are (no round trip through command-line strings).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments))
-    if not argv:
-        argv = _to_flags({**DEFAULT_JOB, "tasks": default_tasks()})
-    elif argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
-        argv = _to_flags(read_config_file(argv[0])) + argv[1:]
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        config = read_config_file(argv.pop(0))
+    elif "--tasks" not in argv and not any(arg.startswith("--tasks=") for arg in argv):
+        config = dict(DEFAULT_JOB)
+    else:
+        config = {}
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    known = {f.name for dataclass_type in ARGUMENT_CLASSES for f in fields(dataclass_type)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} in the config; see `python train.py --help`")
+    parser.set_defaults(**{**RECIPE, **config})
     if _cpu_only_distributed() and not any(arg.startswith("--use_cpu") for arg in argv):
         # Without `use_cpu`, TrainingArguments sets up a non-distributed state on a machine without GPUs, and
         # every launched process would train alone; with it, the processes join one gloo process group.
         argv += ["--use_cpu", "true"]
     model_args, data_args, mtl_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.output_dir is None:
+        training_args.output_dir = "outputs/multitask-model"
     return model_args, data_args, mtl_args, training_args
 
 
@@ -196,71 +219,6 @@ def _cpu_only_distributed() -> bool:
     return world_size > 1 and not torch.cuda.is_available()
 
 
-def describe_hardware(training_args: TrainingArguments) -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return f"{device}, {training_args.world_size} process(es), torch {torch.__version__}, {platform.system()}"
-
-
-def non_default_hyperparameters(training_args: TrainingArguments, *extra) -> dict[str, Any]:
-    """The TrainingArguments, model, data and multi-task options that differ from their defaults."""
-    defaults = {f.name: f.default for f in fields(TrainingArguments) if f.init}
-    skip = {
-        "output_dir",
-        "logging_dir",
-        "hub_token",
-        "push_to_hub_token",
-        "report_to",
-        "run_name",
-        "accelerator_config",
-        "disable_tqdm",
-        "debug",
-    }
-    result = {}
-    given = training_args.to_dict()
-    for key, value in given.items():
-        if key in skip or key not in defaults:
-            continue
-        default = defaults[key]
-        if hasattr(default, "value"):
-            default = default.value
-        if value in (None, False, [], {}, "") and default in (None, False, MISSING):
-            continue  # unset either way (the dataclass default was None or a factory)
-        if value != default and not callable(default):
-            result[key] = value
-    for arguments in extra:  # model / data / multi-task options: only those set to something else than default
-        option_defaults = {
-            f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            for f in fields(arguments)
-            if f.default is not MISSING or f.default_factory is not MISSING
-        }
-        for key, value in asdict(arguments).items():
-            if key != "tasks" and (key not in option_defaults or value != option_defaults[key]):
-                result[key] = value
-    return json.loads(json.dumps(result, default=str))
-
-
-def _format_prediction(prediction: dict[str, Any]) -> str:
-    parts = []
-    for task, value in prediction.items():
-        if "label" in value:
-            parts.append(f"{task}={value['label']} ({value['score']:.2f})")
-        elif "entities" in value:
-            entities = ", ".join(f"{e['text']}:{e['entity']}" for e in value["entities"]) or "-"
-            parts.append(f"{task}=[{entities}]")
-        elif "labels" in value:
-            parts.append(f"{task}={value['labels']}")
-        elif "value" in value:
-            parts.append(f"{task}={value['value']:.3f}")
-        else:
-            parts.append(f"{task}={value}")
-    return "; ".join(parts)
-
-
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Train, evaluate and save a multi-task model. Returns 0 on success (the CLI's exit code).
 
@@ -268,34 +226,48 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         argv: command-line arguments (default `sys.argv[1:]`); empty runs the embedded default job.
         callbacks: extra `TrainerCallback`s (for programmatic use).
     """
-    from modeling_mtl import MultiTaskModel
-    from multitask_st import default_backbone
-    from multitask_st.data import MultiTaskCollator, build_datasets, parse_task_specs
-    from multitask_st.metrics import build_compute_metrics, split_metrics
+    from modeling_mtl import MultiTaskModel, read_sentence_transformers_settings, resolve_max_seq_length
+    from multitask_st import DEFAULT_BACKBONE_ID, default_backbone
+    from multitask_st.data import build_datasets, parse_task_specs
+    from multitask_st.metrics import nest_metrics
     from multitask_st.trainer import MultiTaskTrainer, apply_freezing, detach_loss_weighting
+    from multitask_st.training import (
+        STAGING_DIR,
+        apply_lora,
+        check_output_dir,
+        commit_model_folder,
+        describe_hardware,
+        format_prediction,
+        last_complete_checkpoint,
+        non_default_hyperparameters,
+        training_record,
+        write_json,
+    )
 
-    started = time.time()
+    # 1. Arguments, seed, output folder.
     model_args, data_args, mtl_args, training_args = parse_arguments(argv)
-    if training_args.output_dir is None:
-        training_args.output_dir = "outputs/multitask-model"
     set_seed(training_args.seed)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    check_output_dir(training_args.output_dir, bool(resume), mtl_args.overwrite_output_dir)
+    if resume is True:
+        resume = last_complete_checkpoint(training_args.output_dir)
+
+    # 2. Tokenizer, truncation length (one resolver, the model's) and the task data, tokenised once.
     model_name = model_args.model_name_or_path or default_backbone()
     specs = parse_task_specs(data_args.tasks)
     for spec in specs:
-        if spec.head is None and model_args.head_type != "linear":
-            spec.head = model_args.head_type
-
+        if model_args.head_type != "linear" and spec.type not in ("similarity", "contrastive"):
+            spec.model_options.setdefault("head", model_args.head_type)
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    max_seq_length = model_args.max_seq_length
-    if max_seq_length is None:
-        from modeling_mtl import read_sentence_transformers_settings
-
-        settings = read_sentence_transformers_settings(model_name)
-        model_max = getattr(tokenizer, "model_max_length", 512)
-        max_seq_length = settings.get("max_seq_length") or min(512, model_max if model_max < 100_000 else 512)
-
-    # The main process tokenises first and fills the `datasets` cache; the others then read it.
-    with training_args.main_process_first(desc="tokenizing the datasets"):
+    max_seq_length = resolve_max_seq_length(
+        AutoConfig.from_pretrained(model_name),
+        tokenizer,
+        read_sentence_transformers_settings(model_name),
+        model_args.max_seq_length,
+    )
+    with training_args.main_process_first(desc="tokenizing the datasets"):  # the others then read the cache
         data = build_datasets(
             specs,
             tokenizer,
@@ -303,9 +275,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
             label_all_subtokens=data_args.label_all_subtokens,
             seed=training_args.seed,
             cache_dir=data_args.dataset_cache_dir,
-            do_eval=True,  # eval splits, when given, are scored at the end even with eval_strategy "no"
         )
+    if data.eval is None and training_args.eval_strategy != "no":
+        raise ValueError("eval_strategy needs eval splits: set `eval_split` on the tasks or --eval_strategy no")
 
+    # 3. Model: the pretrained encoder with fresh heads; freezing; LoRA adapters.
     model = MultiTaskModel.from_backbone(
         model_name,
         tasks=data.model_tasks,
@@ -321,25 +295,22 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     )
     if frozen:
         logger.warning(f"froze {len(frozen)} parameter tensors")
+    if mtl_args.lora_rank:
+        model = apply_lora(
+            model, mtl_args.lora_rank, mtl_args.lora_alpha, mtl_args.lora_dropout, mtl_args.lora_target_modules
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
 
-    if data.eval is None and training_args.eval_strategy != "no":
-        raise ValueError("eval_strategy needs eval splits: set `eval_split` on the tasks or --eval_strategy no")
+    # 4. Trainer: collator and metrics follow from the model's tasks.
     callbacks = list(callbacks or [])
     if mtl_args.early_stopping_patience is not None:
-        callbacks.append(
-            EarlyStoppingCallback(
-                early_stopping_patience=mtl_args.early_stopping_patience,
-                early_stopping_threshold=mtl_args.early_stopping_threshold,
-            )
-        )
+        callbacks.append(EarlyStoppingCallback(mtl_args.early_stopping_patience, mtl_args.early_stopping_threshold))
     trainer = MultiTaskTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=MultiTaskCollator(tokenizer, model.config.tasks),
-        processing_class=tokenizer,
-        compute_metrics=build_compute_metrics(model.config.tasks),
         callbacks=callbacks,
         source_sizes=data.source_sizes,
         task_sampling=mtl_args.task_sampling,
@@ -347,91 +318,85 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         loss_weighting=mtl_args.loss_weighting,
         head_learning_rate=mtl_args.head_learning_rate,
         layerwise_lr_decay=mtl_args.layerwise_lr_decay,
+        embedding_protection=mtl_args.embedding_protection,
+        protection_weight=mtl_args.protection_weight,
+        drift_sample_size=mtl_args.drift_sample_size,
+        drift_warning_cosine=mtl_args.drift_warning_cosine,
     )
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
-    train_result = trainer.train(resume_from_checkpoint=resume or None)
-    train_runtime = train_result.metrics.get("train_runtime", time.time() - started)
-    learned_weights = detach_loss_weighting(trainer.model)
 
-    trainer.save_model(training_args.output_dir)
+    # 5. Train (a non-finite loss stops the run with an error: nothing is saved as a model).
+    train_result = trainer.train(resume_from_checkpoint=resume or None)
+    learned_weights = detach_loss_weighting(trainer.model)
     trainer.log_metrics("train", train_result.metrics)
+
+    # 6. Evaluate on the eval and test splits.
     metrics: dict[str, Any] = {}
-    if data.eval is not None:
-        eval_metrics = trainer.evaluate()
-        metrics["eval"] = split_metrics(eval_metrics, model.task_names, "eval")
-        metrics["combined_score"] = eval_metrics.get("eval_combined_score")
-    if data.test is not None:
-        test_metrics = trainer.evaluate(data.test, metric_key_prefix="test")
-        metrics["test"] = split_metrics(test_metrics, model.task_names, "test")
-        metrics["test_combined_score"] = test_metrics.get("test_combined_score")
+    for key, dataset in (("eval", data.eval), ("test", data.test)):
+        if dataset is None:
+            continue
+        scores = trainer.evaluate(dataset, metric_key_prefix=key)
+        nested = nest_metrics(scores, key)
+        if "embedding" in nested:
+            metrics.setdefault("embedding", {})[key] = nested.pop("embedding")
+        metrics[key] = nested
+        metrics["combined_score" if key == "eval" else "test_combined_score"] = scores.get(f"{key}_combined_score")
     trainer.save_state()
 
+    # 7. Save: the model and its records go to a staging folder, then into output_dir, config.json last.
+    output_dir = Path(training_args.output_dir)
+    staging = output_dir / STAGING_DIR
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
         hyperparameters = non_default_hyperparameters(
             training_args, model_args, mtl_args, DataArguments(label_all_subtokens=data_args.label_all_subtokens)
         )
         if learned_weights is not None:
             hyperparameters["learned_task_weights"] = learned_weights
-        training_config = {
-            "base_model": str(model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2"),
-            "tasks": {
-                spec.name: {
-                    "type": spec.type,
-                    "dataset": spec.describe_dataset(),
-                    "dataset_config": spec.dataset_config,
-                    "train_split": spec.train_split,
-                    "eval_split": spec.eval_split,
-                    "test_split": spec.test_split,
-                    "num_train_examples": data.num_train_examples.get(spec.name, 0),
-                    "labels": spec.labels,
-                    "text_column": spec.text_column if spec.type != "token_classification" else None,
-                    "label_column": spec.label_column if spec.type != "token_classification" else None,
-                }
-                for spec in specs
-            },
-            "hyperparameters": hyperparameters,
-            "hardware": describe_hardware(training_args),
-            "train_runtime_s": round(float(train_runtime), 2),
-        }
-        (output_dir / "training_config.json").write_text(json.dumps(training_config, indent=2) + "\n")
-        try:
-            from multitask_st.model_card import write_model_card
+        base_model = model_args.model_name_or_path or DEFAULT_BACKBONE_ID
+        runtime = train_result.metrics.get("train_runtime", 0.0)
+        record = training_record(specs, data, base_model, hyperparameters, describe_hardware(training_args), runtime)
+        write_json(staging / "metrics.json", metrics)
+        write_json(staging / "training_config.json", record)
+        if (output_dir / "trainer_state.json").is_file():
+            shutil.copy(output_dir / "trainer_state.json", staging / "trainer_state.json")
+        from multitask_st.model_card import write_model_card
 
-            write_model_card(output_dir)
-        except ImportError:
-            logger.warning("multitask_st.model_card is not available: no model card written")
-
-        print("\n=== per-task metrics (eval) ===")
-        for task, scores in metrics.get("eval", {}).items():
-            print(
-                f"  {task:<16} "
-                + "  ".join(f"{name}={value:.4f}" for name, value in sorted(scores.items()) if isinstance(value, float))
-            )
-        if "combined_score" in metrics:
-            print(f"  combined score   {metrics['combined_score']:.4f}")
-        for task, scores in metrics.get("test", {}).items():
-            print(
-                f"  test {task:<11} "
-                + "  ".join(f"{name}={value:.4f}" for name, value in sorted(scores.items()) if isinstance(value, float))
-            )
-        examples = data.examples[: mtl_args.num_examples_to_print]
-        if examples:
-            print("\n=== example predictions ===")
-            model = trainer.model
-            for example, prediction in zip(examples, model.predict(examples)):
-                text = example if isinstance(example, str) else " ".join(example)
-                print(f"  {text[:100]!r}\n    -> {_format_prediction(prediction)}")
-        print(f"\nModel saved to {output_dir.resolve()}")
-        print(
-            f"Load it with: MultiTaskModel.from_pretrained({str(output_dir)!r})  (or AutoModel with "
-            "trust_remote_code=True)"
-        )
+        write_model_card(staging)
+        commit_model_folder(staging, output_dir)
+        _report(trainer, data, metrics, output_dir, mtl_args.num_examples_to_print, format_prediction)
     return 0
 
 
+def _report(trainer, data, metrics: dict, output_dir: Path, count: int, format_prediction) -> None:
+    """Print per-task metrics, the embedding's drift and a few example predictions."""
+    for split in ("eval", "test"):
+        for task, scores in metrics.get(split, {}).items():
+            values = "  ".join(f"{k}={v:.4f}" for k, v in sorted(scores.items()) if isinstance(v, float))
+            print(f"  {split:<5} {task:<16} {values}")
+    if metrics.get("combined_score") is not None:
+        print(f"  combined score   {metrics['combined_score']:.4f}")
+    for split, drift in metrics.get("embedding", {}).items():
+        print(f"  {split:<5} embedding drift  " + "  ".join(f"{k}={v:.4f}" for k, v in drift.items()))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    examples = [example for example in data.examples if isinstance(example, (str, list))][:count]
+    if examples:
+        print("\n=== example predictions ===")
+        for example, prediction in zip(examples, model.predict(examples)):
+            text = example if isinstance(example, str) else " ".join(example)
+            print(f"  {text[:100]!r}\n    -> {format_prediction(prediction)}")
+    print(f"\nModel saved to {output_dir.resolve()}")
+    print(
+        f"Load it with: MultiTaskModel.from_pretrained({str(output_dir)!r})  (or AutoModel with trust_remote_code=True)"
+    )
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from multitask_st.training import TrainingError
+
+    try:
+        sys.exit(main())
+    except (ValueError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,10 +1,14 @@
 """Multi-task data: load each task's dataset through `datasets`, resolve label sets, tokenise once with
 `datasets.map`, align word labels to sub-tokens, and collate batches with dynamic padding.
 
-Tasks that read the same dataset (same name/files, config and splits) share one *source*: each row is tokenised
-once and carries a label column for every task of that source, so a dataset labelled for several tasks trains all
-of them from one encoder pass. Every processed row has a `labels_<task>` column for *every* task (missing ones
-empty / -100), so all sources concatenate into one `datasets.Dataset`.
+Tasks that read the same rows (same dataset, splits, filters and input columns) share one *source*: each row is
+tokenised once and carries a label for every task of that source, so a dataset labelled for several tasks trains all
+of them from one encoder pass. A processed row holds two columns:
+
+- `input_ids`: the token ids of each of the row's texts, `[[...]]` for single-text tasks, `[[a...], [b...]]` for
+  similarity / pair classification, `[[anchor], [positive](, [negative])]` for contrastive tasks;
+- `labels`: `{task: label}` for *every* task of the run (missing ones -100 or NaN: `modeling_mtl.labelled_mask`), so
+  that all sources concatenate into one `datasets.Dataset` and every batch carries every task.
 """
 
 from __future__ import annotations
@@ -13,62 +17,59 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, Dataset, Features, Sequence, Value, concatenate_datasets, load_dataset
+from datasets import ClassLabel, Dataset, Features, List, Value, concatenate_datasets, load_dataset, load_from_disk
+from transformers.utils import logging
 
-IGNORE_INDEX = -100
-LABEL_PREFIX = "labels_"
+from configuration_mtl import PAIR_TASK_TYPES, TASK_TYPES, normalize_task
+from modeling_mtl import IGNORE_INDEX, labelled_mask
+
+logger = logging.get_logger(__name__)
+
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_SPEC_KEYS = {
-    "name",
-    "type",
-    "labels",
-    "head",
-    "loss_weight",
-    "threshold",  # model-side keys (see configuration_mtl)
-    "dataset",
-    "dataset_config",
-    "data_files",
-    "text_column",
-    "label_column",
-    "tokens_column",
-    "tags_column",
-    "train_split",
-    "eval_split",
-    "test_split",
-    "max_train_samples",
-    "max_eval_samples",
-    "max_test_samples",
-}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def label_column_name(task: str) -> str:
-    """Name of the processed dataset column holding `task`'s labels."""
-    return f"{LABEL_PREFIX}{task}"
+class DataError(ValueError):
+    """Bad training data: the message names the task, file, split, row and column where it can."""
 
 
 @dataclass
 class TaskDataSpec:
     """Where one task's data comes from and which columns hold its inputs and labels.
 
+    Data keys (this class); every other key of a task dict (`head`, `loss_weight`, `threshold`, `loss`,
+    `score_range`, `scale`, `pair_features`, `gather_across_processes`) is a model option, validated and documented
+    by `configuration_mtl.normalize_task`, and kept in `model_options`.
+
     Args:
         name: task name (letters, digits, `_`, `-`).
-        type: `classification`, `multi_label_classification`, `token_classification` or `regression`.
+        type: one of `configuration_mtl.TASK_TYPES`.
         labels: label names; inferred from the training split (sorted) when omitted. With integer label columns
             and `labels` given, the integers index into `labels`.
-        dataset: a Hub dataset id, a local data file (CSV/TSV/JSON/JSONL/Parquet), or a local folder holding
-            `<split>.<ext>` files.
+        dataset: a Hub dataset id, a local data file (CSV/TSV/JSON/JSONL/Parquet), a local folder holding
+            `<split>.<ext>` files, or a folder written by `datasets.save_to_disk`.
         dataset_config: Hub configuration name.
         data_files: `{split: path}`, for local files named otherwise.
-        text_column / label_column: sentence input and label columns (sequence-level tasks).
+        text_column: the text (default `text`); for similarity / pair classification the first text (default
+            `sentence1`); for contrastive tasks the anchor (default `anchor`).
+        text_pair_column: the second text of a pair (default `sentence2`), or the positive of a contrastive row
+            (default `positive`).
+        negative_column: contrastive only: an optional hard negative per row.
+        label_column: the label (default: the task's name); unused by contrastive tasks.
         tokens_column / tags_column: word list and per-word tag columns (token tasks).
+        row_filter: `{column: value}`: keep only the rows whose columns hold these values (e.g. MRPC's paraphrase
+            pairs for a contrastive task: `{label: 1}`).
         train_split / eval_split / test_split: split names; slicing such as `"train[:90%]"` works.
         max_train_samples / max_eval_samples / max_test_samples: keep a seeded random subset of this size.
-        head / loss_weight / threshold: passed to the model config (see `configuration_mtl.normalize_task`).
+        model_options: the model keys of the task dict.
     """
 
     name: str
@@ -77,46 +78,92 @@ class TaskDataSpec:
     dataset: str | None = None
     dataset_config: str | None = None
     data_files: dict[str, str] | None = None
-    text_column: str = "text"
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    negative_column: str | None = None
     label_column: str | None = None
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
+    row_filter: dict[str, Any] | None = None
     train_split: str = "train"
     eval_split: str | None = "validation"
     test_split: str | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     max_test_samples: int | None = None
-    head: Any = None
-    loss_weight: float = 1.0
-    threshold: float | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> TaskDataSpec:
         if not isinstance(spec, dict):
             raise ValueError(f"each task must be a dict, got {type(spec).__name__}: {spec!r}")
-        unknown = set(spec) - _SPEC_KEYS
-        if unknown:
-            raise ValueError(
-                f"task {spec.get('name')!r}: unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}"
-            )
         if "name" not in spec:
             raise ValueError(f"task {spec!r} has no 'name'")
-        result = cls(**spec)
-        if result.label_column is None:
-            result.label_column = result.name
-        if result.dataset is None and not result.data_files:
-            raise ValueError(f"task '{result.name}': give `dataset` (Hub id, file or folder) or `data_files`")
+        data_keys = {f.name for f in fields(cls)} - {"model_options"}
+        result = cls(
+            **{key: value for key, value in spec.items() if key in data_keys},
+            model_options={key: value for key, value in spec.items() if key not in data_keys},
+        )
+        result._validate()
         return result
+
+    def _validate(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task '{self.name}': type '{self.type}' is not one of {list(TASK_TYPES)}")
+        try:  # model options fail here, before any data is read (placeholder labels where they are inferred)
+            placeholder = None if self.type in ("similarity", "contrastive", "regression") else ["a", "b"]
+            normalize_task(self._model_dict(self.labels if self.labels is not None else placeholder))
+        except ValueError as error:
+            data_keys = sorted({f.name for f in fields(self)} - {"model_options"})
+            raise ValueError(f"{error} (data keys: {data_keys})") from None
+        if self.dataset is None and not self.data_files:
+            raise ValueError(f"task '{self.name}': give `dataset` (Hub id, file or folder) or `data_files`")
+        for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"task '{self.name}': {key} must be a positive int, got {value!r}")
+        if self.negative_column is not None and self.type != "contrastive":
+            raise ValueError(f"task '{self.name}': negative_column only applies to contrastive tasks")
+        if self.row_filter is not None and not isinstance(self.row_filter, dict):
+            raise ValueError(f"task '{self.name}': row_filter must be a mapping of column -> value")
+        defaults = {"similarity": ("sentence1", "sentence2"), "pair_classification": ("sentence1", "sentence2")}
+        defaults["contrastive"] = ("anchor", "positive")
+        first, second = defaults.get(self.type, ("text", None))
+        self.text_column = self.text_column or first
+        self.text_pair_column = self.text_pair_column or second
+        if self.type not in PAIR_TASK_TYPES and self.text_pair_column is not None:
+            raise ValueError(
+                f"task '{self.name}': text_pair_column only applies to pair tasks ({list(PAIR_TASK_TYPES)})"
+            )
+        if self.label_column is None and self.type != "contrastive":
+            self.label_column = self.name
+
+    def _model_dict(self, labels: list[str] | None) -> dict[str, Any]:
+        task = {"name": self.name, "type": self.type, **self.model_options}
+        if labels is not None:
+            task["labels"] = labels
+        return task
 
     def model_task(self) -> dict[str, Any]:
         """The task entry for `MultiTaskConfig(tasks=[...])` (labels must be resolved first)."""
-        task = {"name": self.name, "type": self.type, "labels": self.labels, "loss_weight": self.loss_weight}
-        if self.head is not None:
-            task["head"] = self.head
-        if self.threshold is not None:
-            task["threshold"] = self.threshold
-        return task
+        return normalize_task(self._model_dict(self.labels))
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The columns holding a row's texts, in the order the model reads them (word lists for token tasks)."""
+        if self.type == "token_classification":
+            return [self.tokens_column]
+        columns = [self.text_column]
+        if self.type in PAIR_TASK_TYPES:
+            columns.append(self.text_pair_column)
+        if self.negative_column:
+            columns.append(self.negative_column)
+        return columns
+
+    @property
+    def label_source(self) -> str | None:
+        """The column holding this task's labels (`None` for contrastive tasks)."""
+        return self.tags_column if self.type == "token_classification" else self.label_column
 
     def source_key(self) -> str:
         """Tasks with the same key read the same rows."""
@@ -125,6 +172,7 @@ class TaskDataSpec:
                 self.dataset,
                 self.dataset_config,
                 self.data_files,
+                self.row_filter,
                 self.train_split,
                 self.eval_split,
                 self.test_split,
@@ -133,6 +181,7 @@ class TaskDataSpec:
                 self.max_test_samples,
             ],
             sort_keys=True,
+            default=str,
         )
 
     def describe_dataset(self) -> str:
@@ -140,26 +189,15 @@ class TaskDataSpec:
 
 
 def parse_task_specs(tasks: str | list | dict | None) -> list[TaskDataSpec]:
-    """Task specs from a list of dicts, a JSON string, or a path to a JSON/YAML file holding the list."""
+    """Task specs from a list of dicts, a `{name: spec}` mapping, a JSON string, or a JSON/YAML file path."""
     if tasks is None:
         raise ValueError("no tasks given: pass --tasks (JSON list or a JSON/YAML file) or a config file with `tasks`")
-    if isinstance(tasks, str):
-        text = tasks
-        if os.path.isfile(tasks):
-            text = Path(tasks).read_text(encoding="utf-8")
-            if tasks.endswith((".yaml", ".yml")):
-                import yaml
-
-                tasks = yaml.safe_load(text)
-            else:
-                tasks = json.loads(text)
-        else:
-            try:
-                tasks = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--tasks is neither a file nor valid JSON: {error}") from None
+    if isinstance(tasks, (str, os.PathLike)):
+        tasks = _read_tasks_argument(str(tasks))
     if isinstance(tasks, dict):  # {name: spec} mapping
         tasks = [{"name": name, **spec} for name, spec in tasks.items()]
+    if not isinstance(tasks, list):
+        raise ValueError(f"tasks must be a list of task dicts, got {type(tasks).__name__}")
     specs = [TaskDataSpec.from_dict(spec) for spec in tasks]
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -170,6 +208,26 @@ def parse_task_specs(tasks: str | list | dict | None) -> list[TaskDataSpec]:
     return specs
 
 
+def _read_tasks_argument(text: str) -> Any:
+    looks_like_path = text.endswith((".json", ".yaml", ".yml")) and not text.lstrip().startswith(("[", "{"))
+    if looks_like_path and not os.path.isfile(text):
+        raise ValueError(f"--tasks file not found: {text}")
+    if os.path.isfile(text):
+        try:
+            content = Path(text).read_text(encoding="utf-8")
+            if text.endswith((".yaml", ".yml")):
+                import yaml
+
+                return yaml.safe_load(content)
+            return json.loads(content)
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"--tasks file {text} could not be read: {error}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--tasks is neither a file nor valid JSON: {error}") from None
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -177,34 +235,119 @@ def _split_base(split: str) -> str:
     return re.sub(r"\[.*\]$", "", split)
 
 
-def load_split(spec: TaskDataSpec, split: str, cache_dir: str | None = None) -> Dataset:
-    """Load one split of a task's dataset (Hub id, local file, local folder, or explicit `data_files`)."""
-    base = _split_base(split)
+def _local_files(spec: TaskDataSpec) -> dict[str, str]:
     files = dict(spec.data_files or {})
-    builder, config = None, spec.dataset_config
-    if spec.dataset is not None and os.path.isdir(spec.dataset) and not files:
-        for candidate in sorted(Path(spec.dataset).iterdir()):
-            if candidate.suffix in _FILE_BUILDERS and candidate.stem not in files:
-                files[candidate.stem] = str(candidate)
-        if not files:
-            raise ValueError(f"task '{spec.name}': no CSV/JSON/JSONL/Parquet files in folder {spec.dataset}")
-    elif spec.dataset is not None and os.path.isfile(spec.dataset) and not files:
-        files = {"train": spec.dataset}
+    if spec.dataset is not None and not files:
+        if os.path.isdir(spec.dataset):
+            for candidate in sorted(Path(spec.dataset).iterdir()):
+                if candidate.suffix in _FILE_BUILDERS and candidate.stem not in files:
+                    files[candidate.stem] = str(candidate)
+            if not files:
+                raise DataError(f"task '{spec.name}': no CSV/JSON/JSONL/Parquet files in folder {spec.dataset}")
+        elif os.path.isfile(spec.dataset):
+            files = {"train": spec.dataset}
+    return files
+
+
+def _is_saved_dataset(path: str | None) -> bool:
+    return (
+        path is not None
+        and os.path.isdir(path)
+        and any(os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json"))
+    )
+
+
+def load_split(spec: TaskDataSpec, split: str, cache_dir: str | None = None) -> Dataset:
+    """Load one split of a task's dataset: a `save_to_disk` folder, local files or folder, or a Hub id."""
+    base = _split_base(split)
+    if _is_saved_dataset(spec.dataset):
+        return _load_saved_split(spec, split, base)
+    files = _local_files(spec)
     if files:
         if base not in files:
-            raise ValueError(f"task '{spec.name}': split '{base}' not found; available files: {sorted(files)}")
-        if not os.path.isfile(files[base]):
-            raise ValueError(f"task '{spec.name}': data file for split '{base}' not found: {files[base]}")
-        suffix = Path(files[base]).suffix
+            raise DataError(f"task '{spec.name}': split '{base}' not found; available files: {sorted(files)}")
+        path = files[base]
+        if not os.path.isfile(path):
+            raise DataError(f"task '{spec.name}': data file for split '{base}' not found: {path}")
+        suffix = Path(path).suffix
         if suffix not in _FILE_BUILDERS:
-            raise ValueError(f"task '{spec.name}': unsupported data file type '{suffix}' ({files[base]})")
-        builder = _FILE_BUILDERS[suffix]
+            raise DataError(f"task '{spec.name}': unsupported data file type '{suffix}' ({path})")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"task '{spec.name}': data file {path} is empty")
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        return load_dataset(builder, data_files={base: files[base]}, split=split, cache_dir=cache_dir, **kwargs)
-    return load_dataset(spec.dataset, config, split=split, cache_dir=cache_dir)
+        try:
+            dataset = load_dataset(
+                _FILE_BUILDERS[suffix], data_files={base: path}, split=split, cache_dir=cache_dir, **kwargs
+            )
+        except Exception as error:  # datasets raises many kinds; find the line and say it plainly
+            raise DataError(f"task '{spec.name}': {_diagnose_file(path, error)}") from None
+        if len(dataset) == 0:
+            raise DataError(f"task '{spec.name}': split '{split}' of {path} has no rows")
+        return dataset
+    try:
+        return load_dataset(spec.dataset, spec.dataset_config, split=split, cache_dir=cache_dir)
+    except Exception as error:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = (
+            "the Hub is not reachable here (offline mode): download the dataset on a machine with access "
+            "(`datasets.load_dataset(...).save_to_disk(folder)`) and give that folder, or local data files"
+            if offline or "offline" in str(error).lower() or "connect" in str(error).lower()
+            else "check the dataset id, `dataset_config` and split names"
+        )
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"task '{spec.name}': could not load dataset '{spec.dataset}' split '{split}': {message}. {hint}"
+        ) from None
 
 
-def _subsample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+def _load_saved_split(spec: TaskDataSpec, split: str, base: str) -> Dataset:
+    saved = load_from_disk(spec.dataset)
+    if isinstance(saved, Dataset):
+        if base != "train":
+            raise DataError(f"task '{spec.name}': {spec.dataset} holds a single dataset (no '{base}' split)")
+        dataset = saved
+    else:
+        if base not in saved:
+            raise DataError(f"task '{spec.name}': split '{base}' not in {spec.dataset} (splits: {sorted(saved)})")
+        dataset = saved[base]
+    match = re.search(r"\[(.*)\]$", split)
+    if match:  # the same slicing syntax as load_dataset, e.g. "train[:90%]" or "train[-500:]"
+        from datasets import ReadInstruction
+
+        instruction = ReadInstruction.from_spec(f"{base}[{match.group(1)}]")
+        absolute = instruction.to_absolute({base: len(dataset)})[0]
+        dataset = dataset.select(range(absolute.from_ or 0, absolute.to if absolute.to is not None else len(dataset)))
+    return dataset
+
+
+def _diagnose_file(path: str, error: Exception) -> str:
+    """A one-line description of why `datasets` could not read `path`: the first bad line when one can be found."""
+    suffix = Path(path).suffix
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as decode_error:
+                return f"{path} line {number} is not valid UTF-8 ({decode_error.reason} at byte {decode_error.start})"
+            if suffix in (".json", ".jsonl") and line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as json_error:
+                    if suffix == ".jsonl" or number > 1:
+                        return f"{path} line {number} is not valid JSON: {json_error.msg} (column {json_error.colno})"
+    message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return f"{path} could not be read as {suffix[1:].upper()}: {message}"
+
+
+def _select_rows(spec: TaskDataSpec, dataset: Dataset, limit: int | None, seed: int, split: str) -> Dataset:
+    if spec.row_filter:
+        missing = [column for column in spec.row_filter if column not in dataset.column_names]
+        if missing:
+            raise DataError(f"task '{spec.name}': row_filter column(s) {missing} not in the {split} split")
+        wanted = dict(spec.row_filter)
+        dataset = dataset.filter(lambda row: all(row[key] == value for key, value in wanted.items()))
+        if len(dataset) == 0:
+            raise DataError(f"task '{spec.name}': no {split} row matches row_filter {wanted}")
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(limit))
@@ -213,8 +356,34 @@ def _subsample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
 # ---------------------------------------------------------------------------------------------- labels
 
 
-def _is_missing(value: Any) -> bool:
-    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+def is_missing(value: Any) -> bool:
+    return (
+        value is None
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, float) and math.isnan(value))
+    )
+
+
+def label_key(task: str, value: Any, where: str) -> str:
+    """The canonical name of a class label, or a `DataError` for a value that cannot be one.
+
+    Normalisations (documented in docs/RELIABILITY.md): integer-valued floats are integers (`1.0` -> `"1"`: a CSV
+    integer column with a blank cell is read as floats), integers and their strings are the same label (`1` and
+    `"1"`), and surrounding whitespace is stripped (`"pos "` -> `"pos"`).
+    """
+    if isinstance(value, bool):
+        raise DataError(f"task '{task}': boolean label {value} in {where}: use 0/1 or label names")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        raise DataError(f"task '{task}': fractional class label {value} in {where}: class labels are names or integers")
+    if isinstance(value, str):
+        return value.strip()
+    raise DataError(
+        f"task '{task}': label {value!r:.60} in {where} is a {type(value).__name__}, not a label name or id"
+    )
 
 
 def _feature_names(feature: Any) -> list[str] | None:
@@ -223,62 +392,70 @@ def _feature_names(feature: Any) -> list[str] | None:
     inner = getattr(feature, "feature", None)
     if isinstance(inner, ClassLabel):
         return list(inner.names)
-    if isinstance(feature, list) and feature and isinstance(feature[0], ClassLabel):
-        return list(feature[0].names)
     return None
-
-
-def _label_values(spec: TaskDataSpec, dataset: Dataset) -> list[Any]:
-    column = spec.tags_column if spec.type == "token_classification" else spec.label_column
-    values = []
-    for value in dataset[column]:
-        if spec.type in ("token_classification", "multi_label_classification"):
-            values.extend(v for v in (value or []) if not _is_missing(v))
-        elif not _is_missing(value):
-            values.append(value)
-    return values
 
 
 def resolve_labels(spec: TaskDataSpec, train: Dataset) -> list[str]:
     """The task's label names: from the spec, the dataset's `ClassLabel` feature, or the training split (sorted)."""
     if spec.labels is not None:
         return [str(label) for label in spec.labels]
+    if spec.type in ("similarity", "contrastive"):
+        return []
     if spec.type == "regression":
         return ["score"]
-    column = spec.tags_column if spec.type == "token_classification" else spec.label_column
+    column = spec.label_source
     if column not in train.column_names:
-        raise ValueError(f"task '{spec.name}': column '{column}' not in the training split ({train.column_names})")
+        raise DataError(f"task '{spec.name}': column '{column}' not in the training split ({train.column_names})")
     names = _feature_names(train.features[column])
     if names is not None:
         return names
-    values = _label_values(spec, train)
-    if not values:
-        raise ValueError(f"task '{spec.name}': no labels found in column '{column}' of the training split")
-    if all(isinstance(v, (int, bool)) for v in values):
-        return [str(v) for v in sorted(set(int(v) for v in values))]
-    return sorted({str(v) for v in values})
+    keys, raw = set(), []
+    for row, value in enumerate(train[column]):
+        where = f"train row {row}, column '{column}'"
+        if spec.type in ("token_classification", "multi_label_classification"):
+            if value is None:
+                continue
+            if not isinstance(value, list):
+                raise DataError(f"task '{spec.name}': {where} must hold a list of labels, got {value!r:.60}")
+            items = value
+        else:
+            items = [value]
+        for item in items:
+            if not is_missing(item):
+                keys.add(label_key(spec.name, item, where))
+                raw.append(item)
+    if not keys:
+        raise DataError(f"task '{spec.name}': no labels found in column '{column}' of the training split")
+    stripped = sorted({item for item in raw if isinstance(item, str) and item != item.strip()})
+    if stripped:
+        logger.warning(f"task '{spec.name}': stripped surrounding whitespace from labels {stripped[:5]}")
+    if all(re.fullmatch(r"-?\d+", key) for key in keys):
+        return [str(key) for key in sorted(int(key) for key in keys)]
+    return sorted(keys)
 
 
 class _LabelMapper:
     """Maps raw label values (names or ints) to ids, and names the label, row and split when one is unknown."""
 
-    def __init__(self, spec: TaskDataSpec, names_from_feature: bool):
+    def __init__(self, spec: TaskDataSpec, ints_are_ids: bool):
         self.spec = spec
         self.label2id = {label: index for index, label in enumerate(spec.labels)}
-        self.int_is_index = names_from_feature
+        self.ints_are_ids = ints_are_ids
 
-    def __call__(self, value: Any, split: str, row: int) -> int:
-        if isinstance(value, (int,)) and not isinstance(value, bool) and self.int_is_index:
+    def __call__(self, value: Any, where: str) -> int:
+        if self.ints_are_ids and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise DataError(f"task '{self.spec.name}': fractional class id {value} in {where}")
             if 0 <= value < len(self.spec.labels):
-                return value
-            raise ValueError(
-                f"task '{self.spec.name}': label id {value} in {split} row {row} is out of range "
+                return int(value)
+            raise DataError(
+                f"task '{self.spec.name}': label id {value} in {where} is out of range "
                 f"0..{len(self.spec.labels) - 1} ({self.spec.labels})"
             )
-        key = str(value)
+        key = label_key(self.spec.name, value, where)
         if key not in self.label2id:
-            raise ValueError(
-                f"task '{self.spec.name}': label '{key}' in {split} row {row} was never seen in the training data "
+            raise DataError(
+                f"task '{self.spec.name}': label '{key}' in {where} was never seen in the training data "
                 f"(known labels: {self.spec.labels})"
             )
         return self.label2id[key]
@@ -287,158 +464,240 @@ class _LabelMapper:
 # ---------------------------------------------------------------------------------------------- processing
 
 
-def _label_features(tasks: list[TaskDataSpec]) -> dict[str, Any]:
-    features = {}
-    for spec in tasks:
-        if spec.type == "classification":
-            features[label_column_name(spec.name)] = Value("int64")
-        elif spec.type == "token_classification":
-            features[label_column_name(spec.name)] = Sequence(Value("int64"))
+def _label_feature(task_type: str) -> Any:
+    if task_type in ("classification", "pair_classification", "contrastive"):
+        return Value("int64")
+    if task_type == "token_classification":
+        return List(Value("int64"))
+    if task_type == "similarity":
+        return Value("float32")
+    return List(Value("float32"))  # multi-label, regression
+
+
+def _missing_label(spec: TaskDataSpec, num_tokens: int) -> Any:
+    if spec.type == "token_classification":
+        return [IGNORE_INDEX] * num_tokens
+    if spec.type in ("multi_label_classification", "regression"):
+        return [math.nan] * len(spec.labels)
+    return math.nan if spec.type == "similarity" else IGNORE_INDEX
+
+
+def _finite_number(spec: TaskDataSpec, value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise DataError(f"task '{spec.name}': {where} holds {value!r:.60}, not a number") from None
         else:
-            features[label_column_name(spec.name)] = Sequence(Value("float32"))
-    return features
+            raise DataError(f"task '{spec.name}': {where} holds {value!r:.60}, not a number")
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise DataError(f"task '{spec.name}': {where} holds {value}, not a finite float32 number")
+    return float(value)
 
 
-def _tokenize_source(
+class _SourceTokenizer:
+    """The `datasets.map` function of one source: tokenises the row's texts and converts every task's label."""
+
+    def __init__(self, source_specs, all_specs, tokenizer, max_seq_length, split, label_all_subtokens, ints_are_ids):
+        self.specs = source_specs
+        self.all_specs = all_specs
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.split = split
+        self.label_all_subtokens = label_all_subtokens and split == "train"
+        self.names = {spec.name for spec in source_specs}
+        self.mappers = {spec.name: _LabelMapper(spec, ints_are_ids[spec.name]) for spec in source_specs if spec.labels}
+        self.columns = source_input_columns(source_specs)
+        self.score_ranges = {s.name: s.model_task()["score_range"] for s in source_specs if s.type == "similarity"}
+        self.continuations = {
+            s.name: {
+                index: self.mappers[s.name].label2id.get("I-" + label[2:], index)
+                for index, label in enumerate(s.labels)
+                if label.startswith("B-")
+            }
+            for s in source_specs
+            if s.type == "token_classification"
+        }
+        self.words = any(spec.type == "token_classification" for spec in source_specs)
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        texts = [self._texts(batch, column, indices) for column in self.columns]  # per column, per row
+        encodings = [
+            self.tokenizer(
+                values,
+                is_split_into_words=self.words and position == 0,
+                truncation=True,
+                max_length=self.max_seq_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+            for position, values in enumerate(texts)
+        ]
+        rows = len(indices)
+        input_ids = [[encoding["input_ids"][row] for encoding in encodings] for row in range(rows)]
+        labels = [{} for _ in range(rows)]
+        for spec in self.all_specs:
+            for row in range(rows):
+                num_tokens = len(input_ids[row][0])
+                labels[row][spec.name] = (
+                    self._label(spec, batch, row, indices[row], encodings[0])
+                    if spec.name in self.names
+                    else _missing_label(spec, num_tokens)
+                )
+        return {"input_ids": input_ids, "labels": labels}
+
+    def _texts(self, batch: dict[str, list], column: str, indices: list[int]) -> list[Any]:
+        values = batch[column]
+        for position, value in enumerate(values):
+            where = f"{self.split} row {indices[position]}, column '{column}'"
+            if self.words and column == self.columns[0]:
+                if not isinstance(value, list) or not all(isinstance(word, str) for word in value):
+                    raise DataError(f"tasks {sorted(self.names)}: {where} must hold a list of words, got {value!r:.80}")
+            elif not isinstance(value, str):
+                raise DataError(f"tasks {sorted(self.names)}: {where} must hold a string, got {value!r:.80}")
+            elif len(self.columns) > 1 and not value.strip():
+                raise DataError(f"tasks {sorted(self.names)}: {where} is empty: every text of a pair must be given")
+        return values
+
+    def _label(self, spec: TaskDataSpec, batch: dict[str, list], row: int, index: int, encoding: Any) -> Any:
+        if spec.type == "contrastive":
+            return 0  # every row of a contrastive source takes part: its positive is the target
+        value = batch[spec.label_source][row]
+        where = f"{self.split} row {index}, column '{spec.label_source}'"
+        if spec.type in ("classification", "pair_classification"):
+            return IGNORE_INDEX if is_missing(value) else self.mappers[spec.name](value, where)
+        if spec.type == "similarity":
+            if is_missing(value):
+                return math.nan
+            score = _finite_number(spec, value, where)
+            low, high = self.score_ranges[spec.name]
+            if not low <= score <= high:
+                raise DataError(f"task '{spec.name}': score {score} in {where} is outside score_range [{low}, {high}]")
+            return score
+        if spec.type == "regression":
+            values = value if isinstance(value, list) else [value]
+            if all(is_missing(v) for v in values):
+                return [math.nan] * len(spec.labels)
+            if len(values) != len(spec.labels):
+                raise DataError(f"task '{spec.name}': {where} has {len(values)} values, expected {len(spec.labels)}")
+            return [math.nan if is_missing(v) else _finite_number(spec, v, where) for v in values]
+        if spec.type == "multi_label_classification":
+            if value is None:
+                return [math.nan] * len(spec.labels)
+            if not isinstance(value, list):
+                raise DataError(f"task '{spec.name}': {where} must hold a list of labels, got {value!r:.60}")
+            hot = [0.0] * len(spec.labels)
+            for label in value:
+                hot[self.mappers[spec.name](label, where)] = 1.0
+            return hot
+        return self._token_labels(spec, value, batch[self.columns[0]][row], encoding.word_ids(row), where)
+
+    def _token_labels(self, spec: TaskDataSpec, tags: Any, words: list[str], word_ids: list, where: str) -> list[int]:
+        """Tags aligned to sub-tokens: the first sub-token of each word carries the word's tag; the others are
+        ignored, or with `label_all_subtokens` (training only) carry it too (`B-X` continuing as `I-X`)."""
+        if tags is None:
+            return [IGNORE_INDEX] * len(word_ids)
+        if not isinstance(tags, list) or len(tags) != len(words):
+            count = len(tags) if isinstance(tags, list) else "no list of"
+            raise DataError(f"task '{spec.name}': {where} has {len(words)} words but {count} tags")
+        mapper = self.mappers[spec.name]
+        ids = [IGNORE_INDEX if is_missing(tag) else mapper(tag, where) for tag in tags]
+        continuation = self.continuations[spec.name]
+        aligned, previous = [], None
+        for word_id in word_ids:
+            if word_id is None:
+                aligned.append(IGNORE_INDEX)
+            elif word_id != previous:
+                aligned.append(ids[word_id])
+            elif self.label_all_subtokens and ids[word_id] != IGNORE_INDEX:
+                aligned.append(continuation.get(ids[word_id], ids[word_id]))
+            else:
+                aligned.append(IGNORE_INDEX)
+            previous = word_id
+        return aligned
+
+
+def source_input_columns(source_specs: list[TaskDataSpec]) -> list[str]:
+    """The input columns of a source: the word list when one of its tasks tags tokens (its sentence-level tasks then
+    read the same words), else the columns every task of the source agrees on."""
+    token_columns = {spec.tokens_column for spec in source_specs if spec.type == "token_classification"}
+    layouts = {tuple(spec.input_columns) for spec in source_specs if spec.type != "token_classification"}
+    if token_columns:
+        if len(token_columns) > 1 or any(len(layout) > 1 for layout in layouts):
+            raise DataError(
+                f"tasks {[s.name for s in source_specs]} share a dataset but cannot share its rows: token tasks "
+                f"read word columns {sorted(token_columns)}, other tasks {sorted(layouts)}"
+            )
+        return [token_columns.pop()]
+    if len(layouts) > 1:
+        raise DataError(
+            f"tasks {[s.name for s in source_specs]} share a dataset but read different input columns "
+            f"{sorted(layouts)}: give them separate datasets or the same columns"
+        )
+    return list(layouts.pop())
+
+
+def processed_features(specs: list[TaskDataSpec]) -> Features:
+    """The schema of every processed split: nested token ids and one label per task."""
+    return Features(
+        {
+            "input_ids": List(List(Value("int32"))),
+            "labels": {spec.name: _label_feature(spec.type) for spec in specs},
+        }
+    )
+
+
+def tokenize_source(
     dataset: Dataset,
-    source_tasks: list[TaskDataSpec],
-    all_tasks: list[TaskDataSpec],
+    source_specs: list[TaskDataSpec],
+    all_specs: list[TaskDataSpec],
     tokenizer: Any,
     max_seq_length: int,
     split: str,
-    label_all_subtokens: bool,
-    feature_names: dict[str, bool],
+    label_all_subtokens: bool = False,
+    ints_are_ids: dict[str, bool] | None = None,
 ) -> Dataset:
-    token_tasks = [spec for spec in source_tasks if spec.type == "token_classification"]
-    sentence_tasks = [spec for spec in source_tasks if spec.type != "token_classification"]
-    use_words = bool(token_tasks)
-    if use_words:
-        words_columns = {spec.tokens_column for spec in token_tasks}
-        if len(words_columns) > 1:
-            raise ValueError(
-                f"tasks {[s.name for s in token_tasks]} share a dataset but read different word "
-                f"columns {sorted(words_columns)}"
-            )
-        input_column = words_columns.pop()
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("token-classification tasks need a fast tokenizer (for word ids)")
-    else:
-        text_columns = {spec.text_column for spec in sentence_tasks}
-        if len(text_columns) > 1:
-            raise ValueError(
-                f"tasks {[s.name for s in sentence_tasks]} share a dataset but read different text "
-                f"columns {sorted(text_columns)}"
-            )
-        input_column = text_columns.pop()
-    needed = [input_column] + [
-        s.tags_column if s.type == "token_classification" else s.label_column for s in source_tasks
-    ]
+    """Tokenise one source's split and convert its labels (see the module docstring for the row schema)."""
+    columns = source_input_columns(source_specs)
+    if any(spec.type == "token_classification" for spec in source_specs) and not getattr(tokenizer, "is_fast", False):
+        raise DataError("token-classification tasks need a fast tokenizer (for word ids)")
+    needed = columns + [s.label_source for s in source_specs if s.label_source]
     missing = [column for column in needed if column not in dataset.column_names]
     if missing:
-        raise ValueError(
-            f"tasks {[s.name for s in source_tasks]}: column(s) {missing} not in the {split} split "
+        raise DataError(
+            f"tasks {[s.name for s in source_specs]}: column(s) {missing} not in the {split} split "
             f"(columns: {dataset.column_names})"
         )
-    mappers = {
-        spec.name: _LabelMapper(spec, feature_names[spec.name])
-        for spec in source_tasks
-        if spec.type in ("classification", "token_classification", "multi_label_classification")
-    }
-    source_names = {spec.name for spec in source_tasks}
-    is_train = split == "train"
-
-    def process(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        inputs = batch[input_column]
-        for position, value in enumerate(inputs):
-            if (
-                value is None
-                or (use_words and not isinstance(value, list))
-                or (not use_words and not isinstance(value, str))
-            ):
-                raise ValueError(
-                    f"{split} row {indices[position]}: column '{input_column}' must hold "
-                    f"{'a list of words' if use_words else 'a string'}, got {value!r:.80}"
-                )
-        encoding = tokenizer(inputs, is_split_into_words=use_words, truncation=True, max_length=max_seq_length)
-        output = dict(encoding)
-        rows = len(inputs)
-        for spec in all_tasks:
-            column = label_column_name(spec.name)
-            if spec.name not in source_names:
-                output[column] = [IGNORE_INDEX] * rows if spec.type == "classification" else [[] for _ in range(rows)]
-                continue
-            if spec.type == "classification":
-                mapper = mappers[spec.name]
-                output[column] = [
-                    IGNORE_INDEX if _is_missing(v) else mapper(v, split, indices[i])
-                    for i, v in enumerate(batch[spec.label_column])
-                ]
-            elif spec.type == "multi_label_classification":
-                mapper, values = mappers[spec.name], []
-                for i, chosen in enumerate(batch[spec.label_column]):
-                    if chosen is None:
-                        values.append([])
-                        continue
-                    hot = [0.0] * len(spec.labels)
-                    for label in chosen:
-                        hot[mapper(label, split, indices[i])] = 1.0
-                    values.append(hot)
-                output[column] = values
-            elif spec.type == "regression":
-                values = []
-                for i, value in enumerate(batch[spec.label_column]):
-                    value = value if isinstance(value, list) else [value]
-                    if all(_is_missing(v) for v in value):
-                        values.append([])
-                    elif len(value) != len(spec.labels):
-                        raise ValueError(
-                            f"task '{spec.name}': {split} row {indices[i]} has {len(value)} values, "
-                            f"expected {len(spec.labels)} ({spec.labels})"
-                        )
-                    else:
-                        values.append([math.nan if _is_missing(v) else float(v) for v in value])
-                output[column] = values
-            else:  # token classification: label the first sub-token of each word (or all, when asked)
-                mapper, values = mappers[spec.name], []
-                continuation = {
-                    index: mapper.label2id.get("I-" + label[2:], index)
-                    for index, label in enumerate(spec.labels)
-                    if label.startswith("B-")
-                }
-                for i, tags in enumerate(batch[spec.tags_column]):
-                    word_ids = encoding.word_ids(i)
-                    if tags is None:
-                        values.append([IGNORE_INDEX] * len(word_ids))
-                        continue
-                    words = batch[input_column][i]
-                    if len(tags) != len(words):
-                        raise ValueError(
-                            f"task '{spec.name}': {split} row {indices[i]} has {len(words)} words but {len(tags)} tags"
-                        )
-                    ids = [IGNORE_INDEX if _is_missing(tag) else mapper(tag, split, indices[i]) for tag in tags]
-                    aligned, previous = [], None
-                    for word_id in word_ids:
-                        if word_id is None:
-                            aligned.append(IGNORE_INDEX)
-                        elif word_id != previous:
-                            aligned.append(ids[word_id])
-                        elif label_all_subtokens and is_train and ids[word_id] != IGNORE_INDEX:
-                            aligned.append(continuation.get(ids[word_id], ids[word_id]))
-                        else:
-                            aligned.append(IGNORE_INDEX)
-                        previous = word_id
-                    values.append(aligned)
-                output[column] = values
-        return output
-
-    processed = dataset.map(
-        process,
+    function = _SourceTokenizer(
+        source_specs,
+        all_specs,
+        tokenizer,
+        max_seq_length,
+        split,
+        label_all_subtokens,
+        ints_are_ids or dict.fromkeys((s.name for s in source_specs), True),
+    )
+    return dataset.map(
+        function,
         batched=True,
         with_indices=True,
         remove_columns=dataset.column_names,
-        desc=f"Tokenizing {split} ({', '.join(sorted(source_names))})",
+        features=processed_features(all_specs),
+        desc=f"Tokenizing {split} ({', '.join(sorted(function.names))})",
     )
-    return processed.cast(Features({**processed.features, **_label_features(all_tasks)}))
+
+
+def count_labelled_rows(dataset: Dataset, task: str) -> int:
+    """Rows of a processed split that carry at least one label for `task` (the `labelled_mask` rule)."""
+    column = dataset.data.column("labels").combine_chunks().field(task)
+    if isinstance(column.type, pa.ListType):
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        labelled = labelled_mask(torch.from_numpy(np.array(flat))).numpy()
+        return int(np.unique(parents[labelled]).size)
+    values = column.to_numpy(zero_copy_only=False)
+    return int(labelled_mask(torch.from_numpy(np.array(values))).sum())
 
 
 @dataclass
@@ -452,6 +711,7 @@ class MultiTaskData:
         source_tasks: the task names of each source.
         eval / test: concatenated eval / test rows (or `None`).
         num_train_examples: per task, the number of labelled training rows.
+        examples: a few raw eval inputs (texts, word lists or pairs) to show predictions on.
     """
 
     specs: list[TaskDataSpec]
@@ -482,7 +742,7 @@ def build_datasets(
     Args:
         specs: task specs (see [`TaskDataSpec`]); labels are resolved in place.
         tokenizer: the model's (fast) tokenizer.
-        max_seq_length: truncation length in tokens.
+        max_seq_length: truncation length in tokens (`modeling_mtl.resolve_max_seq_length`).
         label_all_subtokens: label every sub-token of a word in training (`B-` becomes `I-` after the first);
             evaluation always scores the first sub-token, so metrics stay per word.
         seed: seed of the `max_*_samples` subsets.
@@ -492,84 +752,69 @@ def build_datasets(
     for spec in specs:
         sources.setdefault(spec.source_key(), []).append(spec)
 
-    train_parts, eval_parts, test_parts, sizes, source_tasks = [], [], [], [], []
+    parts: dict[str, list[Dataset]] = {"train": [], "eval": [], "test": []}
+    sizes, source_tasks, examples = [], [], []
     num_train_examples: dict[str, int] = {}
-    examples: list[Any] = []
-    train_examples: list[Any] = []
     for group in sources.values():
         first = group[0]
-        train = _subsample(load_split(first, first.train_split, cache_dir), first.max_train_samples, seed)
-        feature_names = {}
+        train = load_split(first, first.train_split, cache_dir)
+        train = _select_rows(first, train, first.max_train_samples, seed, "train")
+        ints_are_ids = {}
         for spec in group:
-            label_feature = train.features.get(
-                spec.tags_column if spec.type == "token_classification" else spec.label_column
-            )
             # Integer labels index into the label list when that list was given or came from a ClassLabel.
-            feature_names[spec.name] = spec.labels is not None or _feature_names(label_feature) is not None
+            feature = train.features.get(spec.label_source) if spec.label_source else None
+            ints_are_ids[spec.name] = spec.labels is not None or _feature_names(feature) is not None
             spec.labels = resolve_labels(spec, train)
-        train_examples.extend(_raw_inputs(train, group, 2))
-        processed = _tokenize_source(
-            train, group, specs, tokenizer, max_seq_length, "train", label_all_subtokens, feature_names
+        processed = tokenize_source(
+            train, group, specs, tokenizer, max_seq_length, "train", label_all_subtokens, ints_are_ids
         )
         for spec in group:
-            column = processed[label_column_name(spec.name)]
-            if spec.type == "classification":
-                num_train_examples[spec.name] = sum(1 for v in column if v != IGNORE_INDEX)
-            elif spec.type == "token_classification":
-                num_train_examples[spec.name] = sum(1 for v in column if any(x != IGNORE_INDEX for x in v))
-            else:
-                num_train_examples[spec.name] = sum(1 for v in column if v)
-        train_parts.append(processed)
+            num_train_examples[spec.name] = count_labelled_rows(processed, spec.name)
+            if num_train_examples[spec.name] == 0:
+                raise DataError(f"task '{spec.name}': none of the {len(processed)} training rows has a label")
+        parts["train"].append(processed)
         sizes.append(len(processed))
         source_tasks.append([spec.name for spec in group])
-        if do_eval and first.eval_split:
-            evaluation = _subsample(load_split(first, first.eval_split, cache_dir), first.max_eval_samples, seed)
-            examples.extend(_raw_inputs(evaluation, group, 2))
-            eval_parts.append(
-                _tokenize_source(
-                    evaluation,
-                    group,
-                    specs,
-                    tokenizer,
-                    max_seq_length,
-                    f"eval split '{first.eval_split}'",
-                    False,
-                    feature_names,
-                )
-            )
-        if first.test_split:
-            test = _subsample(load_split(first, first.test_split, cache_dir), first.max_test_samples, seed)
-            test_parts.append(
-                _tokenize_source(
-                    test,
-                    group,
-                    specs,
-                    tokenizer,
-                    max_seq_length,
-                    f"test split '{first.test_split}'",
-                    False,
-                    feature_names,
-                )
-            )
+        for key, split, limit in (
+            ("eval", first.eval_split if do_eval else None, first.max_eval_samples),
+            ("test", first.test_split, first.max_test_samples),
+        ):
+            if not split:
+                continue
+            raw = _select_rows(first, load_split(first, split, cache_dir), limit, seed, f"{key} split '{split}'")
+            if key == "eval":
+                examples.extend(_raw_inputs(raw, first, 2))
+            name = f"{key} split '{split}'"
+            parts[key].append(tokenize_source(raw, group, specs, tokenizer, max_seq_length, name, False, ints_are_ids))
+        if not examples:
+            examples.extend(_raw_inputs(train, first, 2))
     return MultiTaskData(
         specs=specs,
-        train=concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0],
+        train=_concatenate(parts["train"]),
         source_sizes=sizes,
         source_tasks=source_tasks,
-        eval=(concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]) if eval_parts else None,
-        test=(concatenate_datasets(test_parts) if len(test_parts) > 1 else test_parts[0]) if test_parts else None,
+        eval=_concatenate(parts["eval"]),
+        test=_concatenate(parts["test"]),
         num_train_examples=num_train_examples,
-        examples=examples or train_examples,
+        examples=examples,
     )
 
 
-def _raw_inputs(dataset: Dataset, group: list[TaskDataSpec], count: int) -> list[Any]:
-    """A few raw inputs (texts, or word lists for token tasks) to show example predictions on."""
-    token_specs = [spec for spec in group if spec.type == "token_classification"]
-    column = token_specs[0].tokens_column if token_specs else group[0].text_column
-    if column not in dataset.column_names:
+def _concatenate(parts: list[Dataset]) -> Dataset | None:
+    if not parts:
+        return None
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _raw_inputs(dataset: Dataset, spec: TaskDataSpec, count: int) -> list[Any]:
+    """A few raw inputs (texts, word lists, or pairs as tuples) to show example predictions on."""
+    columns = spec.input_columns[:2]
+    if any(column not in dataset.column_names for column in columns):
         return []
-    return [value for value in dataset[column][:count] if value]
+    rows = dataset.select(range(min(count, len(dataset))))
+    if len(columns) == 1:
+        return [value for value in rows[columns[0]] if value]
+    return [tuple(pair) for pair in zip(rows[columns[0]], rows[columns[1]]) if all(pair)]
 
 
 # ---------------------------------------------------------------------------------------------- collator
@@ -577,14 +822,15 @@ def _raw_inputs(dataset: Dataset, group: list[TaskDataSpec], count: int) -> list
 
 @dataclass
 class MultiTaskCollator:
-    """Pads a batch to its longest row (dynamic padding) and builds `labels={task: tensor}`.
+    """Pads a batch to its longest text (dynamic padding, on the right) and builds `labels={task: tensor}`.
 
-    Every task gets a label tensor in every batch, all-missing when no row is labelled for it, so every head
-    takes part in every loss (a zero that depends on its weights): distributed training then never sees a
-    parameter without a gradient.
+    `input_ids` / `attention_mask` come out as `(batch, seq)` when every row has one text, else as
+    `(batch, texts, seq)` (rows with fewer texts get all-padding ones, which the model skips). Every task gets a
+    label tensor in every batch, all missing when no row is labelled for it, so every head takes part in every loss
+    (a zero that depends on its weights): distributed training then never sees a parameter without a gradient.
 
     Args:
-        tokenizer: pads `input_ids` / `attention_mask` / `token_type_ids`.
+        tokenizer: gives the padding id.
         tasks: the model config's task entries (`name`, `type`, `labels`).
         pad_to_multiple_of: round the padded length up (helps tensor cores on GPU).
     """
@@ -594,50 +840,34 @@ class MultiTaskCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        label_values = {
-            task["name"]: [row.get(label_column_name(task["name"])) for row in features] for task in self.tasks
+        texts = [row["input_ids"] for row in features]
+        rows, num_texts = len(texts), max(len(row) for row in texts)
+        length = max(len(ids) for row in texts for ids in row)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((rows, num_texts, length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, num_texts, length), dtype=torch.long)
+        for row, row_texts in enumerate(texts):
+            for position, ids in enumerate(row_texts):
+                input_ids[row, position, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, position, : len(ids)] = 1
+        if num_texts == 1:
+            input_ids, attention_mask = input_ids[:, 0], attention_mask[:, 0]
+        labels = {
+            task["name"]: self._labels(task, [row["labels"][task["name"]] for row in features], length)
+            for task in self.tasks
         }
-        inputs = [{k: v for k, v in row.items() if not k.startswith(LABEL_PREFIX)} for row in features]
-        batch = self.tokenizer.pad(
-            inputs, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
-        )
-        rows, length = batch["input_ids"].shape
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        labels = {}
-        for task in self.tasks:
-            values, task_type = label_values[task["name"]], task["type"]
-            if task_type == "classification":
-                labels[task["name"]] = torch.tensor(
-                    [IGNORE_INDEX if v is None else int(v) for v in values], dtype=torch.long
-                )
-            elif task_type == "token_classification":
-                tensor = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
-                for row, value in enumerate(values):
-                    if value:
-                        value = torch.tensor(value[:length], dtype=torch.long)
-                        if left:
-                            tensor[row, length - len(value) :] = value
-                        else:
-                            tensor[row, : len(value)] = value
-                labels[task["name"]] = tensor
-            else:
-                width = len(task["labels"])
-                tensor = torch.full((rows, width), math.nan, dtype=torch.float32)
-                for row, value in enumerate(values):
-                    if value:
-                        tensor[row] = torch.tensor(value, dtype=torch.float32)
-                labels[task["name"]] = tensor
-        batch = dict(batch)
-        batch["labels"] = labels
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-
-def count_labelled(labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per task, the number of labelled items the model's loss averages over (same rule as `task_loss`)."""
-    counts = {}
-    for name, tensor in labels.items():
-        if tensor.is_floating_point():
-            counts[name] = (~torch.isnan(tensor)).sum()
-        else:
-            counts[name] = (tensor != IGNORE_INDEX).sum()
-    return counts
+    @staticmethod
+    def _labels(task: dict[str, Any], values: list[Any], length: int) -> torch.Tensor:
+        task_type = task["type"]
+        if task_type == "token_classification":
+            tensor = torch.full((len(values), length), IGNORE_INDEX, dtype=torch.long)
+            for row, value in enumerate(values):
+                tensor[row, : len(value)] = torch.tensor(value[:length], dtype=torch.long)
+            return tensor
+        if task_type in ("classification", "pair_classification", "contrastive"):
+            return torch.tensor(values, dtype=torch.long)
+        return torch.tensor(values, dtype=torch.float32)

@@ -1,12 +1,15 @@
 """`MultiTaskTrainer`: the `transformers.Trainer` with a multi-task loss, task sampling, per-task logging,
-adaptive loss weighting, freezing and per-group learning rates.
+adaptive loss weighting, embedding protection and drift, freezing and per-group learning rates.
 
 It overrides only what multi-task training changes:
+- `__init__`: the collator and `compute_metrics` follow from `model.config.tasks` unless given;
 - `_get_train_sampler`: batches drawn per data source by the task-sampling strategy;
 - `_get_num_items_in_batch`: per-task label counts, so gradient accumulation and DDP keep exact means;
-- `compute_loss`: weighted (static or learned) sum of the per-task losses the model returns;
-- `prediction_step` / `evaluation_loop`: per-task predictions and losses for `compute_metrics`;
-- `log`: adds `loss_<task>` (train) beside `loss`;
+- `compute_loss`: weighted (static or learned) sum of the per-task losses the model returns, plus the embedding
+  protection term (`multitask_st.embedding`);
+- `prediction_step` / `evaluation_loop`: per-task predictions and losses for `compute_metrics`, and the embedding's
+  drift from its initial state;
+- `log`: adds `loss/<task>` (train) beside `loss`;
 - `create_optimizer`: separate head learning rate and layer-wise learning-rate decay.
 Everything else (checkpointing, resuming, DDP via accelerate, mixed precision, callbacks) is the Trainer's own.
 """
@@ -19,16 +22,23 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from datasets import Dataset
 from torch import nn
 from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.utils import logging
 
-from .data import IGNORE_INDEX, label_column_name
+from modeling_mtl import labelled_mask
+
+from .data import MultiTaskCollator
+from .embedding import EmbeddingDrift, EmbeddingProtection, drift_sample, unwrap
+from .metrics import build_compute_metrics, metric_key
 
 logger = logging.get_logger(__name__)
 
 SAMPLING_STRATEGIES = ("temperature", "proportional", "uniform", "round_robin")
+# The factor of each embedding protection in the loss (docs/RESULTS.md: chosen on validation data).
+DEFAULT_PROTECTION_WEIGHT = {"distillation": 1.0, "l2sp": 0.01, "none": 0.0}
 LOSS_WEIGHTINGS = ("static", "uncertainty")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.")
 
@@ -204,6 +214,10 @@ def backbone_num_layers(model: nn.Module) -> int:
 class MultiTaskTrainer(Trainer):
     """A `Trainer` for [`MultiTaskModel`]: the loss is the weighted sum of the per-task losses.
 
+    The collator (`MultiTaskCollator`) and `compute_metrics` (per-task metrics and `combined_score`) are derived from
+    `model.config.tasks` when not given, so `MultiTaskTrainer(model=model, args=args, train_dataset=data.train,
+    eval_dataset=data.eval, source_sizes=data.source_sizes)` is the whole wiring.
+
     Args:
         source_sizes (`list[int]`, *optional*):
             Rows per data source in `train_dataset` (as built by `multitask_st.data.build_datasets`); enables
@@ -216,6 +230,15 @@ class MultiTaskTrainer(Trainer):
             `learning_rate`).
         layerwise_lr_decay (`float`, *optional*): multiply the learning rate by this factor per layer going down
             the encoder (top layer `lr·d`, embeddings `lr·d^(L+1)`); `None` or 1.0 disables it.
+        embedding_protection (`str`, defaults to `"distillation"`): how the embedding is kept while heads train:
+            `"distillation"`, `"l2sp"` or `"none"` (`multitask_st.embedding`; measured in docs/RESULTS.md).
+        protection_weight (`float`, defaults to `DEFAULT_PROTECTION_WEIGHT[embedding_protection]`): its factor in
+            the loss.
+        drift_sample_size (`int`, defaults to 1000): texts of the eval split on which every evaluation measures the
+            embedding's drift from its initial state (`eval_embedding/cosine_to_initial`, `.../knn_overlap@10`);
+            0 turns it off.
+        drift_warning_cosine (`float`, defaults to 0.9): warn when the mean cosine to the initial embedding drops
+            below this.
         All other arguments are those of `transformers.Trainer`.
     """
 
@@ -230,6 +253,10 @@ class MultiTaskTrainer(Trainer):
         loss_weighting: str = "static",
         head_learning_rate: float | None = None,
         layerwise_lr_decay: float | None = None,
+        embedding_protection: str = "distillation",
+        protection_weight: float | None = None,
+        drift_sample_size: int = 1000,
+        drift_warning_cosine: float = 0.9,
         **kwargs,
     ):
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -241,32 +268,54 @@ class MultiTaskTrainer(Trainer):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("MultiTaskTrainer needs a `model`")
-        self.task_configs = list(model.config.tasks)
+        base = unwrap(model)
+        self.task_configs = list(base.config.tasks)
         self.task_names = [task["name"] for task in self.task_configs]
-        if loss_weighting == "uncertainty" and not hasattr(model, "loss_weighting"):
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = MultiTaskCollator(base.tokenizer, self.task_configs)
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = build_compute_metrics(self.task_configs)
+        if kwargs.get("processing_class") is None and base.tokenizer is not None:
+            kwargs["processing_class"] = base.tokenizer
+        if loss_weighting == "uncertainty" and not hasattr(base, "loss_weighting"):
             # Registered on the model so that the optimizer, DDP and checkpoints handle it like any weight;
             # `detach_loss_weighting` removes it before the final save.
-            model.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
+            base.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
+        # The protection and the drift reference are taken from the model as it is handed over: before training.
+        weight = (
+            DEFAULT_PROTECTION_WEIGHT.get(embedding_protection, 0.0) if protection_weight is None else protection_weight
+        )
+        self.protection = EmbeddingProtection(model, embedding_protection, weight)
+        eval_dataset = kwargs.get("eval_dataset")
+        self.drift = None
+        if drift_sample_size and isinstance(eval_dataset, Dataset) and len(eval_dataset):
+            self.drift = EmbeddingDrift(model, drift_sample(eval_dataset, drift_sample_size))
+        self.drift_warning_cosine = drift_warning_cosine
         super().__init__(*args, **kwargs)
+        self.protection.to(self.args.device)
         self.source_sizes = source_sizes
         self.task_sampling = task_sampling
         self.sampling_temperature = sampling_temperature
         self.loss_weighting = loss_weighting
         self.head_learning_rate = head_learning_rate
         self.layerwise_lr_decay = layerwise_lr_decay
+        self._log_names = [*self.task_names, self.protection.name]
         self._reset_task_logs()
         self._eval_sums: dict[str, float] = {}
         self._eval_counts: dict[str, float] = {}
 
-    # ------------------------------------------------------------------------------------------- data
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint, and a checkpoint
+        trained with other tasks or loss weighting is refused (`multitask_st.training.check_resumable`)."""
+        from .training import check_resumable, last_complete_checkpoint
 
-    def _set_signature_columns_if_needed(self) -> None:
-        # The per-task label columns are not `forward` arguments (the collator turns them into `labels`), so
-        # `remove_unused_columns` would drop them: keep them.
-        super()._set_signature_columns_if_needed()
-        for name in self.task_names:
-            if label_column_name(name) not in self._signature_columns:
-                self._signature_columns.append(label_column_name(name))
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str):
+            check_resumable(resume_from_checkpoint, self.model, self.loss_weighting)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- data
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -288,10 +337,8 @@ class MultiTaskTrainer(Trainer):
         for batch in batch_samples:
             for index, name in enumerate(self.task_names):
                 labels = batch["labels"].get(name)
-                if labels is None:
-                    continue
-                valid = ~torch.isnan(labels) if labels.is_floating_point() else labels != IGNORE_INDEX
-                counts[index] += valid.sum().to(device)
+                if labels is not None:
+                    counts[index] += labelled_mask(labels).sum().to(device)
         if self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         if self.is_in_train:
@@ -307,39 +354,56 @@ class MultiTaskTrainer(Trainer):
         # With counts summed over processes each process holds sum_local / count_global; DDP averages
         # gradients over processes, so multiply back to get the gradient of the global mean.
         scale = self.args.world_size if (num_items_in_batch is not None and self.args.world_size > 1) else 1
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
         if self.loss_weighting == "uncertainty" and model.training:
-            weighting = self.accelerator.unwrap_model(model).loss_weighting
+            weighting = unwrap(self.accelerator.unwrap_model(model)).loss_weighting
             static = {task["name"]: task["loss_weight"] for task in self.task_configs}
-            steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
             weighted, regularizer = weighting(task_losses, static, regularizer_scale=1.0 / steps)
             loss = weighted * scale + regularizer
         else:
             loss = outputs.loss * scale
         if model.training:
+            protection = self.protection.loss(model, inputs, outputs.embeddings)
+            if protection is not None:
+                # A per-micro-batch mean (and, for L2-SP, one penalty per step): divided over the accumulated
+                # micro-batches; DDP's gradient average then gives the mean over processes.
+                loss = loss + protection / steps
+                self._task_log_sums[self.protection.name] += protection.detach().float()
+                self._task_log_steps[self.protection.name] += 1 / steps
             for name, value in task_losses.items():
                 self._task_log_sums[name] += value.detach().float() * scale
+            if not torch.isfinite(loss.detach()).item():
+                from .training import TrainingError
+
+                losses = {name: round(float(value), 4) for name, value in task_losses.items()}
+                raise TrainingError(
+                    f"the training loss became {float(loss)} at step {self.state.global_step} (task losses: {losses}); "
+                    "stopped before the model is saved. Lower the learning rate, check the labels' scale, or "
+                    "try --max_grad_norm 1.0."
+                )
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------- logging
 
     def _reset_task_logs(self) -> None:
         device = self.args.device
-        self._task_log_sums = {name: torch.zeros((), device=device) for name in self.task_names}
-        self._task_log_steps = dict.fromkeys(self.task_names, 0)
+        self._task_log_sums = {name: torch.zeros((), device=device) for name in self._log_names}
+        self._task_log_steps = dict.fromkeys(self._log_names, 0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add `loss_<task>` (mean per optimizer step that had labels for the task) beside the total `loss`."""
+        """Add `loss/<task>` (mean per optimizer step that had labels for the task) and the protection term's mean
+        (`loss/embedding_distillation` or `loss/l2sp`) beside the total `loss`."""
         if "loss" in logs and not any(key.startswith(("eval_", "test_")) for key in logs):
-            sums = torch.stack([self._task_log_sums[name] for name in self.task_names])
+            sums = torch.stack([self._task_log_sums[name] for name in self._log_names])
             if self.args.world_size > 1:
                 sums = self.accelerator.reduce(sums, reduction="mean")
-            for index, name in enumerate(self.task_names):
+            for index, name in enumerate(self._log_names):
                 if self._task_log_steps[name] > 0:
-                    logs[f"loss_{name}"] = round(float(sums[index]) / self._task_log_steps[name], 4)
-            model = self.accelerator.unwrap_model(self.model)
+                    logs[metric_key("loss", name)] = round(float(sums[index]) / self._task_log_steps[name], 4)
+            model = unwrap(self.accelerator.unwrap_model(self.model))
             if self.loss_weighting == "uncertainty" and hasattr(model, "loss_weighting"):
                 for name, weight in model.loss_weighting.weights().items():
-                    logs[f"task_weight_{name}"] = round(weight, 4)
+                    logs[metric_key("task_weight", name)] = round(weight, 4)
             self._reset_task_logs()
         super().log(logs, start_time)
 
@@ -352,19 +416,32 @@ class MultiTaskTrainer(Trainer):
             outputs = model(**inputs)
         loss = outputs.loss.detach() if outputs.loss is not None else None
         for name, value in (outputs.task_losses or {}).items():
-            tensor = labels[name]
-            count = float((~torch.isnan(tensor) if tensor.is_floating_point() else tensor != IGNORE_INDEX).sum())
+            count = float(labelled_mask(labels[name]).sum())
             self._eval_sums[name] = self._eval_sums.get(name, 0.0) + float(value) * count
             self._eval_counts[name] = self._eval_counts.get(name, 0.0) + count
         if prediction_loss_only:
             return loss, None, None
-        predictions, references = [], []
-        for task in self.task_configs:
-            logits = outputs.logits[task["name"]].detach()
-            # Token tasks keep only the predicted tag (not (batch, seq, labels) logits) to save memory.
-            predictions.append(logits.argmax(-1) if task["type"] == "token_classification" else logits.float())
-            references.append(labels.get(task["name"]))
-        return loss, tuple(predictions), tuple(references)
+        rows = inputs["input_ids"].shape[0]
+        predictions = tuple(self._task_predictions(task, outputs, rows) for task in self.task_configs)
+        references = tuple(labels.get(task["name"]) for task in self.task_configs)
+        return loss, predictions, references
+
+    @staticmethod
+    def _task_predictions(task: dict, outputs, rows: int) -> torch.Tensor:
+        """What `compute_metrics` needs of one task for one batch, with the same shape in every batch."""
+        logits = outputs.logits.get(task["name"])
+        task_type = task["type"]
+        if task_type == "token_classification":
+            return logits.argmax(-1)  # only the predicted tag, not (batch, seq, labels) logits: saves memory
+        if task_type == "contrastive":  # the anchor and positive embeddings: retrieval is scored over the split
+            embeddings = outputs.embeddings
+            if embeddings.dim() == 3 and embeddings.shape[1] >= 2:
+                return embeddings[:, :2].detach().float()
+            return embeddings.new_zeros((rows, 2, embeddings.shape[-1]), dtype=torch.float32)
+        if logits is None:  # a pair task in a batch of single texts: filler, its references are all missing
+            width = () if task_type == "similarity" else (len(task["labels"]),)
+            return torch.full((rows, *width), float("nan") if task_type == "similarity" else 0.0)
+        return logits.detach().float()
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -380,8 +457,23 @@ class MultiTaskTrainer(Trainer):
             sums = self.accelerator.reduce(sums, reduction="sum")
         for index, name in enumerate(self.task_names):
             if sums[index, 1] > 0:
-                output.metrics[f"{metric_key_prefix}_{name}_loss"] = float(sums[index, 0] / sums[index, 1])
+                output.metrics[f"{metric_key_prefix}_{metric_key(name, 'loss')}"] = float(
+                    sums[index, 0] / sums[index, 1]
+                )
+        if self.drift is not None and metric_key_prefix == "eval":
+            output.metrics.update(self._measure_drift(metric_key_prefix))
         return output
+
+    def _measure_drift(self, prefix: str) -> dict[str, float]:
+        drift = self.drift.measure(self.accelerator.unwrap_model(self.model))
+        if drift["cosine_to_initial"] < self.drift_warning_cosine:
+            logger.warning(
+                f"the sentence embedding has drifted: mean cosine to the initial embedding "
+                f"{drift['cosine_to_initial']:.3f} < {self.drift_warning_cosine} (nearest-neighbour overlap "
+                f"{next(v for k, v in drift.items() if k.startswith('knn')):.2f}); `encode` quality is likely down. "
+                f"Keep embedding_protection='distillation' (or raise protection_weight), or add a similarity task."
+            )
+        return {f"{prefix}_{metric_key('embedding', key)}": value for key, value in drift.items()}
 
     # ------------------------------------------------------------------------------------------- optimizer
 

@@ -1,4 +1,4 @@
-"""Fast checks of the built-in default multi-task dataset (multitask_st/data/default_*.jsonl)."""
+"""Fast checks of the built-in default multi-task dataset (multitask_st/default_data/default_*.jsonl)."""
 
 import json
 from collections import Counter

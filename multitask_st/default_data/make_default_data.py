@@ -1,6 +1,6 @@
 """Generate the small built-in multi-task dataset (topic, sentiment, NER) used by ``python train.py``.
 
-Run ``python multitask_st/data/make_default_data.py`` to rewrite ``default_train.jsonl`` and ``default_eval.jsonl``.
+Run ``python multitask_st/default_data/make_default_data.py`` to rewrite the two ``default_*.jsonl`` files.
 The output is deterministic (fixed seed). Templates are written pre-tokenised (punctuation separated by spaces);
 ``{PER}``, ``{ORG}`` and ``{LOC}`` slots are filled from the name lists below and tagged with BIO labels.
 """

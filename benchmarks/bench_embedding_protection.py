@@ -1,0 +1,293 @@
+"""Embedding quality vs head quality on real data: what multi-task training does to the sentence embedding, what
+each protection keeps, and what the embedding tasks (similarity, pair classification, contrastive) add.
+
+    python benchmarks/bench_embedding_protection.py --data_dir ../shared/data --seeds 0 1 2 [--configs ...]
+
+Every run is `python train.py <config.json>` in a subprocess (its own peak memory, its own thread pool), starting
+from the bundled all-MiniLM-L6-v2, and is scored on the test splits:
+- heads: SST-2 accuracy, TREC-6 accuracy, WikiANN-en entity F1 (test splits);
+- embedding: STS-B test Spearman x100 of `model.encode` cosines (what a sentence-transformers user measures);
+- embedding tasks: STS-B Spearman, MRPC accuracy / macro-F1, MRPC-paraphrase retrieval MRR / recall@1;
+- cost: training time, peak resident memory of the training process, trainable parameters.
+Results are cached per (config, seed) in `--output_root` (rerun with the same options to only add what is missing)
+and written as mean ± std over seeds to `--results` (markdown) and `--results_json`.
+
+Configs (`--configs`, default: all):
+- `heads-none`: SST-2 + TREC + WikiANN heads, `--embedding_protection none` (the behaviour before protection);
+- `heads-distillation`, `heads-l2sp`: the same with each protection (default weights);
+- `heads-lora`: the same with LoRA (rank 8) on the encoder and no other protection;
+- `heads+sts`: heads + `similarity` on STS-B train (default protection);
+- `heads+sts+mrpc`: heads + STS-B similarity + MRPC `pair_classification` + `contrastive` on MRPC's paraphrases;
+- `single-<task>`: one task alone, `--embedding_protection none`, for every task above.
+Model selection uses validation splits only: test splits are scored once, after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HEADS = ("sst2", "trec", "wikiann")
+TASKS = {
+    "sst2": {
+        "type": "classification",
+        "folder": "sst2",
+        "text_column": "sentence",
+        "label_column": "label",
+        "labels": ["negative", "positive"],
+        "eval_split": "validation",
+        "test_split": "test",
+    },
+    "trec": {
+        "type": "classification",
+        "folder": "trec",
+        "label_column": "coarse_label",
+        "train_split": "train[:-500]",
+        "eval_split": "train[-500:]",
+        "test_split": "test",
+    },
+    "wikiann": {
+        "type": "token_classification",
+        "folder": "wikiann-en",
+        "eval_split": "validation",
+        "test_split": "test",
+        "max_eval_samples": 1000,
+        "max_test_samples": 2000,
+    },
+    "stsb": {
+        "type": "similarity",
+        "folder": "stsb",
+        "label_column": "score",
+        "score_range": [0, 5],
+        "eval_split": "validation",
+        "test_split": "test",
+    },
+    "mrpc": {
+        "type": "pair_classification",
+        "folder": "mrpc",
+        "label_column": "label",
+        "labels": ["not_equivalent", "equivalent"],
+        "train_split": "train[:-400]",
+        "eval_split": "train[-400:]",
+        "test_split": "test",
+    },
+    "mrpc_retrieval": {
+        "type": "contrastive",
+        "folder": "mrpc",
+        "text_column": "sentence1",
+        "text_pair_column": "sentence2",
+        "row_filter": {"label": 1},
+        "train_split": "train[:-400]",
+        "eval_split": "train[-400:]",
+        "test_split": "test",
+    },
+}
+# The score of each task that the tables show (metric key in metrics.json, column title).
+SCORES = {
+    "sst2": ("accuracy", "SST-2 acc"),
+    "trec": ("accuracy", "TREC acc"),
+    "wikiann": ("f1", "WikiANN F1"),
+    "stsb": ("spearman", "STS-B task ρ"),
+    "mrpc": ("accuracy", "MRPC acc"),
+    "mrpc_retrieval": ("mrr", "MRPC MRR"),
+}
+CONFIGS = {
+    "heads-none": (HEADS, ["--embedding_protection", "none"]),
+    "heads-distillation": (HEADS, ["--embedding_protection", "distillation"]),
+    "heads-l2sp": (HEADS, ["--embedding_protection", "l2sp"]),
+    "heads-lora": (HEADS, ["--embedding_protection", "none", "--lora_rank", "8"]),
+    "heads+sts": ((*HEADS, "stsb"), []),
+    "heads+sts+mrpc": ((*HEADS, "stsb", "mrpc", "mrpc_retrieval"), []),
+    **{f"single-{task}": ((task,), ["--embedding_protection", "none"]) for task in TASKS},
+}
+
+
+def task_dicts(data_dir: Path, names, train_samples: int) -> list[dict]:
+    specs = []
+    for name in names:
+        task = {key: value for key, value in TASKS[name].items() if key != "folder"}
+        specs.append(
+            {"name": name, "dataset": str(data_dir / TASKS[name]["folder"]), "max_train_samples": train_samples, **task}
+        )
+    return specs
+
+
+def run_config(args, config: str, seed: int) -> dict:
+    """Train one (config, seed) in a subprocess, or return its cached result."""
+    folder = Path(args.output_root) / f"{config}-seed{seed}"
+    result_path = folder / "bench_result.json"
+    settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra}
+    if result_path.is_file():
+        cached = json.loads(result_path.read_text())
+        if cached.get("settings") == settings:
+            return cached
+    names, flags = CONFIGS[config]
+    steps = args.steps if len(names) > 1 else max(1, round(args.steps * args.single_fraction))
+    job = {
+        "tasks": task_dicts(Path(args.data_dir), names, args.train_samples),
+        "output_dir": str(folder / "model"),
+        "overwrite_output_dir": True,
+        "max_steps": steps,
+        "max_seq_length": args.max_seq_length,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "seed": seed,
+        "num_examples_to_print": 0,
+        "drift_sample_size": 1000,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.json").write_text(json.dumps(job, indent=2))
+    command = [sys.executable, str(ROOT / "train.py"), str(folder / "job.json"), *flags, *args.extra]
+    log(f"{config} seed {seed}: {shlex.join(command[1:])}")
+    with open(folder / "train.log", "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{config} seed {seed} failed (status {status}); see {folder / 'train.log'}")
+    model_dir = folder / "model"
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    record = json.loads((model_dir / "training_config.json").read_text())
+    result = {
+        "settings": settings,
+        "config": config,
+        "seed": seed,
+        "steps": steps,
+        "test": metrics.get("test", {}),
+        "embedding": metrics.get("embedding", {}),
+        "stsb_encode": stsb_spearman(model_dir, Path(args.data_dir)),
+        "stsb_encode_validation": stsb_spearman(model_dir, Path(args.data_dir), "validation"),
+        "train_runtime_s": record["train_runtime_s"],
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "trainable_parameters": trainable_parameters(folder / "train.log"),
+        "hardware": record["hardware"],
+    }
+    result_path.write_text(json.dumps(result, indent=2))
+    log(f"  -> STS-B {result['stsb_encode']:.2f}, {result['train_runtime_s']:.0f} s")
+    return result
+
+
+def stsb_spearman(model_dir: Path | str, data_dir: Path, split: str = "test") -> float:
+    """STS-B Spearman x100 of the cosine of `model.encode` embeddings (on the test split: the MTEB measurement)."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from modeling_mtl import MultiTaskModel
+
+    rows = [json.loads(line) for line in (data_dir / "stsb" / f"{split}.jsonl").open()]
+    model = MultiTaskModel.from_pretrained(str(model_dir))
+    with torch.inference_mode():
+        a = model.encode([row["sentence1"] for row in rows], normalize=True)
+        b = model.encode([row["sentence2"] for row in rows], normalize=True)
+    return float(100 * spearmanr((a * b).sum(1), [row["score"] for row in rows])[0])
+
+
+def trainable_parameters(log_path: Path) -> int | None:
+    for line in log_path.read_text().splitlines():
+        if line.startswith("trainable parameters:"):
+            return int(line.split(":")[1].split()[0].replace(",", ""))
+    return None
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def summarise(results: dict[str, list[dict]]) -> dict:
+    summary = {}
+    for config, runs in results.items():
+        row = {
+            "seeds": [run["seed"] for run in runs],
+            "stsb_encode": [run["stsb_encode"] for run in runs],
+            "train_runtime_s": [run["train_runtime_s"] for run in runs],
+            "peak_rss_mib": [run["peak_rss_mib"] for run in runs],
+            "cosine_to_initial": [run["embedding"].get("eval", {}).get("cosine_to_initial") for run in runs],
+            "knn_overlap": [
+                next((v for k, v in run["embedding"].get("eval", {}).items() if k.startswith("knn")), None)
+                for run in runs
+            ],
+        }
+        for task, (metric, _) in SCORES.items():
+            values = [100 * run["test"][task][metric] for run in runs if task in run["test"]]
+            if values:
+                row[task] = values
+        summary[config] = row
+    return summary
+
+
+def markdown(summary: dict, command: str, hardware: str) -> str:
+    columns = ["STS-B (encode) ρ", *[title for _, title in SCORES.values()], "cos to initial", "kNN overlap"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Hardware: {hardware}",
+        "",
+        "| config | " + " | ".join(columns) + " | train time (s) | peak RSS (MiB) |",
+        "|---|" + "---|" * (len(columns) + 2),
+    ]
+    for config, row in summary.items():
+        cells = [mean_std(row["stsb_encode"])]
+        cells += [mean_std(row.get(task, [])) for task in SCORES]
+        cells += [mean_std(row["cosine_to_initial"]), mean_std(row["knn_overlap"])]
+        cells += [mean_std(row["train_runtime_s"]), mean_std(row["peak_rss_mib"])]
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=900, help="optimizer steps of a multi-task run")
+    parser.add_argument(
+        "--single_fraction", type=float, default=1 / 3, help="steps of a single-task run, as a fraction of --steps"
+    )
+    parser.add_argument("--train_samples", type=int, default=4000, help="training rows per task (seeded subset)")
+    parser.add_argument("--max_seq_length", type=int, default=64)
+    parser.add_argument("--output_root", default="outputs/bench_embedding_protection")
+    parser.add_argument("--results", default=None, help="write the markdown table here")
+    parser.add_argument("--results_json", default=None)
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run")
+    args = parser.parse_args(argv)
+    if not (Path(args.data_dir) / "sst2").is_dir():
+        parser.error(f"no real data at {args.data_dir}")
+    results: dict[str, list[dict]] = {}
+    for config in args.configs:
+        for seed in args.seeds:
+            results.setdefault(config, []).append(run_config(args, config, seed))
+    summary = summarise(results)
+    hardware = next(iter(results.values()))[0]["hardware"] + f"; {platform.machine()}"
+    command = "python benchmarks/bench_embedding_protection.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    table = markdown(summary, command, hardware)
+    print(table)
+    if args.results:
+        Path(args.results).write_text(table)
+    if args.results_json:
+        Path(args.results_json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

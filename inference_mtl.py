@@ -1,0 +1,684 @@
+"""Inference engine of the multi-task sentence transformer: `encode`, `predict` and `similarity`.
+
+`modeling_mtl.MultiTaskModel` inherits these methods from `MultiTaskInferenceMixin`; the model file holds only the
+model proper (config, modules, forward, losses). This file travels with every checkpoint beside `modeling_mtl.py`
+(relative import), so it stays self-contained: standard library, numpy, torch, transformers.
+
+How it is fast (measured in docs/BENCHMARKS.md): every text is tokenised once, in one call, and packed into a flat
+int32 array; texts are sorted by token count and cut into batches that pad at most 10% of a row (`plan_batches`);
+on CPU, batches run side by side on worker threads (`run_concurrently`), because one small batch cannot keep several
+cores busy; results come back in input order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Work bound for over-long inputs: a text is cut at a word boundary after this many characters per token of the
+# truncation length before tokenising (a 50 MB line then costs what its first few thousand characters cost). No
+# tokenizer in use emits a token for fewer than 1 in 32 characters of ordinary text; when a cut text still yields
+# fewer tokens than the limit (runs of whitespace, say), the whole text is tokenised, so results never change.
+_CHARS_PER_TOKEN_BOUND = 32
+
+
+class PackedTokens:
+    """Token ids of many texts in one flat int32 array (`ids`), with each text's `lengths` and `starts`."""
+
+    def __init__(self, ids: np.ndarray, lengths: np.ndarray):
+        self.ids = ids
+        self.lengths = lengths
+        self.starts = np.cumsum(lengths) - lengths
+
+    @classmethod
+    def from_lists(cls, rows: list[list[int]]) -> PackedTokens:
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
+        return cls(ids, lengths)
+
+    @classmethod
+    def concatenate(cls, parts: list[PackedTokens]) -> PackedTokens:
+        if not parts:
+            return cls(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
+        return cls(np.concatenate([part.ids for part in parts]), np.concatenate([part.lengths for part in parts]))
+
+    def row(self, index: int) -> np.ndarray:
+        return self.ids[self.starts[index] : self.starts[index] + self.lengths[index]]
+
+
+def run_concurrently(function: Any, jobs: Iterable[tuple], workers: int, threads_per_worker: int = 1) -> None:
+    """Call `function(*job)` for every job on `workers` threads, each with `threads_per_worker` intra-op threads.
+
+    For CPU work made of independent pieces (inference batches) that one piece alone cannot spread over every
+    core. At most `2 * workers` jobs are in flight, so a lazy `jobs` iterator is never materialised. The
+    caller's torch thread count is restored afterwards (the BLAS library may keep one process-wide setting).
+    The first error of any job is raised.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    threads = torch.get_num_threads()
+    pending: set = set()
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(threads_per_worker,)) as pool:
+            try:
+                for job in jobs:
+                    if len(pending) >= 2 * workers:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            future.result()
+                    pending.add(pool.submit(function, *job))
+                for future in pending:
+                    future.result()
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+    finally:
+        torch.set_num_threads(threads)
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.1) -> list[np.ndarray]:
+    """Cut texts into inference batches, longest first, so that padding wastes little compute.
+
+    Texts are sorted by token count (descending, stable). A batch takes the next texts until it holds
+    `batch_size` of them or the next one is shorter than `(1 - max_padding)` times the batch's longest, so a row
+    is at most `max_padding` padding. Sorting alone leaves the first batches of a large `batch_size` mostly
+    padding (a 55-token sentence next to 20-token ones); exact-length buckets would remove all padding but run
+    many tiny batches, each of which pays for reading every weight from memory. On real sentences 10% was as fast
+    as exact-length batches (0%) and 29% faster than sorting alone at batch size 128 (docs/BENCHMARKS.md).
+
+    Args:
+        lengths: token count of every text, `(num_texts,)`.
+        batch_size: most texts per batch.
+        max_padding: largest fraction of a row that may be padding.
+
+    Returns:
+        Index arrays into `lengths`, one per batch; every index appears exactly once.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    descending = lengths[order]
+    batches, start = [], 0
+    while start < len(order):
+        window = -descending[start : start + batch_size]  # ascending
+        # Rows whose length is >= (1 - max_padding) * the longest row of this batch.
+        size = int(np.searchsorted(window, -(descending[start] * (1.0 - max_padding)), side="right"))
+        batches.append(order[start : start + max(size, 1)])
+        start += max(size, 1)
+    return batches
+
+
+def group_entities(words: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """Group per-word BIO/IOB2 tags (`B-PER`, `I-PER`, `O`; plain `PER` counts as inside) into entity spans."""
+    entities: list[dict[str, Any]] = []
+    current = None
+    for word in words:
+        tag = word["tag"]
+        if tag == "O" or not tag:
+            current = None
+            continue
+        prefix, _, entity_type = tag.partition("-") if tag[:2] in ("B-", "I-", "E-", "S-") else ("I", "", tag)
+        if current is not None and prefix in ("I", "E") and current["entity"] == entity_type:
+            current["end"] = word["end"]
+            current["scores"].append(word["score"])
+        else:
+            current = {"entity": entity_type, "start": word["start"], "end": word["end"], "scores": [word["score"]]}
+            entities.append(current)
+        if prefix in ("E", "S"):
+            current = None
+    return [
+        {
+            "entity": e["entity"],
+            "text": text[e["start"] : e["end"]],
+            "start": e["start"],
+            "end": e["end"],
+            "score": float(np.mean(e["scores"])),
+        }
+        for e in entities
+    ]
+
+
+def check_texts(items: Any, argument: str = "sentences") -> list[str]:
+    """`items` as a list of strings, or a `TypeError` naming the argument and the first bad item."""
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
+        raise TypeError(f"{argument} must be a string or a list of strings, got {type(items).__name__}")
+    texts = list(items)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{argument}[{index}] must be a str, got {type(text).__name__}: {text!r:.80}")
+    return texts
+
+
+def is_pair(item: Any) -> bool:
+    """A text pair is a tuple of two strings (lists are pre-split words), or `{"text": a, "text_pair": b}`."""
+    if isinstance(item, dict):
+        return set(item) == {"text", "text_pair"}
+    return isinstance(item, tuple) and len(item) == 2
+
+
+def _bounded(text: str, max_tokens: int) -> str:
+    limit = max_tokens * _CHARS_PER_TOKEN_BOUND
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)  # a word boundary, so the words kept tokenise as they do in the whole text
+    return text[: cut if cut > 0 else limit]
+
+
+class MultiTaskInferenceMixin:
+    """`encode`, `predict` and `similarity` over a backend that provides `config`, `tokenizer`, `device`, `dtype`,
+    `task_names`, `_check_tasks` and four hooks: `_batch_features` (pooled features of a padded batch),
+    `_batch_logits` (every asked task's logits of a padded batch), `_pair_logits` (a pair-classification head on two
+    feature batches) and `_inference_session` (a context for a whole call). `MultiTaskModel` implements them with
+    torch; an exported graph can implement them with another runtime and keep every output identical."""
+
+    # Largest fraction of a row that `encode`/`predict` may pad (see `plan_batches`); an inference-speed knob only.
+    inference_max_padding: float = 0.1
+    # CPU worker threads that `encode`/`predict` run batches on side by side (`run_concurrently`), the torch
+    # threads split between them; `None` = min(4, torch threads), 1 = one batch at a time. Within one batch,
+    # intra-op threads leave cores idle (small matrix multiplies are bound by reading the weights; layer norms,
+    # softmax and Python overhead run on one core); a second batch fills them. Each batch is computed exactly as
+    # it is alone. Measured in docs/BENCHMARKS.md; capped at 4 because every worker holds one batch's activations.
+    inference_workers: int | None = None
+
+    # ------------------------------------------------------------------ tokenisation
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(
+                "this model has no tokenizer: load it with `from_pretrained`/`from_backbone`, or set `model.tokenizer`"
+            )
+        return self.tokenizer
+
+    def tokenize(
+        self,
+        texts: Sequence[str] | Sequence[Sequence[str]],
+        max_seq_length: int | None = None,
+        padding: bool | str = True,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ):
+        """Tokenise texts (or pre-split words with `is_split_into_words=True`) the way the model expects."""
+        return self._require_tokenizer()(
+            list(texts),
+            padding=padding,
+            truncation=True,
+            max_length=max_seq_length or self.config.max_seq_length,
+            return_tensors=return_tensors,
+            **kwargs,
+        )
+
+    def _tokenize_unpadded(self, texts: list, max_seq_length: int | None = None, **kwargs):
+        """Tokenise every text in one call (the fast tokenizer batches it in Rust), without padding.
+
+        Strings far longer than the truncation length are cut at a word boundary first (`_bounded`), so the cost of
+        a huge input is bounded by the truncation length; if a cut text yields fewer tokens than the limit, it is
+        tokenised whole, so the result is always that of the full text.
+        """
+        tokenizer = self._require_tokenizer()
+        max_length = max_seq_length or self.config.max_seq_length
+        options = {
+            "padding": False,
+            "truncation": True,
+            "max_length": max_length,
+            "return_attention_mask": False,
+            "return_token_type_ids": False,
+            **kwargs,
+        }
+        if kwargs.get("is_split_into_words"):
+            return tokenizer(texts, **options)
+        bounded = [_bounded(text, max_length) for text in texts]
+        encoding = tokenizer(bounded, **options)
+        redo = [
+            index
+            for index, (text, cut) in enumerate(zip(texts, bounded))
+            if cut is not text and len(encoding["input_ids"][index]) < max_length
+        ]
+        if redo:  # cut texts that did not fill the limit: their full text decides
+            if kwargs.get("return_offsets_mapping"):
+                redo_set = set(redo)
+                bounded = [texts[index] if index in redo_set else cut for index, cut in enumerate(bounded)]
+                return tokenizer(bounded, **options)
+            full = tokenizer([texts[index] for index in redo], **options)
+            for position, index in enumerate(redo):
+                encoding["input_ids"][index] = full["input_ids"][position]
+        return encoding
+
+    def _packed_tokens(self, texts: list[str], max_seq_length: int | None = None) -> PackedTokens:
+        # Tokenised in chunks and packed into one flat int32 array: 100k sentences take a few MB instead of the
+        # ~70 MB of Python int lists, so memory grows with the output array, not with the token lists.
+        chunk = 8192
+        return PackedTokens.concatenate(
+            [
+                PackedTokens.from_lists(
+                    self._tokenize_unpadded(texts[start : start + chunk], max_seq_length)["input_ids"]
+                )
+                for start in range(0, len(texts), chunk)
+            ]
+        )
+
+    # ------------------------------------------------------------------ batching
+
+    def _padded_batches(
+        self, tokens: PackedTokens, batch_size: int, show_progress_bar: bool | None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """Yield `(indices, input_ids, attention_mask)` for already tokenised texts, in the batches chosen by
+        `plan_batches`: each batch is padded only to its own longest row. `indices` map rows to input order."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batches = plan_batches(tokens.lengths, batch_size, self.inference_max_padding)
+        if show_progress_bar is None:
+            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(tokens.lengths) > 10 * batch_size
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="Batches")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for indices in batches:
+            width = int(tokens.lengths[indices[0]])
+            ids = np.full((len(indices), width), pad_id, dtype=np.int64)  # (batch, seq)
+            mask = np.zeros((len(indices), width), dtype=np.int64)  # (batch, seq)
+            # Always pad on the right, whatever the tokenizer's padding_side: in a single forward pass every real
+            # token then keeps the position it has alone (left padding exists for generation, and shifts the
+            # absolute positions of BERT-style models).
+            for row, index in enumerate(indices):
+                length = tokens.lengths[index]
+                ids[row, :length] = tokens.row(index)
+                mask[row, :length] = 1
+            yield indices, torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def _for_each_batch(self, function: Any, batches: Iterator[tuple]) -> None:
+        """Call `function(*batch)` per batch: side by side on `inference_workers` threads on CPU when there is
+        more than one batch, else one after the other. `function` must enter its own `inference_mode`."""
+        batches = iter(batches)
+        head = list(itertools.islice(batches, 2))  # one batch alone has nothing to overlap with
+        jobs = itertools.chain(head, batches)
+        threads = torch.get_num_threads()
+        workers = min(4, threads) if self.inference_workers is None else self.inference_workers
+        if len(head) < 2 or self.device.type != "cpu" or workers < 2:
+            for batch in jobs:
+                function(*batch)
+        else:
+            run_concurrently(function, jobs, workers, threads_per_worker=max(1, threads // workers))
+
+    # ------------------------------------------------------------------ embeddings
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int = 32,
+        normalize: bool | None = None,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        show_progress_bar: bool | None = None,
+        max_seq_length: int | None = None,
+        precision: str | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed sentences into fixed-length vectors.
+
+        All texts are tokenised in one call, sorted by token count and cut into batches that carry little
+        padding (`plan_batches`); results come back in input order.
+
+        Args:
+            sentences: one string or a list of strings (empty strings are fine; long ones are truncated to
+                `max_seq_length`, default `config.max_seq_length`).
+            batch_size: at most this many sentences per forward pass.
+            normalize: L2-normalise the vectors; default `config.normalize`. `False` returns the pooled (and
+                projected) features that the sequence heads read.
+            convert_to_numpy / convert_to_tensor: return a float32 `np.ndarray` (default) or a `torch.Tensor`
+                on the model's device.
+            show_progress_bar: show a tqdm bar (default: only for long inputs when logging is verbose).
+            max_seq_length: truncation length in tokens for this call.
+            precision: `None` (default) computes in the weights' own dtype: float32 weights match
+                sentence-transformers to 1e-5. `"bfloat16"` runs the encoder under bfloat16 autocast; faster and
+                more so after `model.to(torch.bfloat16)`, which also halves the weights' memory traffic (GPUs,
+                and CPUs with AVX512-BF16 or AMX; measured in docs/BENCHMARKS.md).
+
+        Returns:
+            `(len(sentences), embedding_dim)` float32, in input order; `(embedding_dim,)` for a single string.
+        """
+        if precision not in (None, "float32", "bfloat16"):
+            raise ValueError(f"precision must be None, 'float32' or 'bfloat16', got {precision!r}")
+        if precision == "float32" and self.dtype != torch.float32:
+            raise ValueError(f"precision='float32' needs float32 weights, this model's are {self.dtype}: call .float()")
+        if normalize is not None and not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True, False or None, got {normalize!r}")
+        _check_max_seq_length(max_seq_length)
+        single = isinstance(sentences, str)
+        texts = check_texts([sentences] if single else sentences)
+        tokens = self._packed_tokens(texts, max_seq_length)
+        result = self.encode_tokens(
+            tokens, batch_size, normalize, convert_to_tensor or not convert_to_numpy, show_progress_bar, precision
+        )
+        return result[0] if single else result
+
+    def encode_tokens(
+        self,
+        tokens: PackedTokens | Sequence[Sequence[int]],
+        batch_size: int = 32,
+        normalize: bool | None = None,
+        convert_to_tensor: bool = False,
+        show_progress_bar: bool | None = None,
+        precision: str | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """`encode` for texts tokenised already (lists of token ids, special tokens included, or `PackedTokens`)."""
+        if not isinstance(tokens, PackedTokens):
+            tokens = PackedTokens.from_lists(list(tokens))
+        normalize = self.config.normalize if normalize is None else normalize
+        shape = (len(tokens.lengths), self.config.embedding_dim)
+        if convert_to_tensor:
+            result = torch.empty(shape, dtype=torch.float32, device=self.device)
+        else:
+            result = np.empty(shape, dtype=np.float32)
+        if not len(tokens.lengths):
+            return result
+        with self._inference_session():
+
+            def embed_batch(indices: np.ndarray, batch_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+                features = self._batch_features(batch_ids, attention_mask, precision)  # (batch, embedding_dim)
+                if normalize:
+                    features = F.normalize(features, p=2, dim=-1)
+                if convert_to_tensor:
+                    result[torch.from_numpy(indices).to(result.device)] = features.to(result.device)
+                else:
+                    result[indices] = features.cpu().numpy()
+
+            self._for_each_batch(embed_batch, self._padded_batches(tokens, batch_size, show_progress_bar))
+        return result
+
+    def similarity(
+        self,
+        texts_a: str | Sequence[str],
+        texts_b: str | Sequence[str],
+        pairwise: bool = False,
+        batch_size: int = 32,
+    ) -> np.ndarray:
+        """Cosine similarity of the sentence embeddings.
+
+        Args:
+            texts_a, texts_b: strings (or one string each).
+            pairwise: `False` (default) gives the `(len(a), len(b))` matrix of every a against every b; `True`
+                gives `(n,)`: a[i] against b[i], for two lists of the same length.
+
+        Returns:
+            float32 array of cosines in [-1, 1].
+        """
+        a = check_texts([texts_a] if isinstance(texts_a, str) else texts_a, "texts_a")
+        b = check_texts([texts_b] if isinstance(texts_b, str) else texts_b, "texts_b")
+        if pairwise and len(a) != len(b):
+            raise ValueError(f"pairwise similarity needs lists of the same length, got {len(a)} and {len(b)}")
+        embeddings = self.encode(a + b, batch_size=batch_size, normalize=True)
+        left, right = embeddings[: len(a)], embeddings[len(a) :]
+        if pairwise:
+            return np.einsum("nd,nd->n", left, right).astype(np.float32)
+        return (left @ right.T).astype(np.float32)
+
+    # ------------------------------------------------------------------ predictions
+
+    def predict(
+        self,
+        sentences: str | Sequence[Any],
+        tasks: Sequence[str] | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Human-readable predictions of every task (or the chosen ones) from one encoder pass per batch.
+
+        Args:
+            sentences: a string, a list of strings, a list of pre-split word *lists* (token tasks on your own word
+                boundaries), or, for pair tasks, a pair `(text_a, text_b)` *tuple* (or
+                `{"text": a, "text_pair": b}`) or a list of them.
+            tasks: the tasks to predict. Default: every single-text task for texts, every pair task
+                (`pair_classification`, `similarity`, `contrastive`) for pairs.
+
+        Returns:
+            Per input, a dict task -> prediction:
+            - classification / pair_classification: `{"label", "score", "scores": {label: probability}}`
+            - multi_label_classification: `{"labels": [labels above the task threshold], "scores": {...}}`
+            - regression: `{"value": float}` (one output) or `{"values": {name: float}}`
+            - token_classification: `{"words": [{"word", "start", "end", "tag", "score"}], "entities":
+              [{"entity", "text", "start", "end", "score"}]}`: one entry per input word (tag read from its first
+              sub-token; a word with no token, e.g. an empty string, or cut off by truncation, has `tag: null`),
+              character offsets into the input string.
+            - similarity / contrastive: `{"cosine": float}`, the cosine of the two embeddings.
+        """
+        if sentences is None:
+            raise TypeError("sentences must be a string, a list of strings, word lists or pairs, got None")
+        single = isinstance(sentences, (str, tuple)) or (isinstance(sentences, dict) and is_pair(sentences))
+        if isinstance(sentences, dict) and not single:
+            raise TypeError("a dict input must be a pair {'text': ..., 'text_pair': ...}")
+        items = [sentences] if single else list(_iterable(sentences))
+        pairs = bool(items) and all(is_pair(item) for item in items)
+        if items and not pairs and any(is_pair(item) for item in items):
+            raise TypeError("sentences mixes text pairs (tuples) with single texts: predict them in separate calls")
+        tasks = self._predict_tasks(tasks, pairs)
+        if not items:
+            return []
+        results = (
+            self._predict_pairs(items, tasks, batch_size)
+            if pairs
+            else self._predict_texts(items, tasks, batch_size, show_progress_bar)
+        )
+        return results[0] if single else results
+
+    def _predict_tasks(self, tasks: Sequence[str] | None, pairs: bool) -> list[str]:
+        pair_types = ("similarity", "pair_classification", "contrastive")
+        if tasks is None:
+            chosen = [name for name in self.task_names if (self.config.get_task(name)["type"] in pair_types) == pairs]
+            if not chosen:
+                kind = "pair" if pairs else "single-text"
+                raise ValueError(f"this model has no {kind} tasks (its tasks: {self.task_names})")
+            return chosen
+        tasks = self._check_tasks(tasks)
+        wrong = [name for name in tasks if (self.config.get_task(name)["type"] in pair_types) != pairs]
+        if wrong:
+            needs = "single texts" if pairs else "text pairs (tuples (a, b))"
+            raise ValueError(f"task(s) {wrong} take {needs}; got {'pairs' if pairs else 'single texts'}")
+        return tasks
+
+    def _predict_texts(
+        self, items: list[Any], tasks: list[str], batch_size: int, show_progress_bar: bool | None
+    ) -> list[dict[str, Any]]:
+        split_into_words = all(isinstance(item, list) for item in items)
+        if split_into_words:
+            for index, words in enumerate(items):
+                for word_index, word in enumerate(words):
+                    if not isinstance(word, str):
+                        raise TypeError(f"sentences[{index}][{word_index}] must be a str, got {type(word).__name__}")
+        else:
+            check_texts(items)
+        needs_words = any(self.config.get_task(name)["type"] == "token_classification" for name in tasks)
+        if needs_words and not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("token-classification predictions need a fast tokenizer (word ids and offsets)")
+        encoding = self._tokenize_unpadded(
+            items,
+            is_split_into_words=split_into_words,
+            return_offsets_mapping=needs_words and not split_into_words,
+        )
+        tokens = PackedTokens.from_lists(encoding["input_ids"])
+        results: list[dict[str, Any] | None] = [None] * len(items)
+        with self._inference_session():
+
+            def predict_batch(indices: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+                logits = self._batch_logits(input_ids, attention_mask, tasks)
+                # One softmax/sigmoid and one device->host copy per task and batch, not per sentence.
+                scores = {name: self._scores(name, logits[name]) for name in tasks}
+                for row, index in enumerate(indices):
+                    results[index] = {}
+                    for name in tasks:
+                        if self.config.get_task(name)["type"] != "token_classification":
+                            results[index][name] = self._describe(name, scores[name][row])
+                            continue
+                        length = tokens.lengths[index]
+                        results[index][name] = self._describe_words(
+                            name,
+                            scores[name][row, :length],
+                            encoding.word_ids(index),
+                            None if split_into_words else encoding["offset_mapping"][index],
+                            items[index],
+                        )
+
+            self._for_each_batch(predict_batch, self._padded_batches(tokens, batch_size, show_progress_bar))
+        return results
+
+    def _predict_pairs(self, items: list[Any], tasks: list[str], batch_size: int) -> list[dict[str, Any]]:
+        pairs = [(item["text"], item["text_pair"]) if isinstance(item, dict) else item for item in items]
+        for index, (a, b) in enumerate(pairs):
+            for side, text in (("text", a), ("text_pair", b)):
+                if not isinstance(text, str):
+                    raise TypeError(f"pair {index}: {side} must be a str, got {type(text).__name__}: {text!r:.80}")
+        # Each side is embedded by the fast `encode` path; pair heads and cosines then work on the features.
+        features = self.encode(
+            [a for a, _ in pairs] + [b for _, b in pairs],
+            batch_size=batch_size,
+            normalize=False,
+            convert_to_tensor=True,
+        )
+        u, v = features[: len(pairs)], features[len(pairs) :]
+        results: list[dict[str, Any]] = [{} for _ in pairs]
+        for name in tasks:
+            if self.config.get_task(name)["type"] == "pair_classification":
+                scores = self._scores(name, self._pair_logits(name, u, v))
+                for row, result in enumerate(results):
+                    result[name] = self._describe(name, scores[row])
+            else:
+                cosines = F.cosine_similarity(u, v, dim=-1).cpu().tolist()
+                for row, result in enumerate(results):
+                    result[name] = {"cosine": cosines[row]}
+        return results
+
+    def quantize_dynamic(self):
+        """Return an int8 copy for CPU inference: dynamic quantisation of every `nn.Linear` (int8 weights with one
+        scale per output channel, activations quantised on the fly); the original model is left untouched.
+        Inference only. Uses `torch.ao.quantization`, which torch deprecates."""
+        import copy
+
+        from torch import nn
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantized = copy.deepcopy(self).to("cpu").float().eval()
+        return quantize_dynamic(quantized, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+    def _scores(self, name: str, logits: torch.Tensor) -> np.ndarray:
+        """Probabilities (classification, multi-label, token tasks) or values (regression) as a numpy array."""
+        task_type = self.config.get_task(name)["type"]
+        logits = logits.float()
+        if task_type == "multi_label_classification":
+            return logits.sigmoid().cpu().numpy()
+        if task_type == "regression":
+            return logits.cpu().numpy()
+        return logits.softmax(-1).cpu().numpy()
+
+    def _describe(self, name: str, scores: np.ndarray) -> dict[str, Any]:
+        """One input's prediction for a sequence-level task, from its row of `_scores`."""
+        task = self.config.get_task(name)
+        labels = task["labels"]
+        values = scores.tolist()
+        if task["type"] in ("classification", "pair_classification"):
+            best = int(scores.argmax())
+            return {"label": labels[best], "score": values[best], "scores": dict(zip(labels, values))}
+        if task["type"] == "multi_label_classification":
+            chosen = [label for label, p in zip(labels, values) if p >= task["threshold"]]
+            return {"labels": chosen, "scores": dict(zip(labels, values))}
+        return {"value": values[0]} if len(values) == 1 else {"values": dict(zip(labels, values))}
+
+    def _describe_words(
+        self,
+        name: str,
+        probabilities: np.ndarray,
+        word_ids: list[int | None],
+        offsets: list[tuple[int, int]] | None,
+        item: str | Sequence[str],
+    ) -> dict[str, Any]:
+        """Tags per word (read from each word's first sub-token, as in training) and grouped entity spans.
+
+        Args:
+            probabilities: `(tokens, num_labels)` for this sentence's real tokens.
+            word_ids: the tokenizer's word index of every token (`None` for special tokens).
+            offsets: character offsets of every token, or `None` when the input was a list of words.
+            item: the input string, or its list of words.
+        """
+        labels = self.config.get_task(name)["labels"]
+        best_tags = probabilities.argmax(-1)
+        first_token: dict[int, int] = {}
+        last_token: dict[int, int] = {}
+        for position, word_id in enumerate(word_ids):
+            if word_id is not None:
+                first_token.setdefault(word_id, position)
+                last_token[word_id] = position
+        words = []
+        if offsets is None:
+            # Pre-split words: one entry per input word, offsets into the words joined by single spaces. A word
+            # without any token (an empty string) or beyond the truncation length has no tag.
+            text, cursor = " ".join(item), 0
+            for word_id, word in enumerate(item):
+                start, end = cursor, cursor + len(word)
+                cursor = end + 1
+                words.append(self._word_entry(word, start, end, word_id, first_token, best_tags, probabilities, labels))
+        else:
+            text = item
+            for word_id in sorted(first_token):
+                start = offsets[first_token[word_id]][0]
+                end = offsets[last_token[word_id]][1]  # a word split into sub-tokens ends with its last one
+                words.append(
+                    self._word_entry(
+                        text[start:end], start, end, word_id, first_token, best_tags, probabilities, labels
+                    )
+                )
+        return {"words": words, "entities": group_entities([w for w in words if w["tag"]], text)}
+
+    @staticmethod
+    def _word_entry(
+        word: str,
+        start: int,
+        end: int,
+        word_id: int,
+        first_token: dict[int, int],
+        best_tags: np.ndarray,
+        probabilities: np.ndarray,
+        labels: list[str],
+    ) -> dict[str, Any]:
+        position = first_token.get(word_id)
+        if position is None:
+            return {"word": word, "start": start, "end": end, "tag": None, "score": None}
+        best = int(best_tags[position])
+        return {
+            "word": word,
+            "start": start,
+            "end": end,
+            "tag": labels[best],
+            "score": float(probabilities[position, best]),
+        }
+
+
+def _iterable(items: Any) -> Iterable:
+    if isinstance(items, (bytes, dict)) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"sentences must be a string, a list of strings, word lists or pairs, got {type(items).__name__}"
+        )
+    return items
+
+
+def _check_max_seq_length(max_seq_length: Any) -> None:
+    if max_seq_length is None:
+        return
+    if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be an int >= 2, got {max_seq_length!r}")
+
+
+__all__ = [
+    "MultiTaskInferenceMixin",
+    "PackedTokens",
+    "check_texts",
+    "group_entities",
+    "is_pair",
+    "plan_batches",
+    "run_concurrently",
+]
