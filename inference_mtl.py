@@ -554,18 +554,6 @@ class MultiTaskInferenceMixin:
                     result[name] = {"cosine": cosines[row]}
         return results
 
-    def quantize_dynamic(self):
-        """Return an int8 copy for CPU inference: dynamic quantisation of every `nn.Linear` (int8 weights with one
-        scale per output channel, activations quantised on the fly); the original model is left untouched.
-        Inference only. Uses `torch.ao.quantization`, which torch deprecates."""
-        import copy
-
-        from torch import nn
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        quantized = copy.deepcopy(self).to("cpu").float().eval()
-        return quantize_dynamic(quantized, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-
     def _scores(self, name: str, logits: torch.Tensor) -> np.ndarray:
         """Probabilities (classification, multi-label, token tasks) or values (regression) as a numpy array."""
         task_type = self.config.get_task(name)["type"]

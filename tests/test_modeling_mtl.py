@@ -1,4 +1,5 @@
-"""MultiTaskModel: pooling, heads, losses, save/load, encode/predict, bad input."""
+"""modeling_mtl: pooling, heads, forward on single texts and on text pairs, every loss (checked against a direct
+computation), save/load across backbone families, remote code in a fresh process."""
 
 import json
 import os
@@ -13,7 +14,14 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from configuration_mtl import POOLING_MODES
-from modeling_mtl import MultiTaskModel, MultiTaskModelOutput, Pooling, group_entities
+from modeling_mtl import (
+    IGNORE_INDEX,
+    MultiTaskModel,
+    MultiTaskModelOutput,
+    Pooling,
+    labelled_mask,
+    resolve_max_seq_length,
+)
 
 TASKS = [
     {"name": "topic", "labels": ["sports", "politics", "science"], "head": {"type": "mlp", "hidden_size": 16}},
@@ -66,14 +74,6 @@ def test_pooling_values():
     torch.testing.assert_close(Pooling("weighted_mean", 2)(states, mask), torch.tensor([[7.0 / 3, 6.0 / 3]]))
 
 
-@pytest.mark.parametrize("mode", POOLING_MODES)
-def test_embedding_does_not_depend_on_batch_mates(tiny_bert, mode):
-    model = MultiTaskModel.from_backbone(tiny_bert, pooling=mode).eval()
-    alone = model.encode(["short one"], batch_size=1)
-    together = model.encode(["short one", "a much longer sentence that forces padding on the short one"], batch_size=2)
-    np.testing.assert_allclose(alone[0], together[0], atol=1e-5)
-
-
 # ---------------------------------------------------------------- structure and forward
 
 
@@ -113,7 +113,7 @@ def test_loss_is_weighted_sum_over_labelled_items_only(model):
     ner[0, 1:4] = torch.tensor([1, 2, 0])
     labels = {
         "topic": torch.tensor([0, -100, 2]),  # the second sentence has no topic label
-        "tags": torch.tensor([[1.0, 0.0, 1.0], [-100, -100, -100], [0.0, 1.0, 0.0]]),
+        "tags": torch.tensor([[1.0, 0.0, 1.0], [float("nan")] * 3, [0.0, 1.0, 0.0]]),
         "ner": ner,
         "score": torch.tensor([0.5, float("nan"), 3.0]),
     }
@@ -143,7 +143,7 @@ def test_labels_for_some_tasks_only_and_fully_unlabelled_batches(model):
         labels={name: None for name in []}
         or {
             "topic": torch.tensor([-100, -100, -100]),
-            "tags": torch.full((3, 3), -100.0),
+            "tags": torch.full((3, 3), float("nan")),
             "ner": torch.full(batch["input_ids"].shape, -100),
             "score": torch.tensor([1.0, 2.0, 3.0]),
         },
@@ -194,130 +194,6 @@ def test_projection_normalisation_and_attention_pooling(tiny_bert):
     assert model.heads["topic"].dense.in_features == 8  # sequence heads read the projected vector
 
 
-# ---------------------------------------------------------------- encode / predict / bad input
-
-
-def test_encode_contract(model):
-    empty = model.encode([])
-    assert empty.shape == (0, 32) and empty.dtype == np.float32
-    assert model.encode([], convert_to_tensor=True).shape == (0, 32)
-    single = model.encode("hello there")
-    assert single.shape == (32,)
-    many = model.encode(SENTENCES + ["", "hello there"], batch_size=2)
-    assert many.shape == (5, 32) and np.isfinite(many).all()
-    np.testing.assert_allclose(many[4], single, atol=1e-6)  # input order kept despite length sorting
-    tensor = model.encode(SENTENCES, convert_to_tensor=True)
-    assert isinstance(tensor, torch.Tensor)
-    np.testing.assert_allclose(tensor.numpy(), many[:3], atol=1e-6)
-    with pytest.raises(TypeError, match=r"sentences\[1\] must be a str, got int"):
-        model.encode(["fine", 3])
-    with pytest.raises(TypeError, match=r"sentences\[0\] must be a str, got NoneType"):
-        model.encode([None])
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        model.encode(["x"], batch_size=0)
-
-
-def test_long_texts_truncate_at_max_seq_length(tiny_bert):
-    model = MultiTaskModel.from_backbone(tiny_bert, max_seq_length=16).eval()
-    long_text = " ".join(["movie"] * 200)
-    assert model.tokenize([long_text])["input_ids"].shape[1] == 16
-    # Everything past the limit is ignored: changing the tail changes nothing.
-    np.testing.assert_allclose(
-        model.encode(long_text), model.encode(long_text + " totally different ending"), atol=1e-6
-    )
-
-
-def test_predict_formats(model):
-    text = "John Smith works for Acme Corporation in New York."
-    result = model.predict(text)
-    assert set(result) == {"topic", "tags", "ner", "score"}
-    topic = result["topic"]
-    assert topic["label"] in TASKS[0]["labels"]
-    assert abs(sum(topic["scores"].values()) - 1) < 1e-5
-    assert topic["score"] == max(topic["scores"].values())
-    tags = result["tags"]
-    assert set(tags["scores"]) == {"a", "b", "c"}
-    assert tags["labels"] == [label for label, p in tags["scores"].items() if p >= 0.5]
-    assert isinstance(result["score"]["value"], float)
-    words = result["ner"]["words"]
-    # One tag per word (not per sub-token), with character offsets into the input text.
-    assert [w["word"] for w in words] == [
-        "John",
-        "Smith",
-        "works",
-        "for",
-        "Acme",
-        "Corporation",
-        "in",
-        "New",
-        "York",
-        ".",
-    ]
-    for word in words:
-        assert text[word["start"] : word["end"]] == word["word"]
-        assert word["tag"] in TASKS[2]["labels"]
-    for entity in result["ner"]["entities"]:
-        assert text[entity["start"] : entity["end"]] == entity["text"]
-
-    subset = model.predict(["a", "b"], tasks=["score"])
-    assert [set(r) for r in subset] == [{"score"}, {"score"}]
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['sentiment'\]; this model's tasks are \['topic'"):
-        model.predict("x", tasks=["sentiment"])
-    assert model.predict([]) == []
-
-
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_predict_batched_equals_one_at_a_time(model, padding_side):
-    # Sentences of very different lengths land in different padded batches; every prediction (token tags and
-    # scores included) must equal the one made for the sentence alone. Batches are always padded on the right,
-    # so a tokenizer set to pad on the left (which would shift BERT's absolute positions) changes nothing.
-    long = "Maria Lopez , who lives in Lyon with John Smith , works in Paris for Acme Corporation every day"
-    # The last two differ by one word: within plan_batches' padding bound, so they share a padded batch.
-    texts = SENTENCES + ["x", long, long.replace(" every day", " daily")]
-    original = model.tokenizer.padding_side
-    model.tokenizer.padding_side = padding_side
-    try:
-        batched = model.predict(texts, batch_size=4)
-        alone = [model.predict(text) for text in texts]
-    finally:
-        model.tokenizer.padding_side = original
-    tolerance = 1e-5
-    for got, expected in zip(batched, alone):
-        assert got["topic"]["label"] == expected["topic"]["label"]
-        assert got["topic"]["score"] == pytest.approx(expected["topic"]["score"], abs=tolerance)
-        assert got["score"]["value"] == pytest.approx(expected["score"]["value"], abs=tolerance)
-        assert [(w["word"], w["tag"]) for w in got["ner"]["words"]] == [
-            (w["word"], w["tag"]) for w in expected["ner"]["words"]
-        ]
-        assert [w["score"] for w in got["ner"]["words"]] == pytest.approx(
-            [w["score"] for w in expected["ner"]["words"]], abs=tolerance
-        )
-
-
-def test_predict_pre_split_words(model):
-    words = ["Maria", "Lopez", "visited", "Paris", "."]
-    result = model.predict([words], tasks=["ner"])[0]["ner"]
-    assert [w["word"] for w in result["words"]] == words
-    text = " ".join(words)
-    assert all(text[w["start"] : w["end"]] == w["word"] for w in result["words"])
-
-
-def test_group_entities_bio_spans():
-    text = "Maria Lopez flew to New York ."
-    spans = [(0, 5), (6, 11), (12, 16), (17, 19), (20, 23), (24, 28), (29, 30)]
-    tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"]
-    words = [{"word": text[s:e], "start": s, "end": e, "tag": t, "score": 0.9} for (s, e), t in zip(spans, tags)]
-    entities = group_entities(words, text)
-    assert [(e["entity"], e["text"], e["start"], e["end"]) for e in entities] == [
-        ("PER", "Maria Lopez", 0, 11),
-        ("LOC", "New York", 20, 28),
-    ]
-    # A B- tag always starts a new entity; an I- of another type does too.
-    words[1]["tag"] = "B-PER"
-    words[5]["tag"] = "I-ORG"
-    assert [e["text"] for e in group_entities(words, text)] == ["Maria", "Lopez", "New", "York"]
-
-
 # ---------------------------------------------------------------- save / load / families
 
 
@@ -350,6 +226,7 @@ def test_saved_folder_contents_and_auto_model_without_remote_code(model, tmp_pat
         "model.safetensors",
         "configuration_mtl.py",
         "modeling_mtl.py",
+        "inference_mtl.py",
         "tokenizer_config.json",
     } <= files
     config = json.loads((tmp_path / "config.json").read_text())
@@ -359,7 +236,8 @@ def test_saved_folder_contents_and_auto_model_without_remote_code(model, tmp_pat
     }
     # The copied code files are the project's own.
     root = Path(__file__).resolve().parent.parent
-    assert (tmp_path / "modeling_mtl.py").read_text() == (root / "modeling_mtl.py").read_text()
+    for name in ("modeling_mtl.py", "configuration_mtl.py", "inference_mtl.py"):
+        assert (tmp_path / name).read_text() == (root / name).read_text()
     # With the package imported, the Auto classes resolve it locally (no trust_remote_code needed).
     loaded = AutoModel.from_pretrained(tmp_path)
     assert type(loaded) is MultiTaskModel
@@ -379,6 +257,7 @@ def test_fresh_process_without_the_project_loads_with_trust_remote_code(model, t
         sys.path = [p for p in sys.path if p and os.path.abspath(p) != {str(Path(__file__).resolve().parent.parent)!r}]
         sys.modules["modeling_mtl"] = None
         sys.modules["configuration_mtl"] = None
+        sys.modules["inference_mtl"] = None
         import numpy as np
         from transformers import AutoModel, AutoTokenizer
         model = AutoModel.from_pretrained({str(save_dir)!r}, trust_remote_code=True)
@@ -429,15 +308,202 @@ def test_plain_backbone_defaults(tiny_bert):
     assert isinstance(model.tokenizer, type(AutoTokenizer.from_pretrained(tiny_bert)))
 
 
-def test_gradient_checkpointing_and_bfloat16(tiny_bert):
+def test_gradient_checkpointing_recomputes_layers_and_bfloat16(tiny_bert):
     model = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:1])
-    model.gradient_checkpointing_enable()
+    # A module inside the checkpointed layer: its forward runs again when backward recomputes the layer.
+    inner = model.backbone.encoder.layer[0].attention
+    calls = []
+    inner.register_forward_hook(lambda *_: calls.append(1))
     model.train()
     batch = batch_for(model, SENTENCES)
     model(**batch, labels={"topic": torch.tensor([0, 1, 2])}).loss.backward()
+    assert len(calls) == 1  # without checkpointing: one forward per layer
+    model.zero_grad()
+    calls.clear()
+    model.activation_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    model(**batch, labels={"topic": torch.tensor([0, 1, 2])}).loss.backward()
+    assert len(calls) == 2, "checkpointing recomputes the layer's forward during backward"
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
     half = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:1], dtype=torch.bfloat16).eval()
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     assert half(**batch).logits["topic"].dtype == torch.bfloat16
     assert half.encode(SENTENCES).dtype == np.float32  # encode always hands back float32
+
+
+def test_one_resolver_for_the_truncation_length(tiny_bert):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    tokenizer.model_max_length = int(1e30)  # a tokenizer without a limit cannot decide alone
+    config = AutoModel.from_pretrained(tiny_bert).config  # 128 positions
+    assert resolve_max_seq_length(config, tokenizer) == 128
+    assert resolve_max_seq_length(config, tokenizer, {"max_seq_length": 64}) == 64
+    assert resolve_max_seq_length(config, tokenizer, {"max_seq_length": 64}, requested=32) == 32
+    assert MultiTaskModel.from_backbone(tiny_bert, tokenizer=tokenizer).config.max_seq_length == 128
+
+
+def test_from_backbone_rejects_unknown_keyword_arguments(tiny_bert):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['poolling'\]"):
+        MultiTaskModel.from_backbone(tiny_bert, poolling="cls")
+
+
+def test_labelled_mask_is_the_one_rule():
+    assert labelled_mask(torch.tensor([0, IGNORE_INDEX, 3])).tolist() == [True, False, True]
+    assert labelled_mask(torch.tensor([0.0, float("nan"), -100.0])).tolist() == [True, False, True]
+
+
+# ---------------------------------------------------------------- pair tasks
+
+PAIR_TASKS = [
+    {"name": "topic", "labels": ["sports", "politics", "science"]},
+    {"name": "sts", "type": "similarity", "score_range": [0, 5]},
+    {"name": "sts_mse", "type": "similarity", "loss": "cosine_mse", "score_range": [0, 5]},
+    {"name": "paraphrase", "type": "pair_classification", "labels": ["no", "yes"]},
+    {"name": "retrieval", "type": "contrastive", "scale": 20},
+]
+LEFT = ["A man plays a guitar.", "The market fell sharply.", "What is the capital of France?", "I loved it"]
+RIGHT = ["Someone plays music.", "Stocks dropped on Monday.", "Which city is France's capital?", "Great film"]
+
+
+@pytest.fixture(scope="module")
+def pair_model(tiny_bert):
+    torch.manual_seed(0)
+    return MultiTaskModel.from_backbone(tiny_bert, tasks=PAIR_TASKS, normalize=True).eval()
+
+
+def pair_batch(model, left, right, negatives=None):
+    """(batch, texts, seq) inputs, the way MultiTaskCollator builds them: every text padded to one length."""
+    sides = [left, right] + ([negatives] if negatives else [])
+    flat = model.tokenize([text for side in sides for text in side], return_token_type_ids=False)
+    rows = len(left)
+    reshape = lambda t: t.view(len(sides), rows, -1).transpose(0, 1)  # noqa: E731
+    return {"input_ids": reshape(flat["input_ids"]), "attention_mask": reshape(flat["attention_mask"])}
+
+
+def test_both_sides_of_a_pair_go_through_the_encoder_in_one_pass(pair_model):
+    calls = []
+    handle = pair_model.backbone.register_forward_hook(lambda _m, _i, out: calls.append(out.last_hidden_state.shape))
+    try:
+        out = pair_model(**pair_batch(pair_model, LEFT, RIGHT))
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and calls[0][0] == 2 * len(LEFT)
+    assert out.embeddings.shape == (4, 2, 32)
+    expected = torch.from_numpy(pair_model.encode(LEFT + RIGHT)).view(2, 4, 32).transpose(0, 1)
+    torch.testing.assert_close(out.embeddings, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits["sts"], (expected[:, 0] * expected[:, 1]).sum(-1), atol=1e-5, rtol=1e-4)
+    # The pair head reads the *pre-normalisation* features, as the SBERT classifier does.
+    u, v = (torch.from_numpy(pair_model.encode(side, normalize=False)) for side in (LEFT, RIGHT))
+    head_input = torch.cat([u, v, (u - v).abs()], dim=-1)
+    torch.testing.assert_close(
+        out.logits["paraphrase"], pair_model.heads["paraphrase"](head_input), atol=1e-5, rtol=1e-4
+    )
+    # Sequence heads read each row's first text.
+    torch.testing.assert_close(out.logits["topic"], pair_model.heads["topic"](u), atol=1e-5, rtol=1e-4)
+
+
+def test_absent_texts_of_a_mixed_batch_are_not_encoded(pair_model):
+    batch = pair_batch(pair_model, LEFT, RIGHT)
+    batch["input_ids"][1:3, 1] = pair_model.tokenizer.pad_token_id
+    batch["attention_mask"][1:3, 1] = 0  # rows 1 and 2 have one text only
+    calls = []
+    handle = pair_model.backbone.register_forward_hook(lambda _m, _i, out: calls.append(out.last_hidden_state.shape[0]))
+    try:
+        out = pair_model(**batch)
+    finally:
+        handle.remove()
+    assert calls == [6]  # 4 first texts + 2 second texts
+    assert out.embeddings[1:3, 1].abs().sum() == 0
+    np.testing.assert_allclose(out.embeddings[:, 0].detach().numpy(), pair_model.encode(LEFT), atol=1e-5)
+
+
+def cosent_reference(cosines, gold, scale):
+    terms = [scale * (cosines[j] - cosines[i]) for i in range(len(gold)) for j in range(len(gold)) if gold[i] > gold[j]]
+    return torch.logsumexp(torch.stack([torch.tensor(0.0), *terms]), 0)
+
+
+def test_similarity_losses_match_their_definitions(pair_model):
+    batch = pair_batch(pair_model, LEFT, RIGHT)
+    gold = torch.tensor([4.0, 3.5, float("nan"), 1.0])  # one pair unlabelled
+    out = pair_model(**batch, labels={"sts": gold, "sts_mse": gold})
+    cosines = out.logits["sts"].detach()
+    keep = [0, 1, 3]
+    expected = cosent_reference(cosines[keep], gold[keep], 20.0)
+    torch.testing.assert_close(out.task_losses["sts"], expected, atol=1e-5, rtol=1e-5)
+    mse = ((cosines[keep] - gold[keep] / 5.0) ** 2).mean()
+    torch.testing.assert_close(out.task_losses["sts_mse"], mse, atol=1e-6, rtol=1e-5)
+
+
+def test_pair_classification_loss_is_cross_entropy_over_labelled_pairs(pair_model):
+    out = pair_model(
+        **pair_batch(pair_model, LEFT, RIGHT), labels={"paraphrase": torch.tensor([1, 0, IGNORE_INDEX, 1])}
+    )
+    logits = out.logits["paraphrase"]
+    expected = torch.nn.functional.cross_entropy(logits[[0, 1, 3]], torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(out.task_losses["paraphrase"], expected)
+
+
+def contrastive_reference(anchors, candidates, scale, excluded=()):
+    anchors = torch.nn.functional.normalize(anchors, dim=-1)
+    candidates = torch.nn.functional.normalize(candidates, dim=-1)
+    logits = scale * anchors @ candidates.T
+    for row, column in excluded:
+        logits[row, column] = float("-inf")
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(anchors)))
+
+
+def test_contrastive_loss_uses_in_batch_and_hard_negatives(pair_model):
+    negatives = ["A dog sleeps.", "Rain is expected.", "Bananas are yellow.", "The bus was late."]
+    out = pair_model(
+        **pair_batch(pair_model, LEFT, RIGHT, negatives), labels={"retrieval": torch.zeros(4, dtype=torch.long)}
+    )
+    features = out.embeddings.detach()
+    candidates = torch.cat([features[:, 1], features[:, 2]])  # every positive, then every hard negative
+    torch.testing.assert_close(out.task_losses["retrieval"], contrastive_reference(features[:, 0], candidates, 20.0))
+    assert out.logits["retrieval"].shape == (4, 8)
+
+
+def test_contrastive_duplicates_are_not_negatives(pair_model):
+    # Rows 0 and 2 share their positive: for each of them the other row's copy is a false negative, masked out.
+    right = [RIGHT[0], RIGHT[1], RIGHT[0], RIGHT[3]]
+    out = pair_model(**pair_batch(pair_model, LEFT, right), labels={"retrieval": torch.zeros(4, dtype=torch.long)})
+    features = out.embeddings.detach()
+    expected = contrastive_reference(features[:, 0], features[:, 1], 20.0, excluded=[(0, 2), (2, 0)])
+    torch.testing.assert_close(out.task_losses["retrieval"], expected)
+    unmasked = contrastive_reference(features[:, 0], features[:, 1], 20.0)
+    assert not torch.allclose(unmasked, expected)
+
+
+def test_pair_tasks_in_a_batch_of_single_texts_give_a_zero_that_touches_their_head(pair_model):
+    batch = batch_for(pair_model, LEFT)
+    labels = {
+        "topic": torch.tensor([0, 1, 2, 0]),
+        "sts": torch.full((4,), float("nan")),
+        "paraphrase": torch.full((4,), IGNORE_INDEX),
+        "retrieval": torch.full((4,), IGNORE_INDEX),
+    }
+    pair_model.zero_grad()
+    out = pair_model(**batch, labels=labels)
+    assert set(out.logits) == {"topic"}  # no second text: pair tasks have nothing to score
+    assert all(float(out.task_losses[name].detach()) == 0.0 for name in ("sts", "paraphrase", "retrieval"))
+    out.loss.backward()
+    assert all(p.grad is not None for p in pair_model.heads["paraphrase"].parameters())
+    pair_model.zero_grad()
+
+
+def test_pair_labels_are_checked(pair_model):
+    batch = pair_batch(pair_model, LEFT, RIGHT)
+    with pytest.raises(ValueError, match=r"task 'paraphrase': label id 2 is out of range"):
+        pair_model(**batch, labels={"paraphrase": torch.tensor([0, 1, 2, 0])})
+    with pytest.raises(ValueError, match=r"task 'paraphrase': labels must be integer ids"):
+        pair_model(**batch, labels={"paraphrase": torch.tensor([0.0, 1.0, 1.0, 0.0])})
+    with pytest.raises(ValueError, match=r"task 'sts': labels have shape \(3,\), expected \(4,\)"):
+        pair_model(**batch, labels={"sts": torch.tensor([1.0, 2.0, 3.0])})
+
+
+def test_embed_gives_the_embeddings_without_heads(pair_model):
+    batch = pair_batch(pair_model, LEFT, RIGHT)
+    with torch.no_grad():
+        torch.testing.assert_close(pair_model.embed(**batch), pair_model(**batch).embeddings)
+        single = batch_for(pair_model, LEFT)
+        np.testing.assert_allclose(pair_model.embed(**single).numpy(), pair_model.encode(LEFT), atol=1e-5)

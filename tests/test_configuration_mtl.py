@@ -1,11 +1,11 @@
-"""MultiTaskConfig: validation with clear errors, and exact round trips."""
+"""configuration_mtl: task validation with clear errors (every task type), and exact round trips."""
 
 import json
 
 import pytest
 from transformers import AutoConfig, BertConfig, DistilBertConfig
 
-from configuration_mtl import POOLING_MODES, MultiTaskConfig
+from configuration_mtl import MultiTaskConfig, normalize_task
 
 TINY = {
     "model_type": "bert",
@@ -20,6 +20,9 @@ TASKS = [
     {"name": "tags", "type": "multi_label_classification", "labels": ["a", "b", "c"], "threshold": 0.4},
     {"name": "ner", "type": "token_classification", "labels": ["O", "B-PER", "I-PER"], "loss_weight": 0.5},
     {"name": "score", "type": "regression"},
+    {"name": "sts", "type": "similarity", "score_range": [0, 5]},
+    {"name": "paraphrase", "type": "pair_classification", "labels": ["no", "yes"], "pair_features": ["u", "v"]},
+    {"name": "retrieval", "type": "contrastive", "scale": 10, "gather_across_processes": True},
 ]
 
 
@@ -32,7 +35,7 @@ def make_config(**overrides):
 def test_defaults_are_filled_in_and_views_agree():
     config = make_config(projection_dim=8, normalize=True, pooling="max")
     assert isinstance(config.backbone_config, BertConfig)
-    assert config.task_names == ["topic", "tags", "ner", "score"]
+    assert config.task_names == ["topic", "tags", "ner", "score", "sts", "paraphrase", "retrieval"]
     topic = config.get_task("topic")
     assert topic["type"] == "classification" and topic["loss_weight"] == 1.0
     assert topic["head"] == {"type": "mlp", "dropout": 0.1, "hidden_size": 16, "activation": "gelu"}
@@ -41,6 +44,17 @@ def test_defaults_are_filled_in_and_views_agree():
     assert config.task_id2label("ner") == {0: "O", 1: "B-PER", 2: "I-PER"}
     assert config.task_label2id("topic") == {"sports": 0, "politics": 1, "science": 2}
     assert config.embedding_dim == 8 and config.hidden_size == 32
+    sts = config.get_task("sts")
+    assert (sts["loss"], sts["score_range"], sts["scale"], sts["labels"]) == ("cosent", [0.0, 5.0], 20.0, [])
+    assert "head" not in sts
+    assert config.get_task("paraphrase")["pair_features"] == ["u", "v"]
+    retrieval = config.get_task("retrieval")
+    assert (retrieval["scale"], retrieval["gather_across_processes"]) == (10.0, True)
+    assert normalize_task({"name": "p", "type": "pair_classification", "labels": ["a", "b"]})["pair_features"] == [
+        "u",
+        "v",
+        "|u-v|",
+    ]
 
 
 def test_default_backbone_config_has_minilm_shape():
@@ -56,7 +70,7 @@ def test_default_backbone_config_has_minilm_shape():
         ({"pooling": "median"}, "pooling 'median' is not one of"),
         ({"tasks": [{"name": "a", "labels": ["x", "y"]}, {"name": "a", "labels": ["x", "y"]}]}, "duplicate task names"),
         ({"tasks": [{"name": "a", "labels": ["only"]}]}, "needs at least 2 labels"),
-        ({"tasks": [{"name": "a", "labels": ["x", "y"], "loss_weight": -1}]}, "loss_weight must be a number >= 0"),
+        ({"tasks": [{"name": "a", "labels": ["x", "y"], "loss_weight": -1}]}, "loss_weight must be a finite number >= 0"),
         ({"tasks": [{"name": "a", "type": "ranking", "labels": ["x", "y"]}]}, "type 'ranking' is not one of"),
         ({"tasks": [{"name": "a.b", "labels": ["x", "y"]}]}, "task name must be"),
         ({"tasks": [{"name": "a", "labels": ["x", "x"]}]}, "duplicate labels ['x']"),
@@ -66,7 +80,27 @@ def test_default_backbone_config_has_minilm_shape():
             "head activation 'nope' is unknown",
         ),
         ({"tasks": [{"name": "a", "labels": ["x", "y"], "colour": 1}]}, "unknown keys ['colour']"),
-        ({"tasks": [{"name": "a", "labels": ["x", "y"], "threshold": 0.3}]}, "threshold only applies"),
+        ({"tasks": [{"name": "a", "labels": ["x", "y"], "threshold": 0.3}]}, "unknown keys ['threshold'] for a class"),
+        ({"tasks": [{"name": "a", "labels": ["x", "y"], "loss_weight": float("nan")}]}, "loss_weight must be a finite"),
+        ({"tasks": [{"name": "a", "labels": ["x", "y"], "loss_weight": True}]}, "loss_weight must be a finite"),
+        ({"tasks": [{"name": "training", "labels": ["x", "y"]}]}, "task name 'training' is reserved"),
+        ({"tasks": [{"name": "embedding", "labels": ["x", "y"]}]}, "task name 'embedding' is reserved"),
+        ({"tasks": [{"name": "s", "type": "similarity", "loss": "triplet"}]}, "loss 'triplet' is not one of"),
+        ({"tasks": [{"name": "s", "type": "similarity", "score_range": [5, 0]}]}, "score_range must be [low, high]"),
+        ({"tasks": [{"name": "s", "type": "similarity", "score_range": [0, "5"]}]}, "score_range must be [low, high]"),
+        ({"tasks": [{"name": "s", "type": "similarity", "labels": ["x", "y"]}]}, "has no label names"),
+        ({"tasks": [{"name": "s", "type": "similarity", "head": "mlp"}]}, "has no head"),
+        ({"tasks": [{"name": "c", "type": "contrastive", "scale": 0}]}, "scale must be a number > 0"),
+        ({"tasks": [{"name": "c", "type": "contrastive", "gather_across_processes": "yes"}]}, "must be true or false"),
+        ({"tasks": [{"name": "c", "type": "contrastive", "pair_features": ["u"]}]}, "unknown keys ['pair_features']"),
+        (
+            {"tasks": [{"name": "p", "type": "pair_classification", "labels": ["a", "b"], "pair_features": ["u*u"]}]},
+            "pair_features must be a non-empty list",
+        ),
+        (
+            {"tasks": [{"name": "p", "type": "pair_classification", "labels": ["a", "b"], "pair_features": []}]},
+            "pair_features must be a non-empty list",
+        ),
         ({"tasks": [{"name": "a", "labels": "xy"}]}, "`labels` must be a list"),
         ({"projection_dim": 0}, "projection_dim must be a positive int"),
         ({"max_seq_length": 100000}, "exceeds the backbone's max_position_embeddings"),
@@ -111,6 +145,14 @@ def test_other_backbone_families_nest():
     assert MultiTaskConfig.from_dict(config.to_dict()).backbone_config.dim == 32
 
 
-def test_every_pooling_mode_is_accepted():
-    for mode in POOLING_MODES:
-        assert make_config(pooling=mode).pooling == mode
+def test_pair_tasks_round_trip_and_build_their_heads(tmp_path):
+    import modeling_mtl
+
+    config = make_config(projection_dim=8)
+    config.save_pretrained(tmp_path)
+    loaded = MultiTaskConfig.from_pretrained(tmp_path)
+    assert loaded.tasks == config.tasks
+    model = modeling_mtl.MultiTaskModel(loaded)
+    # Headless tasks score the embedding itself; the pair head reads len(pair_features) * embedding_dim inputs.
+    assert set(model.heads) == {"topic", "tags", "ner", "score", "paraphrase"}
+    assert model.heads["paraphrase"].out_proj.in_features == 2 * 8
