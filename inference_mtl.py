@@ -13,6 +13,7 @@ cores busy; results come back in input order.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -146,15 +147,28 @@ def group_entities(words: list[dict[str, Any]], text: str) -> list[dict[str, Any
     ]
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def check_texts(items: Any, argument: str = "sentences") -> list[str]:
-    """`items` as a list of strings, or a `TypeError` naming the argument and the first bad item."""
+    """`items` as a list of strings, or an error naming the argument and the first bad item (not a string; holding
+    a lone surrogate, which no UTF-8 tokenizer can read)."""
     if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
         raise TypeError(f"{argument} must be a string or a list of strings, got {type(items).__name__}")
     texts = list(items)
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"{argument}[{index}] must be a str, got {type(text).__name__}: {text!r:.80}")
+        check_text(text, f"{argument}[{index}]")
     return texts
+
+
+def check_text(text: Any, where: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str, got {type(text).__name__}: {text!r:.80}")
+    match = _LONE_SURROGATE.search(text)
+    if match:
+        raise ValueError(
+            f"{where} holds a lone surrogate {match.group()!r} at character {match.start()}: not valid text"
+        )
 
 
 def is_pair(item: Any) -> bool:
@@ -490,8 +504,7 @@ class MultiTaskInferenceMixin:
         if split_into_words:
             for index, words in enumerate(items):
                 for word_index, word in enumerate(words):
-                    if not isinstance(word, str):
-                        raise TypeError(f"sentences[{index}][{word_index}] must be a str, got {type(word).__name__}")
+                    check_text(word, f"sentences[{index}][{word_index}]")
         else:
             check_texts(items)
         needs_words = any(self.config.get_task(name)["type"] == "token_classification" for name in tasks)
@@ -532,8 +545,7 @@ class MultiTaskInferenceMixin:
         pairs = [(item["text"], item["text_pair"]) if isinstance(item, dict) else item for item in items]
         for index, (a, b) in enumerate(pairs):
             for side, text in (("text", a), ("text_pair", b)):
-                if not isinstance(text, str):
-                    raise TypeError(f"pair {index}: {side} must be a str, got {type(text).__name__}: {text!r:.80}")
+                check_text(text, f"pair {index}: {side}")
         # Each side is embedded by the fast `encode` path; pair heads and cosines then work on the features.
         features = self.encode(
             [a for a, _ in pairs] + [b for _, b in pairs],

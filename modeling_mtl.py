@@ -356,19 +356,25 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         return model
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus the tokenizer saved beside the weights (if any)."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, tokenizer: Any | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the tokenizer saved beside the weights.
+
+        A local folder is checked first, so that a wrong or damaged folder is one clear error naming the file
+        (`check_model_folder`) instead of a model with guessed weights or an empty tokenizer. `tokenizer` supplies
+        a tokenizer for a folder saved without one.
+        """
         hub_kwargs = {
             key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }
+        if os.path.isdir(str(pretrained_model_name_or_path)) and "config" not in kwargs:
+            check_model_folder(pretrained_model_name_or_path, need_tokenizer=tokenizer is None)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        try:
+        if tokenizer is None:
             # Passing the config keeps AutoTokenizer from re-reading config.json (and asking about remote code).
-            model.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer = AutoTokenizer.from_pretrained(
                 pretrained_model_name_or_path, config=model.config.backbone_config, **hub_kwargs
             )
-        except (OSError, ValueError, TypeError) as error:
-            logger.warning(f"no tokenizer loaded from {pretrained_model_name_or_path}: {error}")
+        model.tokenizer = tokenizer
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
@@ -745,6 +751,61 @@ def _gathered_offset(local_count: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def check_model_folder(folder: str | os.PathLike, need_tokenizer: bool = True) -> None:
+    """Raise one clear error naming the file when `folder` is not a complete saved multi-task model: no or invalid
+    `config.json`, a config of another model type (a plain encoder: use `from_backbone`), invalid tasks, missing
+    or truncated safetensors weights, or no tokenizer files."""
+    folder = str(folder)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise OSError(f"{folder} holds no config.json: not a saved model (or an interrupted save)")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise OSError(f"{config_path} is not valid JSON ({error}): the file is damaged or truncated") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != MultiTaskConfig.model_type:
+        raise ValueError(
+            f"{config_path} describes a '{model_type}' model, not a multi-task model: to start from a plain encoder "
+            "use MultiTaskModel.from_backbone(folder, tasks=[...])"
+        )
+    try:
+        MultiTaskConfig.from_dict(dict(config))
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    weights = [name for name in os.listdir(folder) if name.endswith(".safetensors") and name.startswith("model")]
+    if not weights:
+        raise OSError(f"{folder} holds no model*.safetensors weights")
+    for name in weights:
+        _check_safetensors(os.path.join(folder, name))
+    if need_tokenizer and not any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
+        raise OSError(
+            f"{folder} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}): save the tokenizer beside the weights "
+            "(`model.tokenizer.save_pretrained(folder)`) or pass `tokenizer=` to from_pretrained"
+        )
+
+
+def _check_safetensors(path: str) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header and the tensor bytes it lists: check all three."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise OSError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise OSError(f"{path} has a damaged header: the file is truncated or not a safetensors file") from None
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    if 8 + length + max(ends, default=0) > size:
+        raise OSError(f"{path} is truncated: its header lists {8 + length + max(ends)} bytes, the file has {size}")
+
+
 def resolve_max_seq_length(
     backbone_config: PretrainedConfig,
     tokenizer: Any,
@@ -878,6 +939,7 @@ __all__ = [
     "group_entities",
     "labelled_mask",
     "plan_batches",
+    "check_model_folder",
     "read_sentence_transformers_settings",
     "resolve_max_seq_length",
     "run_concurrently",

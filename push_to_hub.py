@@ -35,6 +35,7 @@ UPLOAD_PATTERNS = (
     "model.safetensors.index.json",
     "configuration_mtl.py",
     "modeling_mtl.py",
+    "inference_mtl.py",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -49,7 +50,9 @@ UPLOAD_PATTERNS = (
     "trainer_state.json",
     "training_curves.png",
 )
-CODE_FILES = ("configuration_mtl.py", "modeling_mtl.py")
+CODE_FILES = ("configuration_mtl.py", "modeling_mtl.py", "inference_mtl.py")
+# Cards written by `multitask_st.model_card` carry this; a README.md without it was written by hand.
+GENERATED_CARD_MARK = "multitask_st.model_card"
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
 
 
@@ -94,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--language", nargs="+", default=None, help="language codes for the card metadata")
     parser.add_argument("--tags", nargs="+", default=None, help="extra tags for the card metadata")
     parser.add_argument("--no_card", action="store_true", help="upload the folder's README.md as it is")
+    parser.add_argument(
+        "--overwrite_readme",
+        action="store_true",
+        help="replace a hand-written README.md in model_dir with the generated card (otherwise that is an error)",
+    )
     return parser
 
 
@@ -149,11 +157,47 @@ def validate_model_dir(model_dir: str | os.PathLike) -> list[Path]:
     if not any(list(folder.glob(pattern)) for pattern in TOKENIZER_VOCAB_FILES):
         raise PushError(f"model_dir '{folder}' has no tokenizer vocabulary (one of {list(TOKENIZER_VOCAB_FILES)})")
 
+    check_model_loads(folder)
     return sorted(
         path
         for path in folder.iterdir()
         if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS)
     )
+
+
+def check_model_loads(folder: Path) -> None:
+    """Load the folder as a user would and run one forward pass: damaged weights (a truncated safetensors file),
+    an invalid config or a model whose outputs are not finite (diverged training) are never published."""
+    import torch
+
+    from modeling_mtl import MultiTaskModel, check_model_folder
+
+    try:
+        check_model_folder(folder)
+        model = MultiTaskModel.from_pretrained(str(folder)).eval()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise PushError(f"model_dir '{folder}' does not load: {error}") from None
+    with torch.inference_mode():
+        batch = model.tokenize(["A short check sentence."], return_token_type_ids=False)
+        outputs = model(**batch)
+    bad = [
+        name
+        for name, value in {"embeddings": outputs.embeddings, **outputs.logits}.items()
+        if not torch.isfinite(value).all()
+    ]
+    if bad:
+        raise PushError(f"model_dir '{folder}' gives non-finite outputs for {bad}: the model is broken, not published")
+
+
+def check_readme(model_dir: Path, args) -> None:
+    readme = model_dir / "README.md"
+    if args.no_card or args.overwrite_readme or not readme.is_file():
+        return
+    if GENERATED_CARD_MARK not in readme.read_text(encoding="utf-8", errors="replace"):
+        raise PushError(
+            f"{readme} was not written by this project's model card generator: pass --no_card to publish it as it "
+            "is, or --overwrite_readme to replace it with a generated card"
+        )
 
 
 def validate_repo_id(repo_id: str | None) -> str:
@@ -241,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_dir = Path(args.model_dir)
         files = validate_model_dir(model_dir)
+        check_readme(model_dir, args)
         repo_id = validate_repo_id(args.repo_id) if (args.repo_id or not args.dry_run) else None
         if args.create_pr and args.revision not in (None, "main"):
             raise PushError("--create_pr opens a pull request against main: do not combine it with --revision")

@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         format_prediction,
         last_complete_checkpoint,
         non_default_hyperparameters,
+        save_lora_adapter,
         training_record,
         write_json,
     )
@@ -347,6 +348,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     staging = output_dir / STAGING_DIR
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
+    if mtl_args.lora_rank:  # the adapters (with the heads) as trained, then the merged plain model
+        if trainer.is_world_process_zero():
+            save_lora_adapter(trainer.model, staging / "lora_adapter")
+        trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
         hyperparameters = non_default_hyperparameters(
@@ -393,10 +398,16 @@ def _report(trainer, data, metrics: dict, output_dir: Path, count: int, format_p
 
 
 if __name__ == "__main__":
+    import gc
+
     from multitask_st.training import TrainingError
 
+    message = None
     try:
-        sys.exit(main())
+        code = main()
     except (ValueError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        message, code = f"error: {error}", 2
+    if message:
+        gc.collect()  # the failed run's progress bars close (and print) now, before the message, which stays last
+        print(message, file=sys.stderr)
+    sys.exit(code)

@@ -33,7 +33,6 @@ Use `--threads` (torch.set_num_threads) together with `taskset` to pin the runs 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -52,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encode import cpu_name  # noqa: E402
 from bench_multitask_training import TASKS, run_training, task_specs  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+
+from multitask_st.training import continue_training  # noqa: E402
 
 GROUPS = ("freezing", "heads", "scarce", "transfer", "seeds")
 FREEZING_RUNS = {
@@ -135,121 +136,6 @@ class OptimizerStateProbe(TrainerCallback):
             "params_with_optimizer_state": self.params_with_state,
             "optimizer_state_bytes": self.peak_state_bytes,
         }
-
-
-@contextlib.contextmanager
-def train_main_with_callback(callback: TrainerCallback):
-    """Make `train.main` (as called by `run_training`) also use `callback`; restored afterwards."""
-    import train
-
-    original = train.main
-
-    def main_with_callback(argv=None, callbacks=None):
-        return original(argv, callbacks=[*(callbacks or []), callback])
-
-    train.main = main_with_callback
-    try:
-        yield callback
-    finally:
-        train.main = original
-
-
-def continue_training(
-    base_model_dir: str | Path,
-    task_dicts: list[dict[str, Any]],
-    train_tasks: list[str],
-    output_dir: str | Path,
-    training_arguments: dict[str, Any],
-    freeze_old_heads: bool = False,
-    freeze_backbone: bool = False,
-    max_seq_length: int | None = None,
-    head_learning_rate: float | None = None,
-    evaluate_before: bool = True,
-) -> dict[str, Any]:
-    """Continue training a saved `MultiTaskModel` on some tasks only, adding heads for tasks it does not have.
-
-    Args:
-        base_model_dir: a folder written by `train.py` / `save_pretrained`.
-        task_dicts: data specs (`multitask_st.data.TaskDataSpec` dicts) for every task to score: the model's old
-            tasks (their labels are taken from the model, so ids keep their meaning) and the new ones.
-        train_tasks: the tasks whose training rows are used (each must be the only task of its data source).
-        output_dir: where the continued model and `continue_metrics.json` go.
-        training_arguments: `transformers.TrainingArguments` keywords (output_dir is set here).
-        freeze_old_heads: keep every head the base model already had fixed (`apply_freezing(freeze_heads=...)`).
-        freeze_backbone: keep the encoder fixed as well.
-        evaluate_before: also score the test splits before training (the new heads are then untrained).
-
-    Returns: `{"before": {task: metrics}, "after": ..., "train_runtime_s", "frozen_tensors", ...}` plus the
-    optimizer-state record of `OptimizerStateProbe`.
-    """
-    from transformers import TrainingArguments, set_seed
-
-    from modeling_mtl import MultiTaskModel
-    from multitask_st.data import MultiTaskCollator, build_datasets, parse_task_specs
-    from multitask_st.metrics import build_compute_metrics, split_metrics
-    from multitask_st.trainer import MultiTaskTrainer, apply_freezing
-
-    output_dir = Path(output_dir)
-    seed = training_arguments.get("seed", 42)
-    base = MultiTaskModel.from_pretrained(str(base_model_dir))
-    old_tasks = list(base.config.task_names)
-    task_dicts = [dict(task) for task in task_dicts]
-    for task in task_dicts:
-        if task["name"] in old_tasks:
-            task["labels"] = list(base.config.get_task(task["name"])["labels"])
-    specs = parse_task_specs(task_dicts)
-    max_seq_length = max_seq_length or base.config.max_seq_length
-    data = build_datasets(specs, base.tokenizer, max_seq_length, seed=seed, do_eval=False)
-    unknown = sorted(set(train_tasks) - {spec.name for spec in specs})
-    if unknown:
-        raise ValueError(f"train_tasks {unknown} have no data spec")
-    # The training rows of the chosen sources only (sources are concatenated in order in `data.train`).
-    offsets = [sum(data.source_sizes[:index]) for index in range(len(data.source_sizes))]
-    indices, sizes = [], []
-    for source, tasks in enumerate(data.source_tasks):
-        if set(tasks) & set(train_tasks):
-            if not set(tasks) <= set(train_tasks):
-                raise ValueError(f"source of {tasks} also labels tasks outside train_tasks {train_tasks}")
-            indices.extend(range(offsets[source], offsets[source] + data.source_sizes[source]))
-            sizes.append(data.source_sizes[source])
-    train_rows = data.train.select(indices)
-
-    set_seed(seed)
-    new_tasks = [spec.model_task() for spec in specs if spec.name not in old_tasks]
-    model = base.add_tasks(new_tasks) if new_tasks else base
-    frozen = apply_freezing(model, freeze_backbone=freeze_backbone, freeze_heads=old_tasks if freeze_old_heads else [])
-    probe = OptimizerStateProbe()
-    arguments = TrainingArguments(**{**training_arguments, "output_dir": str(output_dir)})
-    trainer = MultiTaskTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=train_rows,
-        data_collator=MultiTaskCollator(base.tokenizer, model.config.tasks),
-        processing_class=base.tokenizer,
-        compute_metrics=build_compute_metrics(model.config.tasks),
-        callbacks=[probe],
-        source_sizes=sizes,
-        head_learning_rate=head_learning_rate,
-    )
-    result: dict[str, Any] = {
-        "old_tasks": old_tasks,
-        "new_tasks": [t["name"] for t in new_tasks],
-        "train_source_sizes": sizes,
-    }
-    if evaluate_before and data.test is not None:
-        before = trainer.evaluate(data.test, metric_key_prefix="test")
-        result["before"] = split_metrics(before, model.task_names, "test")
-    train_result = trainer.train()
-    result["train_runtime_s"] = round(float(train_result.metrics["train_runtime"]), 2)
-    if data.test is not None:
-        after = trainer.evaluate(data.test, metric_key_prefix="test")
-        result["after"] = split_metrics(after, model.task_names, "test")
-    result["frozen_tensors"] = len(frozen)
-    result.update(probe.as_dict())
-    trainer.save_model(str(output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "continue_metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    return result
 
 
 def make_random_init_backbone(source: str | Path, target: str | Path, seed: int = 42) -> Path:
@@ -368,8 +254,8 @@ class Bench:
         self.count += 1
         log(f"run {self.count}: {name} ({' '.join(extra) or 'defaults'}) ...")
         started = time.time()
-        with train_main_with_callback(OptimizerStateProbe()) as probe:
-            result = run_training(name, tasks, self.output_root, self.args.steps, run_args, extra)
+        probe = OptimizerStateProbe()
+        result = run_training(name, tasks, self.output_root, self.args.steps, run_args, extra, callbacks=[probe])
         config = json.loads((Path(result["output"]) / "training_config.json").read_text())
         result.update(probe.as_dict())
         result["settings"] = settings
@@ -389,6 +275,7 @@ class Bench:
         train_tasks = variant.get("train_tasks", ["ner"])
         log(f"run {self.count}: {name} (phase 2 on {'+'.join(train_tasks)}, {variant}) ...")
         started = time.time()
+        probe = OptimizerStateProbe()
         result = continue_training(
             phase1_dir,
             task_dicts,
@@ -399,7 +286,10 @@ class Bench:
             freeze_backbone=variant["freeze_backbone"],
             max_seq_length=self.args.max_seq_length,
             head_learning_rate=self.args.head_learning_rate,
+            embedding_protection="none",  # as recorded in docs/TRAINING_CHOICES.md
+            callbacks=[probe],
         )
+        result.update(probe.as_dict())
         result["settings"] = settings
         result["test"] = result["after"]
         result["wall_s"] = time.time() - started

@@ -5,69 +5,363 @@ Examples:
 ```bash
 mtl encode --model out/ "A man plays guitar." "A woman sings." --output emb.npy
 mtl predict --model out/ --file reviews.jsonl --tasks sentiment --output preds.json
+mtl predict --model out/ --pairs pairs.tsv --tasks nli          # pair tasks: a .tsv of two columns or a .jsonl
 mtl similarity --model out/ "A cat." "A kitten." "A car." --output heatmap.png
+mtl similarity --model out/ --pair "A cat." "A kitten." --pair "A car." "A bus." --pairwise
 mtl train --help          # same options as `python train.py`
 mtl push --help           # same options as `python push_to_hub.py`
 mtl serve --model out/ --host 127.0.0.1 --port 8000
 ```
 
-Exit codes: 0 success, 1 the work failed (message on stderr), 2 bad command line.
+Exit codes (docs/CLI.md): 0 success; 1 the work cannot be done or failed (a file, the model, the device, the port,
+the input); 2 bad command line (unknown option, a value out of range, options that contradict each other);
+130 interrupted. Every problem is one line on stderr, and everything that can be checked before the model runs
+(output paths, inputs, device, model folder, port) is checked first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import re
+import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+MODEL_TYPE = "multitask_sentence_transformer"  # `MultiTaskConfig.model_type`
+PAIR_TASK_TYPES = ("similarity", "pair_classification", "contrastive")
+HEATMAP_SUFFIXES = (".png", ".svg", ".pdf")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class CliError(Exception):
     """A problem the user can fix; printed as `mtl <command>: error: ...` with exit code 1."""
 
+    exit_code = EXIT_FAILED
+
+
+class UsageError(CliError):
+    """The command line itself is wrong (contradicting options): exit code 2, like argparse's own errors."""
+
+    exit_code = EXIT_USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): `mtl serve: error: argument --port: ...`."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---------------------------------------------------------------------------------------------------- option types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def _check_text(text: str, where: str) -> str:
+    bad = _SURROGATE.search(text)
+    if bad:
+        code = ord(bad.group())
+        hint = f"byte 0x{code - 0xDC00:02x} is not UTF-8" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise CliError(f"{where}: not valid Unicode text (a lone surrogate at character {bad.start()}: {hint})")
+    return text
+
+
+def _check_output(value: str, option: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """The output file `value`, or a `CliError` now (before any work) if it cannot be written."""
+    path = Path(value).expanduser()
+    if suffixes and path.suffix.lower() not in suffixes:
+        names = ", ".join(suffixes[:-1]) + " or " + suffixes[-1] if len(suffixes) > 1 else suffixes[0]
+        raise CliError(f"{option} {value}: use a {names} file name")
+    if path.is_dir():
+        raise CliError(f"{option} {value}: is a folder; give a file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CliError(f"{option} {value}: {ancestor} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as error:
+        raise CliError(f"{option} {value}: cannot write in {path.parent} ({error.strerror or error})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CliError(f"{option} {value}: the file exists and is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Write to a temporary file beside `path`, renamed over it only when complete: no half-written outputs."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    target = torch.device(device)
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(
+                f"--device {device}: no CUDA GPU is available here "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use --device cpu"
+            )
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif target.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CliError(f"--device {device}: Apple's MPS backend is not available here; use --device cpu")
+    elif target.type != "cpu":
+        try:
+            torch.empty(1, device=target)
+        except Exception as error:  # any backend: whatever torch says about it
+            raise CliError(f"--device {device}: not usable here ({error})") from None
+
+
+def _model_config(name_or_path: str) -> dict | None:
+    """config.json of a local model folder, checked (no weights are loaded); None for a Hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CliError(f"--model {name_or_path}: no config.json in this folder: not a saved model")
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CliError(f"--model {name_or_path}: config.json cannot be read ({error})") from None
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if model_type != MODEL_TYPE:
+            raise CliError(
+                f"--model {name_or_path}: not a multi-task model (config.json has model_type {model_type!r}, "
+                f"expected {MODEL_TYPE!r}); `mtl train` builds one from an encoder"
+            )
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise CliError(f"--model {name_or_path}: no weights in this folder (expected model.safetensors)")
+        return config
+    if path.exists():
+        raise CliError(f"--model {name_or_path}: not a folder")
+    if name_or_path.startswith((".", "/", "~", os.sep)) or name_or_path.count("/") > 1:
+        raise CliError(f"--model {name_or_path}: no such model folder")
+    return None  # a Hub id: checked when it loads
+
+
+def _load_model(name_or_path: str, device: str | None, quiet: bool = False):
+    from transformers.utils import logging as transformers_logging
+
+    from modeling_mtl import MultiTaskModel
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    if quiet:  # -q: no "Loading weights" bar either
+        transformers_logging.disable_progress_bar()
+    try:
+        model = MultiTaskModel.from_pretrained(name_or_path)
+    except Exception as error:  # OSError (missing/offline), ValueError, safetensors and shape errors, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CliError(f"--model {name_or_path}: cannot load a multi-task model ({reason})") from None
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    if model.tokenizer is None:
+        raise CliError(f"--model {name_or_path}: the folder has no tokenizer; save one beside the weights")
+    if device:
+        try:
+            model.to(device)
+        except (RuntimeError, ValueError) as error:
+            raise CliError(f"--device {device}: cannot move the model there ({error})") from None
+    return model.eval()
+
+
+def _check_tasks(args: argparse.Namespace, tasks_config: list[dict] | None, pairs: bool) -> list[str] | None:
+    """`--tasks` as a list (None: every task for this input), checked against the model's tasks and the kind of
+    input (texts or pairs); `tasks_config` None (a Hub model not loaded yet) skips the checks."""
+    tasks = None
+    if args.tasks is not None:
+        tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+        if not tasks:
+            raise UsageError(f"--tasks {args.tasks!r}: name at least one task")
+    if tasks_config is None:
+        return tasks
+    types = {task["name"]: task.get("type", "classification") for task in tasks_config}
+    kind = "pair" if pairs else "single-text"
+    if tasks is None:
+        if not any((task_type in PAIR_TASK_TYPES) == pairs for task_type in types.values()):
+            raise CliError(f"this model has no {kind} tasks (its tasks: {types})")
+        return None
+    unknown = [name for name in tasks if name not in types]
+    if unknown:
+        raise CliError(f"--tasks: unknown task(s) {unknown}; this model's tasks are {list(types)}")
+    wrong = [name for name in tasks if (types[name] in PAIR_TASK_TYPES) != pairs]
+    if wrong:
+        needs = "single texts (arguments or --file)" if pairs else "text pairs (--pairs or --pair)"
+        raise CliError(f"--tasks: task(s) {wrong} take {needs}")
+    return tasks
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail now, not after loading the model, if the server could not listen on host:port."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as error:
+        raise CliError(f"--host {host}: not an address this machine can listen on ({error})") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise CliError(f"--port {port}: address already in use on {host} (another server?)") from None
+            if error.errno == errno.EACCES:
+                raise CliError(f"--port {port}: permission denied (ports below 1024 need privileges)") from None
+            raise CliError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def _read_lines(path: Path, option: str) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of a text
+    except UnicodeDecodeError as error:
+        raise CliError(f"cannot read {option} {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise CliError(f"cannot read {option} {path}: {error.strerror or error}") from None
+
+
+def _jsonl_rows(path: Path, option: str) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(_read_lines(path, option), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CliError(f"{path}:{number}: not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise CliError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
     """Texts from the positional arguments and/or `--file` (plain text: one per line; .jsonl: a `text` field)."""
-    texts = list(args.texts or [])
+    texts = [_check_text(text, f"argument {index + 1}") for index, text in enumerate(args.texts or [])]
     if args.file:
         path = Path(args.file)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise CliError(f"cannot read --file {path}: {error}") from None
         if path.suffix == ".jsonl":
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise CliError(f"{path}:{number}: not valid JSON ({error})") from None
-                value = row.get(args.text_field) if isinstance(row, dict) else None
+            for number, row in _jsonl_rows(path, "--file"):
+                value = row.get(args.text_field)
                 if not isinstance(value, str):
                     raise CliError(f"{path}:{number}: expected a string field {args.text_field!r}")
-                texts.append(value)
+                texts.append(_check_text(value, f"{path}:{number}"))
         else:
-            texts.extend(line for line in lines if line.strip())
-    if not texts:
-        raise CliError("no input texts: give them as arguments or with --file")
+            texts.extend(line for line in _read_lines(path, "--file") if line.strip())
     return texts
 
 
-def _load_model(name_or_path: str, device: str | None):
-    from modeling_mtl import MultiTaskModel
+def _read_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Pairs from `--pair A B` (repeatable) and/or `--pairs FILE` (.jsonl with text/text_pair, or a 2-column .tsv)."""
+    pairs = [
+        (_check_text(a, f"--pair {index + 1}"), _check_text(b, f"--pair {index + 1}"))
+        for index, (a, b) in enumerate(getattr(args, "pair", None) or [])
+    ]
+    if getattr(args, "pairs", None):
+        path = Path(args.pairs)
+        if path.suffix == ".jsonl":
+            fields = (args.text_field, args.pair_field)
+            for number, row in _jsonl_rows(path, "--pairs"):
+                values = [row.get(field) for field in fields]
+                if not all(isinstance(value, str) for value in values):
+                    raise CliError(f"{path}:{number}: expected string fields {fields[0]!r} and {fields[1]!r}")
+                pairs.append((_check_text(values[0], f"{path}:{number}"), _check_text(values[1], f"{path}:{number}")))
+        elif path.suffix == ".tsv":
+            for number, line in enumerate(_read_lines(path, "--pairs"), start=1):
+                if not line.strip():
+                    continue
+                columns = line.split("\t")
+                if len(columns) != 2:
+                    raise CliError(f"{path}:{number}: expected 2 tab-separated columns, got {len(columns)}")
+                pairs.append((columns[0], columns[1]))
+        else:
+            raise CliError(f"--pairs {path}: use a .jsonl (text, text_pair fields) or .tsv (two columns) file")
+    return pairs
 
-    if not os.path.isdir(name_or_path) and (os.path.exists(name_or_path) or name_or_path.startswith((".", "/"))):
-        raise CliError(f"--model {name_or_path}: no such model folder")
-    try:
-        model = MultiTaskModel.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise CliError(f"--model {name_or_path}: cannot load a multi-task model ({error})") from None
-    if device:
-        model.to(device)
-    return model.eval()
+
+def _read_inputs(args: argparse.Namespace, allow_pairs: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
+    """(texts, pairs): exactly one of them is non-empty."""
+    has_texts = bool(args.texts or args.file)
+    has_pairs = allow_pairs and bool(getattr(args, "pairs", None) or getattr(args, "pair", None))
+    if has_texts and has_pairs:
+        raise UsageError("give texts (arguments or --file) or pairs (--pairs or --pair), not both")
+    texts = _read_texts(args) if has_texts else []
+    pairs = _read_pairs(args) if has_pairs else []
+    if not texts and not pairs:
+        where = "as arguments or with --file" + (", or pairs with --pairs / --pair" if allow_pairs else "")
+        raise CliError(f"no input texts: give them {where}")
+    return texts, pairs
+
+
+# ---------------------------------------------------------------------------------------------------- commands
 
 
 def _progress(args: argparse.Namespace, count: int) -> bool:
@@ -75,99 +369,166 @@ def _progress(args: argparse.Namespace, count: int) -> bool:
     return not args.quiet and count > 256
 
 
-def _write(path: str | None, text: str) -> None:
+def _write(path: Path | None, text: str) -> None:
     if path is None:
         sys.stdout.write(text + "\n")
-    else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n", encoding="utf-8")
+        sys.stdout.flush()
+        return
+    with _atomic(path) as temporary:
+        temporary.write_text(text + "\n", encoding="utf-8")
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    texts = _read_texts(args)
-    model = _load_model(args.model, args.device)
+    output = _check_output(args.output, "--output", (".npy", ".jsonl"))
+    texts, _ = _read_inputs(args, allow_pairs=False)
+    _check_device(args.device)
+    _model_config(args.model)
+    model = _load_model(args.model, args.device, args.quiet)
     normalize = True if args.normalize else (False if args.no_normalize else None)
     vectors = model.encode(
         texts, batch_size=args.batch_size, normalize=normalize, show_progress_bar=_progress(args, len(texts))
     )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".npy":
-        np.save(output, vectors.astype(np.float32))
-    elif output.suffix == ".jsonl":
-        with output.open("w", encoding="utf-8") as handle:
-            for text, vector in zip(texts, vectors):
-                handle.write(json.dumps({"text": text, "embedding": vector.tolist()}) + "\n")
-    else:
-        raise CliError(f"--output {output}: use a .npy or .jsonl file name")
+    with _atomic(output) as temporary:
+        if output.suffix.lower() == ".npy":
+            np.save(temporary, vectors.astype(np.float32))
+        else:
+            with temporary.open("w", encoding="utf-8") as handle:
+                for text, vector in zip(texts, vectors):
+                    handle.write(json.dumps({"text": text, "embedding": vector.tolist()}, ensure_ascii=False) + "\n")
     if not args.quiet:
         print(f"wrote {vectors.shape[0]} embeddings of dimension {vectors.shape[1]} to {output}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    texts = _read_texts(args)
-    model = _load_model(args.model, args.device)
-    tasks = args.tasks.split(",") if args.tasks else None
-    if tasks:
-        unknown = [name for name in tasks if name not in model.task_names]
-        if unknown:
-            raise CliError(f"--tasks: unknown task(s) {unknown}; this model's tasks are {model.task_names}")
+    output = _check_output(args.output, "--output") if args.output else None
+    texts, pairs = _read_inputs(args)
+    _check_device(args.device)
+    config = _model_config(args.model)
+    tasks = _check_tasks(args, config.get("tasks", []) if config else None, bool(pairs))
+    model = _load_model(args.model, args.device, args.quiet)
+    if config is None:  # a Hub id: check the tasks now that its config is here
+        tasks = _check_tasks(args, model.config.tasks, bool(pairs))
+    inputs = pairs or texts
     predictions = model.predict(
-        texts, tasks=tasks, batch_size=args.batch_size, show_progress_bar=_progress(args, len(texts))
+        inputs, tasks=tasks, batch_size=args.batch_size, show_progress_bar=_progress(args, len(inputs))
     )
-    rows = [{"text": text, "predictions": prediction} for text, prediction in zip(texts, predictions)]
-    if args.output and args.output.endswith(".jsonl"):
-        _write(args.output, "\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
+    if pairs:
+        rows = [{"text": a, "text_pair": b, "predictions": p} for (a, b), p in zip(pairs, predictions)]
     else:
-        _write(args.output, json.dumps(rows, indent=2, ensure_ascii=False))
-    return 0
+        rows = [{"text": text, "predictions": prediction} for text, prediction in zip(texts, predictions)]
+    if output is not None and output.suffix.lower() == ".jsonl":
+        _write(output, "\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
+    else:
+        _write(output, json.dumps(rows, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _label(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
-    texts = _read_texts(args)
-    if len(texts) < 2:
-        raise CliError("similarity needs at least two texts")
-    model = _load_model(args.model, args.device)
-    vectors = model.encode(
-        texts, batch_size=args.batch_size, normalize=True, show_progress_bar=_progress(args, len(texts))
-    )
-    scores = vectors @ vectors.T
-    width = min(40, max(len(text) for text in texts))
-    print(" " * (width + 2) + " ".join(f"{i:>6d}" for i in range(len(texts))))
-    for i, text in enumerate(texts):
-        label = text if len(text) <= width else text[: width - 1] + "…"
-        print(f"{label:<{width}}{i:>2d}" + " ".join(f"{value:6.3f}" for value in scores[i]))
-    if args.json:
-        _write(args.json, json.dumps({"texts": texts, "scores": scores.tolist()}, indent=2, ensure_ascii=False))
-    if args.output:
+    has_pairs = bool(args.pairs or args.pair)
+    if args.pairwise and not has_pairs:
+        raise UsageError("--pairwise needs pairs (--pairs FILE or --pair TEXT TEXT_PAIR)")
+    if args.pairwise and args.output:
+        raise UsageError("--output draws a matrix; --pairwise gives one score per pair: save them with --json")
+    heatmap = _check_output(args.output, "--output", HEATMAP_SUFFIXES) if args.output else None
+    json_output = _check_output(args.json, "--json") if args.json else None
+    texts, pairs = _read_inputs(args)
+    if texts and len(texts) < 2:
+        raise CliError("similarity needs at least two texts (or pairs with --pairs / --pair)")
+    _check_device(args.device)
+    _model_config(args.model)
+    model = _load_model(args.model, args.device, args.quiet)
+    if pairs:
+        rows, columns = [a for a, _ in pairs], [b for _, b in pairs]
+        scores = model.similarity(rows, columns, pairwise=args.pairwise, batch_size=args.batch_size)
+    else:
+        rows = columns = texts
+        vectors = model.encode(
+            texts, batch_size=args.batch_size, normalize=True, show_progress_bar=_progress(args, len(texts))
+        )
+        scores = vectors @ vectors.T
+    if args.pairwise:
+        width = min(40, max(len(text) for text in rows + columns))
+        for index, ((a, b), score) in enumerate(zip(pairs, scores)):
+            print(f"{index:>3d} {score:7.3f}  {_label(a, width):<{width}} | {_label(b, width)}")
+        if json_output:
+            document = {"pairs": [list(pair) for pair in pairs], "scores": scores.tolist()}
+            _write(json_output, json.dumps(document, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    width = min(40, max(len(text) for text in rows))
+    print(" " * (width + 2) + " ".join(f"{i:>6d}" for i in range(len(columns))))
+    for i, text in enumerate(rows):
+        print(f"{_label(text, width):<{width}}{i:>2d}" + " ".join(f"{value:6.3f}" for value in scores[i]))
+    if pairs and not args.quiet:
+        print("rows: first texts of the pairs; columns: second texts (diagonal: the pairs)", file=sys.stderr)
+    if json_output:
+        document = {"texts": rows, "scores": scores.tolist()}
+        if pairs:
+            document = {"texts": rows, "texts_b": columns, "scores": scores.tolist()}
+        _write(json_output, json.dumps(document, indent=2, ensure_ascii=False))
+    if heatmap:
         from .plots import similarity_heatmap
 
-        similarity_heatmap(scores, texts, args.output, title=f"Cosine similarity ({Path(args.model).name})")
+        with _atomic(heatmap) as temporary:
+            similarity_heatmap(
+                scores,
+                rows,
+                temporary,
+                columns=columns if pairs else None,
+                title=f"Cosine similarity ({Path(args.model).name})",
+            )
         if not args.quiet:
-            print(f"wrote heatmap to {args.output}", file=sys.stderr)
-    return 0
+            print(f"wrote heatmap to {heatmap}", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .service import create_app
+        from .service import create_app, display_name
     except ImportError as error:
         raise CliError(
             f"serving needs the `serve` extra: pip install 'multitask-sentence-transformer[serve]' ({error})"
         ) from None
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("MTL_API_KEY") or None)
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key is empty: give a key, or leave the option out for no authentication")
+    _check_listen(args.host, args.port)
+    _check_device(args.device)
+    _model_config(args.model)
+    model = _load_model(args.model, args.device, args.quiet)
     app = create_app(
-        _load_model(args.model, args.device),
+        model,
         max_batch_size=args.max_batch_size,
         max_text_length=args.max_text_length,
         batch_wait_ms=args.batch_wait_ms,
+        model_name=args.model_name or display_name(args.model),
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_call_chars=args.max_call_chars,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"mtl serve: warning: listening on {args.host} without an API key (--api-key / MTL_API_KEY)",
+            file=sys.stderr,
+        )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
+    )
+    return EXIT_OK
 
 
 def _delegate(module: str, argv: list[str]) -> int:
@@ -180,25 +541,43 @@ def _delegate(module: str, argv: list[str]) -> int:
     return int(target.main(argv) or 0)
 
 
-def _add_input_args(parser: argparse.ArgumentParser) -> None:
+# ---------------------------------------------------------------------------------------------------- parser
+
+
+def _add_input_args(parser: argparse.ArgumentParser, pairs: bool = False) -> None:
     parser.add_argument("texts", nargs="*", help="input texts (quote each one)")
     parser.add_argument("--file", help="read texts from a file: one per line, or a .jsonl with a text field")
-    parser.add_argument("--text-field", default="text", help="field holding the text in a .jsonl --file")
+    parser.add_argument("--text-field", default="text", help="field holding the text in a .jsonl --file / --pairs")
+    if pairs:
+        parser.add_argument(
+            "--pairs",
+            metavar="FILE",
+            help="read text pairs (for pair tasks) from a .jsonl ({text, text_pair} per line) or a .tsv (two columns)",
+        )
+        parser.add_argument(
+            "--pair",
+            nargs=2,
+            action="append",
+            metavar=("TEXT", "TEXT_PAIR"),
+            help="one text pair on the command line (repeatable)",
+        )
+        parser.add_argument("--pair-field", default="text_pair", help="field holding the second text in a .jsonl")
     _add_model_args(parser)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved multi-task model folder or a Hub id")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass")
+    parser.add_argument("--device", type=_device, default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per forward pass")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mtl",
         description="Multi-task sentence transformer: embed, predict, compare, train, publish and serve.",
-        epilog="Run `mtl <command> --help` for the options of one command.",
+        epilog="Run `mtl <command> --help` for the options of one command. Exit codes: 0 success, 1 the work "
+        "cannot be done (message on stderr), 2 bad command line, 130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
@@ -216,23 +595,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict",
-        help="texts -> per-task predictions (JSON)",
-        description="Run the task heads and print or save the predictions as JSON.",
+        help="texts or text pairs -> per-task predictions (JSON)",
+        description="Run the task heads and print or save the predictions as JSON. Texts go to the single-text "
+        "tasks, pairs (--pairs / --pair) to the pair tasks (pair_classification, similarity, contrastive).",
     )
-    _add_input_args(predict)
-    predict.add_argument("--tasks", help="comma-separated tasks to predict (default: all)")
+    _add_input_args(predict, pairs=True)
+    predict.add_argument("--tasks", help="comma-separated tasks to predict (default: all that take this input)")
     predict.add_argument("--output", "-o", help="write JSON (or .jsonl) here instead of stdout")
     predict.set_defaults(func=cmd_predict)
 
     similarity = commands.add_parser(
         "similarity",
-        help="texts -> cosine matrix (printed, PNG heatmap)",
-        description="Print the cosine-similarity matrix of the texts; optionally save "
-        "it as a heatmap PNG with the sentences as tick labels.",
+        help="texts -> cosine matrix (printed, heatmap); pairs -> one score per pair",
+        description="Print the cosine-similarity matrix of the texts (optionally a heatmap with the sentences as "
+        "tick labels). With pairs (--pairs / --pair): the matrix of first texts x second texts, or with "
+        "--pairwise one score per pair.",
     )
-    _add_input_args(similarity)
-    similarity.add_argument("--output", "-o", help="heatmap PNG file")
-    similarity.add_argument("--json", help="also save {texts, scores} as JSON here")
+    _add_input_args(similarity, pairs=True)
+    similarity.add_argument("--pairwise", action="store_true", help="with pairs: one cosine per pair")
+    similarity.add_argument("--output", "-o", help="heatmap image file (.png, .svg or .pdf)")
+    similarity.add_argument("--json", help="also save the scores as JSON here")
     similarity.set_defaults(func=cmd_similarity)
 
     train = commands.add_parser("train", help="fine-tune a model (same options as train.py)", add_help=False)
@@ -244,17 +626,57 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="start the HTTP service (FastAPI, Swagger UI at /docs)",
         description="Serve a model over HTTP: /embed, /predict, /similarity, /health, "
-        "/info; interactive docs at /docs.",
+        "/info; interactive docs at /docs. See docs/SERVICE.md.",
     )
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch-size", type=int, default=64, help="most texts per request (more: HTTP 413)")
-    serve.add_argument("--max-text-length", type=int, default=10_000, help="most characters per text (more: 422)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port (1-65535)")
     serve.add_argument(
-        "--batch-wait-ms", type=float, default=2.0, help="how long to wait for concurrent requests to batch together"
+        "--max-batch-size", type=_positive_int, default=64, help="most texts per request, a pair counting 2 (413)"
     )
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--max-text-length", type=_positive_int, default=10_000, help="most characters per text (more: 422)"
+    )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=_non_negative_float,
+        default=2.0,
+        help="how long to wait for concurrent requests to batch together",
+    )
+    serve.add_argument(
+        "--max-call-chars",
+        type=_positive_int,
+        default=32_768,
+        help="most characters per model call; large requests are split and share calls fairly",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=None,
+        help="largest request body (413; default: what max-batch-size x max-text-length can need)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key (Authorization: Bearer KEY or X-API-Key: KEY) on every endpoint but /health and "
+        "the docs; default: the MTL_API_KEY environment variable, else no authentication",
+    )
+    serve.add_argument("--model-name", help="name shown by /info and /docs (default: the folder name or Hub id)")
+    serve.add_argument(
+        "--timeout-keep-alive",
+        type=_positive_int,
+        default=5,
+        help="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)",
+    )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=_positive_int,
+        default=None,
+        help="most connections and requests at once; more get HTTP 503 (default: no limit)",
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace")
+    )
     serve.set_defaults(func=cmd_serve)
     return parser
 
@@ -269,14 +691,28 @@ def main(argv: list[str] | None = None) -> int:
         args.func = _delegate_func(argv[0])
     else:
         args = parser.parse_args(argv)
+    prefix = f"mtl {args.command}"
     try:
         return args.func(args)
     except CliError as error:
-        print(f"mtl {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError) as error:
-        print(f"mtl {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `mtl predict ... | head`: the reader left; say nothing more on the closed pipe
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except (ValueError, TypeError) as error:  # the model refused an input
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, RuntimeError, MemoryError) as error:  # disk full, out of memory, a device error, ...
+        if os.environ.get("MTL_DEBUG"):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"{prefix}: error: {type(error).__name__}: {reason} (MTL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _delegate_func(command: str) -> Any:

@@ -13,6 +13,7 @@ of them from one encoder pass. A processed row holds two columns:
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -274,6 +275,8 @@ def load_split(spec: TaskDataSpec, split: str, cache_dir: str | None = None) -> 
             raise DataError(f"task '{spec.name}': unsupported data file type '{suffix}' ({path})")
         if os.path.getsize(path) == 0:
             raise DataError(f"task '{spec.name}': data file {path} is empty")
+        if suffix != ".parquet":
+            _check_utf8(spec, path)  # Arrow would store invalid bytes and fail much later, deep inside `datasets`
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
         try:
             dataset = load_dataset(
@@ -318,6 +321,19 @@ def _load_saved_split(spec: TaskDataSpec, split: str, base: str) -> Dataset:
         absolute = instruction.to_absolute({base: len(dataset)})[0]
         dataset = dataset.select(range(absolute.from_ or 0, absolute.to if absolute.to is not None else len(dataset)))
     return dataset
+
+
+def _check_utf8(spec: TaskDataSpec, path: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                decoder.decode(raw)
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"task '{spec.name}': {path} line {number} is not valid UTF-8 ({error.reason} at byte "
+                    f"{error.start} of the line): re-save the file as UTF-8"
+                ) from None
 
 
 def _diagnose_file(path: str, error: Exception) -> str:

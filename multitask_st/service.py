@@ -1,4 +1,4 @@
-"""HTTP service around a `MultiTaskModel`: embeddings, task predictions and similarities, with OpenAPI/Swagger.
+"""HTTP service around a multi-task model: embeddings, task predictions and similarities, with OpenAPI/Swagger.
 
 Start it with `mtl serve --model DIR_OR_HUB_ID --host 127.0.0.1 --port 8000`, or build the app yourself:
 
@@ -6,33 +6,66 @@ Start it with `mtl serve --model DIR_OR_HUB_ID --host 127.0.0.1 --port 8000`, or
 import uvicorn
 from multitask_st.service import create_app
 
-uvicorn.run(create_app("path/to/model"), host="127.0.0.1", port=8000)
+uvicorn.run(create_app("path/to/model"), host="127.0.0.1", port=8000, timeout_keep_alive=5)
 ```
 
-Concurrent requests are merged by a small micro-batcher: requests that arrive while the model is busy (or within
-`batch_wait_ms`) are encoded in one forward pass, which is what makes a CPU/GPU encoder fast.
+Requests do not call the model themselves: a scheduler (`_MicroBatcher`) merges concurrent requests into model calls
+of bounded size, shares every call fairly between the requests waiting (a short request is never stuck behind large
+ones), drops the work of clients that went away, and runs the model on one worker thread at a time. An input the
+model fails on fails only its own request (docs/SERVICE.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import itertools
+import json
+import logging
 import os
+import re
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modeling_mtl import MultiTaskModel
+logger = logging.getLogger(__name__)
+
+# What `create_app` needs from a model object: `MultiTaskModel` has it all, and so may another backend (e.g. an
+# ONNX runtime session wrapped with the same `encode` / `predict` / `similarity` API).
+MODEL_ATTRIBUTES = ("config", "tokenizer", "task_names", "encode", "predict", "similarity")
+PAIR_TASK_TYPES = ("similarity", "pair_classification", "contrastive")
+# Paths that stay open when an API key is set: liveness (Docker's HEALTHCHECK sends no key) and the API description.
+OPEN_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json")
+OPEN_PREFIXES = ("/static-docs/",)
+JSON_PATHS = ("/embed", "/predict", "/similarity")
+# A character that is half of a UTF-16 surrogate pair: JSON can carry it ("\ud800"), UTF-8 cannot encode it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Characters of a text that count towards a model call's budget, per token of the model's `max_seq_length`: the
+# texts are truncated to that many tokens, so a longer text costs no more.
+_CHARS_PER_TOKEN = 4
 
 
-class EmbedRequest(BaseModel):
+# ---------------------------------------------------------------------------------------------------- schemas
+
+_Pair = Annotated[list[str], Field(min_length=2, max_length=2)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+class EmbedRequest(_Strict):
     texts: list[str] = Field(..., description="Sentences to embed.", examples=[["A man is playing a guitar."]])
-    normalize: bool | None = Field(None, description="L2-normalise the vectors (default: the model's setting).")
+    normalize: StrictBool | None = Field(None, description="L2-normalise the vectors (default: the model's setting).")
 
 
 class EmbedResponse(BaseModel):
@@ -40,26 +73,42 @@ class EmbedResponse(BaseModel):
     dimension: int
 
 
-class PredictRequest(BaseModel):
-    texts: list[str] = Field(..., description="Sentences to run the task heads on.", examples=[["I loved it!"]])
-    tasks: list[str] | None = Field(None, description="Tasks to predict (default: all of the model's tasks).")
+class PredictRequest(_Strict):
+    texts: list[str] | None = Field(
+        None,
+        description="Sentences for the single-text tasks. Send `texts` or `pairs`, not both.",
+        examples=[["I loved it!"]],
+    )
+    pairs: list[_Pair] | None = Field(
+        None,
+        description="Text pairs `[text, text_pair]` for the pair tasks (see `/info`: tasks with `input: pair`).",
+        examples=[[["A man plays a guitar.", "Someone makes music."]]],
+    )
+    tasks: list[str] | None = Field(
+        None, description="Tasks to predict (default: every task that takes this kind of input)."
+    )
 
 
 class PredictResponse(BaseModel):
-    predictions: list[dict[str, Any]] = Field(..., description="Per sentence, task -> prediction.")
+    predictions: list[dict[str, Any]] = Field(..., description="Per text (or pair), task -> prediction.")
 
 
-class SimilarityRequest(BaseModel):
+class SimilarityRequest(_Strict):
     texts: list[str] = Field(
         ...,
         description="Sentences compared with each other (or with `texts_b`).",
         examples=[["A cat sits on the mat.", "A kitten rests on a rug."]],
     )
     texts_b: list[str] | None = Field(None, description="Optional second list: rows are `texts`, columns `texts_b`.")
+    pairwise: StrictBool = Field(
+        False, description="Compare texts[i] with texts_b[i] only (same lengths): one score per pair."
+    )
 
 
 class SimilarityResponse(BaseModel):
-    scores: list[list[float]] = Field(..., description="Cosine similarities, rows = texts, columns = texts_b.")
+    scores: list[list[float]] | list[float] = Field(
+        ..., description="Cosine similarities: rows = texts, columns = texts_b; a flat list when `pairwise`."
+    )
 
 
 class HealthResponse(BaseModel):
@@ -71,6 +120,7 @@ class TaskInfo(BaseModel):
     name: str
     type: str
     labels: list[str]
+    input: str = Field(..., description="`text`: send `texts`; `pair`: send `pairs` to /predict.")
 
 
 class InfoResponse(BaseModel):
@@ -83,28 +133,97 @@ class InfoResponse(BaseModel):
     tasks: list[TaskInfo]
     max_batch_size: int
     max_text_length: int
+    max_body_bytes: int
+    api_key_required: bool
+
+
+# ---------------------------------------------------------------------------------------------------- scheduling
+
+
+class InputError(Exception):
+    """The model failed on one input of a request: `index` into the request's items (None: not pinned down)."""
+
+    def __init__(self, index: int | None, error: BaseException):
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+class _Job:
+    """One request's items, served in chunks by the scheduler."""
+
+    _ids = itertools.count()
+
+    def __init__(self, kind: tuple, items: list, costs: list[int], sizes: list[int]):
+        self.kind = kind  # (operation, options): only jobs of one kind share a model call
+        self.items = items
+        self.costs = costs  # characters each item counts towards a call's budget
+        self.sizes = sizes  # texts in each item (2 for a pair)
+        self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.offset = 0  # items [0, offset) are done
+        self.pieces: list = []
+        self.seq = next(self._ids)
+        self.last_served = time.monotonic()  # arrival, then the end of its last model call
+        self.cancelled = False
+
+    def remaining_cost(self) -> int:
+        return sum(self.costs[self.offset :])
+
+    def fit(self, start: int, chars: float, texts: float) -> tuple[int, int, int]:
+        """How many items from `start` fit in `chars` characters and `texts` texts: (items, chars, texts)."""
+        count = used_chars = used_texts = 0
+        for index in range(start, len(self.items)):
+            if used_chars + self.costs[index] > chars or used_texts + self.sizes[index] > texts:
+                break
+            count += 1
+            used_chars += self.costs[index]
+            used_texts += self.sizes[index]
+        return count, used_chars, used_texts
+
+    def finish(self) -> None:
+        if self.future.done():
+            return
+        if self.pieces and isinstance(self.pieces[0], np.ndarray):
+            self.future.set_result(np.concatenate(self.pieces))
+        else:
+            self.future.set_result([row for piece in self.pieces for row in piece])
 
 
 class _MicroBatcher:
-    """Merges concurrent requests of the same kind into one model call, run off the event loop.
+    """Merges concurrent requests into model calls of bounded size, shared fairly, run off the event loop.
 
-    A single worker drains the queue: it takes the first waiting job, waits at most `wait_s` for more jobs, groups
-    compatible ones (same operation and options) up to `max_texts` texts, and runs each group in a thread. One
-    worker means the model never runs twice at once (no thread oversubscription of the CPU).
+    One worker task plans and runs one model call at a time (in a thread, so the event loop keeps serving):
+
+    - a call holds at most `max_texts` texts and `max_chars` characters (each text counted up to
+      4 x `max_seq_length`), so no call runs for long;
+    - the requests of a call are those of one kind (operation and options) as the request that has waited longest
+      since it was last served, and the call's budget is shared max-min fairly between them: every request that
+      needs less than an equal share is served whole, the others get equal chunks. A one-sentence request that
+      arrives behind eight large ones rides along in the next call; large requests advance side by side;
+    - a request whose client went away is dropped before its turn (`cancel`); its results are never computed;
+    - if a merged call fails, each request's part is run alone, then (for the part that fails alone) each item,
+      so only the request holding the faulty input fails, with the index of that input.
+
+    `model_calls`, `requests`, `dropped` and `isolated` count what happened (tests and `bench_service.py` read them).
     """
 
-    def __init__(self, model: MultiTaskModel, max_texts: int, wait_s: float):
-        self.model = model
+    def __init__(self, call: Callable[[str, Any, list], Any], max_texts: int, max_chars: int, wait_s: float):
+        self.call = call
         self.max_texts = max_texts
+        self.max_chars = max_chars
         self.wait_s = wait_s
-        self.queue: asyncio.Queue | None = None
+        self.jobs: list[_Job] = []
         self.worker: asyncio.Task | None = None
-        self.model_calls = 0  # how many model calls served how many requests (see /info's `batching`)
-        self.requests = 0
+        self._wakeup: asyncio.Event | None = None
+        self.model_calls = 0  # model calls made
+        self.requests = 0  # requests answered (results or errors)
+        self.dropped = 0  # requests whose clients went away before their work was done
+        self.isolated = 0  # failed merged calls re-run part by part
 
     def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self.worker = asyncio.create_task(self._run())
+        if self.worker is None or self.worker.done():
+            self._wakeup = asyncio.Event()
+            self.worker = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
         if self.worker is not None:
@@ -113,57 +232,213 @@ class _MicroBatcher:
                 await self.worker
             except asyncio.CancelledError:
                 pass
+            self.worker = None
 
-    async def submit(self, op: str, texts: list[str], key: Any = None) -> Any:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((op, key, texts, future))
-        return await future
+    def submit(self, kind: tuple, items: list, costs: list[int], sizes: list[int]) -> _Job:
+        self.start()  # started by the app's lifespan; also lazily, for servers that skip lifespan events
+        job = _Job(kind, items, costs, sizes)
+        self.jobs.append(job)
+        self._wakeup.set()
+        return job
+
+    def cancel(self, job: _Job) -> None:
+        """Forget a job (its client went away): it gets no further model time."""
+        if not job.cancelled and not job.future.done():
+            job.cancelled = True
+            self.dropped += 1
+            job.future.cancel()
+        if job in self.jobs:
+            self.jobs.remove(job)
 
     async def _run(self) -> None:
-        pending: list = []
         while True:
-            if not pending:
-                pending.append(await self.queue.get())
-            deadline = time.monotonic() + self.wait_s
-            while True:
-                timeout = deadline - time.monotonic()
-                try:
-                    job = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                    break
-                pending.append(job)
-            # Group the first job with every compatible job that fits; the rest waits for the next round.
-            op, key = pending[0][0], pending[0][1]
-            group, rest, size = [], [], 0
-            for job in pending:
-                if job[0] == op and job[1] == key and (not group or size + len(job[2]) <= self.max_texts):
-                    group.append(job)
-                    size += len(job[2])
-                else:
-                    rest.append(job)
-            pending = rest
-            texts = [text for job in group for text in job[2]]
-            self.model_calls += 1
-            self.requests += len(group)
-            try:
-                results = await asyncio.to_thread(self._call, op, key, texts)
-            except Exception as error:  # hand the failure to every waiting request instead of killing the worker
-                for job in group:
-                    if not job[3].done():
-                        job[3].set_exception(error)
+            self.jobs = [job for job in self.jobs if not job.cancelled and not job.future.done()]
+            if not self.jobs:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                if self.wait_s > 0:  # let concurrent requests arrive, so they share the first call
+                    await asyncio.sleep(self.wait_s)
                 continue
-            start = 0
-            for job in group:
-                if not job[3].done():  # the client may have gone away
-                    job[3].set_result(results[start : start + len(job[2])])
-                start += len(job[2])
+            parts = self._plan()
+            try:
+                await self._execute(parts)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a bug here must not stop the worker: fail the jobs involved instead
+                logger.exception("batching worker error")
+                for job, _, _ in parts:
+                    if not job.future.done():
+                        job.future.set_exception(error)
 
-    def _call(self, op: str, key: Any, texts: list[str]) -> Any:
-        if op == "embed":
-            return self.model.encode(texts, batch_size=32, normalize=key, show_progress_bar=False)
-        if op == "predict":
-            return self.model.predict(texts, tasks=list(key) if key is not None else None, show_progress_bar=False)
-        raise ValueError(f"unknown operation {op!r}")
+    def _plan(self) -> list[tuple[_Job, int, int]]:
+        """The next model call: `(job, start, end)` item ranges, all of one kind."""
+        head = min(self.jobs, key=lambda job: (job.last_served, job.seq))
+        group = [job for job in self.jobs if job.kind == head.kind]
+        take = dict.fromkeys(group, 0)
+        chars, texts = float(self.max_chars), float(self.max_texts)
+        # Max-min fair shares: smallest remaining work first; each job gets at most an equal share of what is left.
+        by_need = sorted(group, key=lambda job: (job.remaining_cost(), job.last_served, job.seq))
+        for position, job in enumerate(by_need):
+            left = len(by_need) - position
+            count, used_chars, used_texts = job.fit(job.offset, chars / left, texts // left)
+            take[job], chars, texts = count, chars - used_chars, texts - used_texts
+        # Budget left over (shares that did not divide into whole texts): fill it, least recently served first.
+        for job in sorted(group, key=lambda job: (job.last_served, job.seq)):
+            count, used_chars, used_texts = job.fit(job.offset + take[job], chars, texts)
+            take[job], chars, texts = take[job] + count, chars - used_chars, texts - used_texts
+        if not any(take.values()):  # one item over the budget on its own: it still has to run
+            take[head] = 1
+        return [(job, job.offset, job.offset + take[job]) for job in group if take[job]]
+
+    async def _execute(self, parts: list[tuple[_Job, int, int]]) -> None:
+        op, key = parts[0][0].kind
+        items = [item for job, start, end in parts for item in job.items[start:end]]
+        self.model_calls += 1
+        try:
+            result = await asyncio.to_thread(self.call, op, key, items)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # includes the tokenizer's Rust panics (BaseException subclasses)
+            self.isolated += 1 if len(parts) > 1 or parts[0][2] - parts[0][1] > 1 else 0
+            outcomes = [await self._isolate(op, key, job, start, end, error, len(parts)) for job, start, end in parts]
+        else:
+            outcomes, position = [], 0
+            for _, start, end in parts:
+                outcomes.append(result[position : position + end - start])
+                position += end - start
+        now = time.monotonic()
+        for (job, _, end), outcome in zip(parts, outcomes):
+            job.last_served = now
+            if job.cancelled or job.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                self.requests += 1
+                job.future.set_exception(outcome)
+                continue
+            job.pieces.append(outcome)
+            job.offset = end
+            if end == len(job.items):
+                self.requests += 1
+                job.finish()
+
+    async def _isolate(self, op: str, key: Any, job: _Job, start: int, end: int, error: BaseException, parts: int):
+        """Outcome of one job's part after a failed call: its results, or an `InputError` naming the bad item."""
+        if job.cancelled:
+            return InputError(None, error)
+        if parts > 1:  # the failure may belong to another request: run this part alone
+            try:
+                self.model_calls += 1
+                return await asyncio.to_thread(self.call, op, key, job.items[start:end])
+            except asyncio.CancelledError:
+                raise
+            except BaseException as part_error:
+                error = part_error
+        if end - start == 1:
+            return InputError(start, error)
+        for index in range(start, end):  # pin the failure to one item: the first that fails alone
+            try:
+                self.model_calls += 1
+                await asyncio.to_thread(self.call, op, key, job.items[index : index + 1])
+            except asyncio.CancelledError:
+                raise
+            except BaseException as item_error:
+                return InputError(index, item_error)
+        return InputError(None, error)
+
+
+# ---------------------------------------------------------------------------------------------------- middleware
+
+
+def _json_response(status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
+    body = json.dumps({"detail": detail}).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    }
+    return start, {"type": "http.response.body", "body": body}
+
+
+class _RequestGuard:
+    """ASGI middleware that runs before any body is parsed: API key (401), JSON content type (415), body size (413).
+
+    The body is read here, counted as it streams in, and handed to the app only when it is within `max_body_bytes`;
+    a `Content-Length` over the limit is refused without reading anything.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        path = scope["path"]
+        if self.api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
+            problem = self._key_problem(headers)
+            if problem:
+                await self._refuse(send, 401, problem, [(b"www-authenticate", b"Bearer")])
+                return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await self._refuse(send, 413, self._too_large(f"Content-Length is {int(length)} bytes"))
+            return
+        if scope["method"] == "POST" and path in JSON_PATHS:
+            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json" and not content_type.endswith("+json"):
+                shown = f"got {content_type!r}" if content_type else "no Content-Type was sent"
+                await self._refuse(send, 415, f"send the body as JSON with 'Content-Type: application/json' ({shown})")
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                await self._refuse(send, 413, self._too_large(f"more than {self.max_body_bytes} bytes were sent"))
+                return
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def buffered_receive():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, buffered_receive, send)
+
+    def _key_problem(self, headers: dict[str, str]) -> str | None:
+        supplied = headers.get("x-api-key")
+        authorization = headers.get("authorization", "")
+        if supplied is None and authorization[:7].lower() == "bearer ":
+            supplied = authorization[7:].strip()
+        how = "send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+        if not supplied:
+            return f"this server needs an API key: {how}"
+        # Header values arrive as latin-1 text: encoding back gives the bytes sent, compared with the key's UTF-8.
+        if not hmac.compare_digest(supplied.encode("latin-1"), self.api_key):
+            return f"wrong API key ({how})"
+        return None
+
+    def _too_large(self, what: str) -> str:
+        return f"request body too large: {what}; at most {self.max_body_bytes} bytes per request"
+
+    @staticmethod
+    async def _refuse(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+        if status == 413:  # the rest of the body is not read: the connection cannot be reused
+            headers = [*headers, (b"connection", b"close")]
+        start, body = _json_response(status, detail, headers)
+        await send(start)
+        await send(body)
+
+
+# ---------------------------------------------------------------------------------------------------- the app
 
 
 def _swagger_static_dir() -> str | None:
@@ -176,30 +451,110 @@ def _swagger_static_dir() -> str | None:
     return folder if os.path.isfile(os.path.join(folder, "swagger-ui-bundle.js")) else None
 
 
+def display_name(name_or_path: str | os.PathLike | None) -> str:
+    """What the service shows as the model's name: a local path becomes its folder name (the server's file system
+    stays private); a Hub id (`user/model`) is shown as it is."""
+    if not name_or_path:
+        return "in-memory model"
+    text = os.fspath(name_or_path)
+    if os.path.isabs(text) or text.startswith(("./", "../", "~")) or os.path.exists(text):
+        return os.path.basename(os.path.normpath(text)) or "model"
+    return text
+
+
+def _check_model(model: Any) -> None:
+    missing = [name for name in MODEL_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        raise TypeError(
+            f"create_app needs a model folder, a Hub id, or a loaded model with {', '.join(MODEL_ATTRIBUTES)}; "
+            f"this {type(model).__name__} has no {', '.join(missing)}"
+        )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _locate(field: str) -> Callable[[int], str]:
+    return lambda index: f"{field}[{index}]"
+
+
 def create_app(
-    model_or_path: MultiTaskModel | str,
+    model_or_path: Any,
     max_batch_size: int = 64,
     max_text_length: int = 10_000,
     batch_wait_ms: float = 2.0,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int | None = None,
+    max_call_chars: int = 32_768,
 ) -> FastAPI:
     """Build the FastAPI app serving one model.
 
     Args:
-        model_or_path: a loaded `MultiTaskModel`, or a local folder / Hub id to load one from.
-        max_batch_size: most texts accepted in one request (more gives HTTP 413).
+        model_or_path: a local model folder or Hub id (loaded with `MultiTaskModel.from_pretrained`), or a loaded
+            model: a `MultiTaskModel` or any object with `config` (`tasks`, `embedding_dim`, `max_seq_length`, ...),
+            `tokenizer`, `task_names`, `encode`, `predict` and `similarity` with the same signatures.
+        max_batch_size: most texts in one request (a pair counts as two; more gives HTTP 413).
         max_text_length: most characters per text (longer gives HTTP 422); texts are also truncated to the
             model's `max_seq_length` tokens.
-        batch_wait_ms: how long the micro-batcher waits for more concurrent requests before running the model.
+        batch_wait_ms: how long the scheduler waits for more concurrent requests after being idle.
+        model_name: the name `/info` and the OpenAPI description show (default: the folder name of a local path,
+            or the Hub id; never the full local path).
+        api_key: when set, every endpoint except `/health`, `/docs` and `/openapi.json` needs this key
+            (`Authorization: Bearer <key>` or `X-API-Key: <key>`; HTTP 401 otherwise).
+        max_body_bytes: largest request body (HTTP 413 beyond, checked before the body is read). Default: enough
+            for `max_batch_size` texts of `max_text_length` characters, each written as `\\uXXXX` escapes.
+        max_call_chars: most characters per model call (each text counted up to 4 x `max_seq_length`): large
+            requests are split into calls of this size and share them with the requests waiting beside them.
     """
-    if isinstance(model_or_path, MultiTaskModel):
-        model, source = model_or_path, model_or_path.config.name_or_path or "in-memory model"
+    max_batch_size = _positive_int("max_batch_size", max_batch_size)
+    max_text_length = _positive_int("max_text_length", max_text_length)
+    max_call_chars = _positive_int("max_call_chars", max_call_chars)
+    if not isinstance(batch_wait_ms, (int, float)) or isinstance(batch_wait_ms, bool) or not batch_wait_ms >= 0:
+        raise ValueError(f"batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
+    if max_body_bytes is None:
+        max_body_bytes = max_batch_size * (6 * max_text_length + 16) + 65_536
+    max_body_bytes = _positive_int("max_body_bytes", max_body_bytes)
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key must be a non-empty string (or None for no authentication)")
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from modeling_mtl import MultiTaskModel
+
+        model = MultiTaskModel.from_pretrained(model_or_path)
+        name = model_name or display_name(model_or_path)
     else:
-        model, source = MultiTaskModel.from_pretrained(model_or_path), str(model_or_path)
+        model = model_or_path
+        _check_model(model)
+        name = model_name or display_name(getattr(model.config, "name_or_path", None))
     if model.tokenizer is None:
-        raise ValueError(f"the model from {source} has no tokenizer; save one beside the weights")
-    model.eval()
+        raise ValueError(f"the model {name} has no tokenizer; save one beside the weights")
+    if callable(getattr(model, "eval", None)):
+        model.eval()
     config = model.config
-    batcher = _MicroBatcher(model, max_texts=max(max_batch_size, 64), wait_s=batch_wait_ms / 1000)
+    task_types = {task["name"]: task.get("type", "classification") for task in config.tasks}
+    pair_tasks = [task for task in model.task_names if task_types.get(task) in PAIR_TASK_TYPES]
+    text_tasks = [task for task in model.task_names if task not in pair_tasks]
+    max_seq_length = int(getattr(config, "max_seq_length", None) or 512)
+    text_cost_cap = _CHARS_PER_TOKEN * max_seq_length
+
+    def call(op: str, key: Any, items: list) -> Any:
+        if op == "embed":
+            return model.encode(items, batch_size=32, normalize=key, show_progress_bar=False)
+        if op == "predict":
+            return model.predict(items, tasks=list(key) if key is not None else None, show_progress_bar=False)
+        if op == "predict_pairs":
+            tasks = list(key) if key is not None else None
+            return model.predict([tuple(pair) for pair in items], tasks=tasks, show_progress_bar=False)
+        raise ValueError(f"unknown operation {op!r}")
+
+    batcher = _MicroBatcher(
+        call, max_texts=max(max_batch_size, 64), max_chars=max_call_chars, wait_s=batch_wait_ms / 1000
+    )
     started = time.monotonic()
 
     @asynccontextmanager
@@ -211,8 +566,8 @@ def create_app(
     static_dir = _swagger_static_dir()
     app = FastAPI(
         title="Multi-task sentence transformer",
-        description=f"Sentence embeddings and task predictions from `{source}`.",
-        version="0.1.0",
+        description=f"Sentence embeddings, task predictions and similarities from `{name}`.",
+        version="0.2.0",
         lifespan=lifespan,
         # Without local Swagger assets FastAPI's /docs loads them from a CDN, which offline machines cannot reach.
         docs_url=None if static_dir else "/docs",
@@ -233,80 +588,246 @@ def create_app(
                 swagger_favicon_url="/static-docs/favicon.png",
             )
 
+    app.add_middleware(_RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.state.model = model
     app.state.batcher = batcher
+    app.state.model_name = name
+    # The key is checked by `_RequestGuard` (before the body is read); these only declare it in the OpenAPI schema,
+    # so Swagger UI shows an "Authorize" button.
+    secured = (
+        [Security(HTTPBearer(auto_error=False)), Security(APIKeyHeader(name="X-API-Key", auto_error=False))]
+        if api_key
+        else []
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        # Keep FastAPI's structured errors, plus one readable sentence naming the field.
-        messages = [f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()]
-        return JSONResponse(status_code=422, content={"detail": "; ".join(messages), "errors": error.errors()})
+        # One readable sentence naming each field (`texts[1]`), plus the structured list without the inputs (which
+        # can be large, or bytes that JSON cannot hold).
+        messages, errors = [], []
+        for item in error.errors():
+            loc = list(item.get("loc", ()))
+            path = loc[1:] if loc[:1] == ["body"] and len(loc) > 1 else loc
+            field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+            if item.get("type") == "missing" and not path[1:] and path[:1] == ["body"]:
+                messages.append('body is empty: send a JSON object, e.g. {"texts": ["..."]}')
+            elif item.get("type") == "json_invalid":
+                reason = (item.get("ctx") or {}).get("error", "")
+                messages.append(f"body is not valid JSON: {reason} (at character {path[-1] if path else '?'})")
+            else:
+                messages.append(f"{field or 'body'}: {item.get('msg', 'invalid')}")
+            loc = [part if isinstance(part, int) else str(part) for part in loc]
+            errors.append({"loc": loc, "msg": str(item.get("msg", "")), "type": str(item.get("type", ""))})
+        return JSONResponse(status_code=422, content={"detail": "; ".join(messages), "errors": errors})
 
-    def check_texts(texts: list[str], field: str = "texts") -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        cause = error.__cause__
+        if error.status_code == 400 and cause is not None:  # FastAPI could not parse the body (bad UTF-8, nesting)
+            detail = f"body is not valid JSON: {type(cause).__name__}: {str(cause)[:200]}"
+            return JSONResponse(status_code=422, content={"detail": detail})
+        return JSONResponse(status_code=error.status_code, content={"detail": error.detail}, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s", request.url.path, exc_info=error)
+        detail = f"internal server error ({type(error).__name__}); the server log has the details"
+        return JSONResponse(status_code=500, content={"detail": detail})
+
+    def check_texts(texts: list[str], field: str) -> None:
         if not texts:
             raise HTTPException(422, f"{field} is empty: send at least one text")
         if len(texts) > max_batch_size:
             raise HTTPException(413, f"{field} has {len(texts)} texts; at most {max_batch_size} per request")
         for index, text in enumerate(texts):
-            if len(text) > max_text_length:
-                raise HTTPException(
-                    422, f"{field}[{index}] has {len(text)} characters; at most {max_text_length} per text"
-                )
+            check_text(text, f"{field}[{index}]")
 
-    @app.get("/health", response_model=HealthResponse, summary="Liveness check")
+    def check_text(text: str, where: str) -> None:
+        if len(text) > max_text_length:
+            raise HTTPException(422, f"{where} has {len(text)} characters; at most {max_text_length} per text")
+        bad = _SURROGATE.search(text)
+        if bad:
+            raise HTTPException(
+                422,
+                f"{where} holds a lone surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}: "
+                "not valid Unicode (UTF-8 cannot encode it); send valid text",
+            )
+
+    def cost(text: str) -> int:
+        return min(len(text), text_cost_cap) + 1
+
+    async def run(request: Request, kind: tuple, items: list, locate: Callable[[int], str], pairs: bool = False):
+        costs = [cost(a) + cost(b) for a, b in items] if pairs else [cost(text) for text in items]
+        job = batcher.submit(kind, items, costs, [2 if pairs else 1] * len(items))
+        disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({job.future, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            batcher.cancel(job)
+            raise
+        finally:
+            disconnected.cancel()
+        if not job.future.done():  # the client went away before its work was done: drop it
+            batcher.cancel(job)
+            raise _ClientGone()
+        try:
+            return job.future.result()
+        except InputError as error:
+            where = locate(error.index) if error.index is not None else locate(0).split("[")[0]
+            reason = f"{type(error.error).__name__}: {error.error}"
+            if isinstance(error.error, (ValueError, TypeError)) or not isinstance(error.error, Exception):
+                raise HTTPException(422, f"{where}: the model cannot process this input ({reason})") from None
+            logger.error("model failure on %s", where, exc_info=error.error)
+            raise HTTPException(500, f"{where}: the model failed ({reason})") from None
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, error: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it: the connection is gone
+
+    @app.get("/health", response_model=HealthResponse, summary="Liveness check (never needs the API key)")
     async def health() -> HealthResponse:
         return HealthResponse(status="ok", uptime_s=round(time.monotonic() - started, 3))
 
-    @app.get("/info", response_model=InfoResponse, summary="Tasks, labels, embedding dimension and backbone")
+    @app.get(
+        "/info",
+        response_model=InfoResponse,
+        summary="Tasks (and which take pairs), labels, embedding dimension, limits",
+        dependencies=secured,
+    )
     async def info() -> InfoResponse:
+        backbone = getattr(getattr(config, "backbone_config", None), "model_type", None)
         return InfoResponse(
-            model=source,
-            backbone=config.backbone_config.model_type,
-            dimension=config.embedding_dim,
-            pooling=config.pooling,
-            normalize=bool(config.normalize),
-            max_seq_length=int(config.max_seq_length),
-            tasks=[TaskInfo(name=t["name"], type=t["type"], labels=list(t["labels"])) for t in config.tasks],
+            model=name,
+            backbone=str(backbone or "unknown"),
+            dimension=int(config.embedding_dim),
+            pooling=str(getattr(config, "pooling", "unknown")),
+            normalize=bool(getattr(config, "normalize", False)),
+            max_seq_length=max_seq_length,
+            tasks=[
+                TaskInfo(
+                    name=task["name"],
+                    type=task_types[task["name"]],
+                    labels=list(task.get("labels") or []),
+                    input="pair" if task["name"] in pair_tasks else "text",
+                )
+                for task in config.tasks
+            ],
             max_batch_size=max_batch_size,
             max_text_length=max_text_length,
+            max_body_bytes=max_body_bytes,
+            api_key_required=bool(api_key),
         )
 
-    @app.post("/embed", response_model=EmbedResponse, summary="Sentence embeddings")
-    async def embed(request: EmbedRequest) -> EmbedResponse:
-        check_texts(request.texts)
-        vectors = await batcher.submit("embed", request.texts, key=request.normalize)
-        return EmbedResponse(embeddings=np.asarray(vectors).tolist(), dimension=config.embedding_dim)
+    @app.post("/embed", response_model=EmbedResponse, summary="Sentence embeddings", dependencies=secured)
+    async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
+        check_texts(body.texts, "texts")
+        vectors = await run(request, ("embed", body.normalize), body.texts, _locate("texts"))
+        return EmbedResponse(embeddings=np.asarray(vectors).tolist(), dimension=int(config.embedding_dim))
 
-    @app.post("/predict", response_model=PredictResponse, summary="Task predictions (all tasks or a subset)")
-    async def predict(request: PredictRequest) -> PredictResponse:
-        check_texts(request.texts)
-        tasks = None
-        if request.tasks is not None:
-            if not request.tasks:
-                raise HTTPException(422, "tasks is empty: leave it out for all tasks, or name at least one")
-            unknown = [name for name in request.tasks if name not in model.task_names]
-            if unknown:
-                raise HTTPException(422, f"unknown task(s) {unknown}; this model's tasks are {model.task_names}")
-            tasks = tuple(dict.fromkeys(request.tasks))
-        predictions = await batcher.submit("predict", request.texts, key=tasks)
-        return PredictResponse(predictions=predictions)
-
-    @app.post("/similarity", response_model=SimilarityResponse, summary="Cosine similarity matrix")
-    async def similarity(request: SimilarityRequest) -> SimilarityResponse:
-        check_texts(request.texts)
-        texts = list(request.texts)
-        if request.texts_b is not None:
-            check_texts(request.texts_b, "texts_b")
-            if len(texts) + len(request.texts_b) > max_batch_size:
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        summary="Task predictions for texts or text pairs (all tasks or a subset)",
+        dependencies=secured,
+    )
+    async def predict(body: PredictRequest, request: Request) -> PredictResponse:
+        if body.texts is not None and body.pairs is not None:
+            raise HTTPException(422, "send either texts or pairs, not both (pair tasks take pairs, the others texts)")
+        if body.texts is None and body.pairs is None:
+            raise HTTPException(422, "send texts (a list of strings) or pairs (a list of [text, text_pair] lists)")
+        pairs = body.pairs is not None
+        field, available = ("pairs", pair_tasks) if pairs else ("texts", text_tasks)
+        if pairs:
+            if not body.pairs:
+                raise HTTPException(422, "pairs is empty: send at least one [text, text_pair]")
+            if 2 * len(body.pairs) > max_batch_size:
                 raise HTTPException(
                     413,
-                    f"texts + texts_b have {len(texts) + len(request.texts_b)} texts; "
-                    f"at most {max_batch_size} per request",
+                    f"pairs has {len(body.pairs)} pairs ({2 * len(body.pairs)} texts); "
+                    f"at most {max_batch_size} texts per request",
                 )
-            texts += request.texts_b
-        vectors = np.asarray(await batcher.submit("embed", texts, key=True))
-        a = vectors[: len(request.texts)]
-        b = vectors[len(request.texts) :] if request.texts_b is not None else a
+            for index, pair in enumerate(body.pairs):
+                for side, text in enumerate(pair):
+                    check_text(text, f"pairs[{index}][{side}]")
+        else:
+            check_texts(body.texts, "texts")
+        tasks = None
+        if body.tasks is not None:
+            if not body.tasks:
+                raise HTTPException(422, "tasks is empty: leave it out for all tasks, or name at least one")
+            unknown = [task for task in body.tasks if task not in task_types]
+            if unknown:
+                raise HTTPException(422, f"unknown task(s) {unknown}; this model's tasks are {model.task_names}")
+            wrong = [task for task in body.tasks if task not in available]
+            if wrong:
+                other, needs = ("texts", "single texts") if pairs else ("pairs", "text pairs")
+                raise HTTPException(
+                    422, f"task(s) {wrong} take {needs}: send them in {other}, not {field} (see /info: input)"
+                )
+            tasks = tuple(dict.fromkeys(body.tasks))
+        elif not available:
+            raise HTTPException(
+                422,
+                f"this model has no {'pair' if pairs else 'single-text'} tasks for {field} "
+                f"(text tasks: {text_tasks}, pair tasks: {pair_tasks})",
+            )
+        if pairs:
+            items = [tuple(pair) for pair in body.pairs]
+            predictions = await run(request, ("predict_pairs", tasks), items, _locate("pairs"), pairs=True)
+        else:
+            predictions = await run(request, ("predict", tasks), body.texts, _locate("texts"))
+        return PredictResponse(predictions=predictions)
+
+    @app.post(
+        "/similarity",
+        response_model=SimilarityResponse,
+        summary="Cosine similarity matrix, or one score per pair",
+        dependencies=secured,
+    )
+    async def similarity(body: SimilarityRequest, request: Request) -> SimilarityResponse:
+        if not body.texts:
+            raise HTTPException(422, "texts is empty: send at least one text")
+        if body.texts_b is not None and not body.texts_b:
+            raise HTTPException(422, "texts_b is empty: leave it out, or send at least one text")
+        texts = list(body.texts) + list(body.texts_b or [])
+        if len(texts) > max_batch_size:
+            field = "texts + texts_b have" if body.texts_b is not None else "texts has"
+            raise HTTPException(413, f"{field} {len(texts)} texts; at most {max_batch_size} per request")
+        check_texts(body.texts, "texts")
+        if body.texts_b is not None:
+            check_texts(body.texts_b, "texts_b")
+        if body.pairwise:
+            if body.texts_b is None:
+                raise HTTPException(422, "pairwise needs texts_b: one score per (texts[i], texts_b[i])")
+            if len(body.texts_b) != len(body.texts):
+                raise HTTPException(
+                    422,
+                    f"pairwise needs texts and texts_b of the same length, got {len(body.texts)} and "
+                    f"{len(body.texts_b)}",
+                )
+        count = len(body.texts)
+
+        def locate(index: int) -> str:
+            return f"texts[{index}]" if index < count else f"texts_b[{index - count}]"
+
+        vectors = np.asarray(await run(request, ("embed", True), texts, locate))
+        a = vectors[:count]
+        b = vectors[count:] if body.texts_b is not None else a
+        if body.pairwise:
+            return SimilarityResponse(scores=np.einsum("nd,nd->n", a, b).tolist())
         return SimilarityResponse(scores=(a @ b.T).tolist())
 
     return app
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request waited: nothing to answer."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is `http.disconnect`, sent when the client closes the
+    # connection (or when the response is complete, by which time this task is cancelled).
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -17,6 +17,7 @@ Everything else (checkpointing, resuming, DDP via accelerate, mixed precision, c
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
 
@@ -315,6 +316,16 @@ class MultiTaskTrainer(Trainer):
             check_resumable(resume_from_checkpoint, self.model, self.loss_weighting)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The Trainer's save; a LoRA checkpoint also records the model config (tasks, labels), which resuming
+        checks (`multitask_st.training.check_resumable`)."""
+        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "get_base_model") and self.args.should_save:
+            from .training import LORA_CONFIG_FILE
+
+            unwrap(model).config.to_json_file(os.path.join(output_dir or self.args.output_dir, LORA_CONFIG_FILE))
+
     # ------------------------------------------------------------------------------------------- data
 
     def _get_train_sampler(self, train_dataset=None):
@@ -375,7 +386,7 @@ class MultiTaskTrainer(Trainer):
             if not torch.isfinite(loss.detach()).item():
                 from .training import TrainingError
 
-                losses = {name: round(float(value), 4) for name, value in task_losses.items()}
+                losses = {name: round(float(value.detach()), 4) for name, value in task_losses.items()}
                 raise TrainingError(
                     f"the training loss became {float(loss)} at step {self.state.global_step} (task losses: {losses}); "
                     "stopped before the model is saved. Lower the learning rate, check the labels' scale, or "

@@ -27,6 +27,7 @@ logger = logging.get_logger(__name__)
 # complete model (see `commit_model_folder`).
 MODEL_COMMIT_FILE = "config.json"
 STAGING_DIR = ".final-model-staging"
+LORA_CONFIG_FILE = "multitask_config.json"  # the MultiTaskConfig beside a LoRA adapter (adapter_config.json is PEFT's)
 
 
 class TrainingError(RuntimeError):
@@ -61,7 +62,7 @@ def commit_model_folder(staging: Path, output_dir: Path) -> None:
     for path in sorted(staging.iterdir()):
         if path.name != MODEL_COMMIT_FILE:
             target = output_dir / path.name
-            if target.is_dir() and not path.is_dir():
+            if target.is_dir():
                 shutil.rmtree(target)
             os.replace(path, target)
     os.replace(staging / MODEL_COMMIT_FILE, output_dir / MODEL_COMMIT_FILE)
@@ -123,7 +124,9 @@ def check_resumable(checkpoint: str | os.PathLike, model: torch.nn.Module, loss_
 
     config_path = Path(checkpoint) / "config.json"
     if not config_path.is_file():
-        return  # a PEFT checkpoint keeps the adapter config only; its head weights are checked by the loader
+        config_path = Path(checkpoint) / LORA_CONFIG_FILE  # a LoRA checkpoint: the adapter and the model config
+    if not config_path.is_file():
+        raise TrainingError(f"cannot resume from {checkpoint}: it holds no config.json (not a checkpoint of a model)")
     saved = json.loads(config_path.read_text(encoding="utf-8"))
     current_tasks = {task["name"]: task for task in unwrap(model).config.tasks}
     saved_tasks = {task["name"]: task for task in saved.get("tasks", [])}
@@ -137,7 +140,7 @@ def check_resumable(checkpoint: str | os.PathLike, model: torch.nn.Module, loss_
             before, now = saved_tasks[name].get(key), current_tasks[name].get(key)
             if before != now:
                 differences.append(f"task '{name}': {key} was {before!r}, is {now!r}")
-    weights = list(Path(checkpoint).glob("*.safetensors"))
+    weights = list(Path(checkpoint).glob("model*.safetensors"))
     if weights:
         from safetensors import safe_open
 
@@ -180,7 +183,9 @@ def apply_lora(
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"lora_rank must be a positive int, got {rank!r}")
     targets = target_modules or _default_lora_targets(model)
-    trainable_outside = ["heads", "pooling"] + (["projection"] if model.projection is not None else [])
+    trainable_outside = [f"heads.{name}" for name in model.heads]
+    trainable_outside += ["pooling"] if any(True for _ in model.pooling.parameters()) else []
+    trainable_outside += ["projection"] if model.projection is not None else []
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else 2 * rank,
@@ -191,6 +196,38 @@ def apply_lora(
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def save_lora_adapter(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Save a LoRA-wrapped model's adapters and trained heads (PEFT format) plus the `MultiTaskConfig` they belong
+    to, so that `load_lora_model` can rebuild it from the base encoder."""
+    model.save_pretrained(str(directory))
+    model.get_base_model().config.to_json_file(str(Path(directory) / LORA_CONFIG_FILE))
+
+
+def load_lora_model(directory: str | os.PathLike, base_model: str | None = None, merge: bool = False):
+    """Rebuild a model saved by `save_lora_adapter`: the base encoder (`base_model`, default the one recorded in the
+    adapter) with the saved tasks, then the adapters and heads. `merge=True` folds the adapters into the encoder and
+    returns a plain `MultiTaskModel`."""
+    from peft import PeftModel
+
+    from configuration_mtl import MultiTaskConfig
+
+    directory = Path(directory)
+    config = MultiTaskConfig.from_json_file(str(directory / LORA_CONFIG_FILE))
+    adapter = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    base = base_model or adapter.get("base_model_name_or_path") or config.name_or_path
+    model = MultiTaskModel.from_backbone(
+        base,
+        tasks=config.tasks,
+        pooling=config.pooling,
+        normalize=config.normalize,
+        max_seq_length=config.max_seq_length,
+        projection_dim=config.projection_dim,
+        head_dropout=config.head_dropout,
+    )
+    wrapped = PeftModel.from_pretrained(model, str(directory))
+    return wrapped.merge_and_unload() if merge else wrapped
 
 
 def _default_lora_targets(model: MultiTaskModel) -> list[str]:

@@ -1,10 +1,12 @@
-"""The `mtl` console entry point, run as a real subprocess."""
+"""The `mtl` console entry point, run as a real subprocess (and in-process for speed where the process start-up does
+not matter)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -12,16 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_service import make_tiny_model
+from test_service import PAIR_TASKS, PAIRS, TEXT_TASKS, free_port, make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def mtl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def mtl_command() -> list[str]:
     # The installed console script when present (what users run), else the module (same `main`).
-    command = [shutil.which("mtl")] if shutil.which("mtl") else [sys.executable, "-m", "multitask_st.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=120, cwd=cwd or ROOT, env=env)
+    return [shutil.which("mtl")] if shutil.which("mtl") else [sys.executable, "-m", "multitask_st.cli"]
+
+
+def mtl(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        mtl_command() + list(args), capture_output=True, text=True, timeout=120, cwd=cwd or ROOT, env=env
+    )
 
 
 def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
@@ -48,6 +55,20 @@ def model(model_dir):
     return MultiTaskModel.from_pretrained(model_dir).eval()
 
 
+@pytest.fixture()
+def no_model_loading(monkeypatch):
+    """Loading the model fails the test: whatever is checked must be checked before that long work starts."""
+    from modeling_mtl import MultiTaskModel
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the model was loaded before the command line was checked")
+
+    monkeypatch.setattr(MultiTaskModel, "from_pretrained", refuse)
+
+
+# ---------------------------------------------------------------------------------------------------- good path
+
+
 def test_help(capsys):
     result = mtl("--help")
     assert result.returncode == 0
@@ -55,6 +76,9 @@ def test_help(capsys):
         assert command in result.stdout
     encode_help = run_main(capsys, "encode", "--help")
     assert encode_help.returncode == 0 and "--output" in encode_help.stdout and ".npy" in encode_help.stdout
+    serve_help = run_main(capsys, "serve", "--help")
+    for option in ("--api-key", "--timeout-keep-alive", "--max-body-bytes", "--model-name", "--limit-concurrency"):
+        assert option in serve_help.stdout
 
 
 def test_encode_npy_and_jsonl(model_dir, model, tmp_path, capsys):
@@ -76,28 +100,50 @@ def test_encode_npy_and_jsonl(model_dir, model, tmp_path, capsys):
         "--text-field",
         "sentence",
         "-o",
-        str(tmp_path / "emb.jsonl"),
+        str(tmp_path / "out" / "emb.jsonl"),
         "-q",
     )
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in (tmp_path / "emb.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "emb.jsonl").read_text().splitlines()]
     assert [row["text"] for row in rows] == texts
     np.testing.assert_allclose([row["embedding"] for row in rows], vectors, atol=1e-5)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["emb.jsonl"]  # no temporary files left
 
 
 def test_predict_json(model_dir, model, tmp_path, capsys):
-    (tmp_path / "texts.txt").write_text("I loved it!\n\nJohn Smith works for Acme.\n")
+    (tmp_path / "texts.txt").write_text("\ufeffI loved it!\n\nJohn Smith works for Acme.\n")  # a byte-order mark
     result = run_main(capsys, "predict", "--model", model_dir, "--file", str(tmp_path / "texts.txt"))
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [row["text"] for row in rows] == ["I loved it!", "John Smith works for Acme."]
-    assert set(rows[0]["predictions"]) == {"sentiment", "topics", "ner", "similarity"}
+    assert set(rows[0]["predictions"]) == set(TEXT_TASKS)
     assert rows[0]["predictions"]["sentiment"]["label"] == model.predict("I loved it!")["sentiment"]["label"]
     subset = run_main(
-        capsys, "predict", "--model", model_dir, "Hi", "--tasks", "sentiment,similarity", "-o", str(tmp_path / "p.json")
+        capsys, "predict", "--model", model_dir, "Hi", "--tasks", "sentiment,rating", "-o", str(tmp_path / "p.json")
     )
     assert subset.returncode == 0, subset.stderr
-    assert set(json.loads((tmp_path / "p.json").read_text())[0]["predictions"]) == {"sentiment", "similarity"}
+    assert set(json.loads((tmp_path / "p.json").read_text())[0]["predictions"]) == {"sentiment", "rating"}
+
+
+@pytest.mark.parametrize("source", ["tsv", "jsonl", "arguments"])
+def test_predict_pairs(model_dir, model, tmp_path, capsys, source):
+    if source == "tsv":
+        (tmp_path / "pairs.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in PAIRS))
+        inputs = ["--pairs", str(tmp_path / "pairs.tsv")]
+    elif source == "jsonl":
+        lines = [json.dumps({"text": a, "text_pair": b}) for a, b in PAIRS]
+        (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n\n")
+        inputs = ["--pairs", str(tmp_path / "pairs.jsonl")]
+    else:
+        inputs = [arg for pair in PAIRS for arg in ("--pair", *pair)]
+    result = run_main(capsys, "predict", "--model", model_dir, *inputs, "-o", str(tmp_path / "p.jsonl"))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(row["text"], row["text_pair"]) for row in rows] == PAIRS
+    for row, expected in zip(rows, model.predict(PAIRS)):
+        assert set(row["predictions"]) == set(PAIR_TASKS)
+        assert row["predictions"]["nli"]["label"] == expected["nli"]["label"]
+        assert row["predictions"]["sts"]["cosine"] == pytest.approx(expected["sts"]["cosine"], abs=1e-5)
 
 
 def test_similarity_prints_and_saves_heatmap(model_dir, model, tmp_path):
@@ -122,33 +168,192 @@ def test_similarity_prints_and_saves_heatmap(model_dir, model, tmp_path):
     )
 
 
+def test_similarity_pairs_pairwise_and_matrix(model_dir, model, tmp_path, capsys):
+    a, b = [pair[0] for pair in PAIRS], [pair[1] for pair in PAIRS]
+    pair_args = [arg for pair in PAIRS for arg in ("--pair", *pair)]
+    result = run_main(
+        capsys, "similarity", "--model", model_dir, *pair_args, "--pairwise", "--json", str(tmp_path / "s.json")
+    )
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["pairs"] == [list(pair) for pair in PAIRS]
+    np.testing.assert_allclose(saved["scores"], model.similarity(a, b, pairwise=True), atol=1e-5)
+    assert len(result.stdout.strip().splitlines()) == len(PAIRS)
+    matrix = run_main(capsys, "similarity", "--model", model_dir, *pair_args, "--json", str(tmp_path / "m.json"), "-q")
+    assert matrix.returncode == 0, matrix.stderr
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["texts"] == a and saved["texts_b"] == b
+    np.testing.assert_allclose(saved["scores"], model.similarity(a, b), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, model_dir):
+    """Inputs and model folders that are wrong in one way each."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty_model").mkdir()
+    (root / "garbage_model").mkdir()
+    (root / "garbage_model" / "config.json").write_text("{not json")
+    (root / "no_weights").mkdir()
+    shutil.copy(Path(model_dir) / "config.json", root / "no_weights" / "config.json")
+    (root / "a_file").write_text("not a folder")
+    (root / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (root / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    (root / "nofield.jsonl").write_text('{"sentence": "ok"}\n')
+    (root / "list.jsonl").write_text('["ok"]\n')
+    (root / "surrogate.jsonl").write_text('{"text": "ok \\ud800"}\n')
+    (root / "three.tsv").write_text("a\tb\na\tb\tc\n")
+    (root / "one.tsv").write_text("just one column\n")
+    (root / "pairs.csv").write_text("a,b\n")
+    (root / "nopair.jsonl").write_text('{"text": "a", "pair": "b"}\n')
+    (root / "folder.npy").mkdir()
+    (root / "empty.txt").write_text("\n\n")
+    return root
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["encode", "--model", "/nonexistent/model", "hi", "-o", "x.npy"], "no such model folder"),
+        (["encode", "--model", "/nonexistent/model", "hi", "-o", "x.npy"], "--model /nonexistent/model: no such model"),
+        (["encode", "--model", "{bad}/empty_model", "hi", "-o", "x.npy"], "no config.json in this folder"),
+        (["encode", "--model", "{bad}/garbage_model", "hi", "-o", "x.npy"], "config.json cannot be read"),
+        (["encode", "--model", "{bad}/no_weights", "hi", "-o", "x.npy"], "no weights in this folder"),
+        (["encode", "--model", "{bad}/a_file", "hi", "-o", "x.npy"], "a_file: not a folder"),
+        (
+            ["encode", "--model", "{backbone}", "hi", "-o", "x.npy"],
+            "not a multi-task model (config.json has model_type",
+        ),
         (["encode", "--model", "{model}", "--file", "/nonexistent/in.txt", "-o", "x.npy"], "cannot read --file"),
+        (["encode", "--model", "{model}", "--file", "{bad}/latin1.txt", "-o", "x.npy"], "latin1.txt: not UTF-8 text"),
+        (["encode", "--model", "{model}", "--file", "{bad}/bad.jsonl", "-o", "x.npy"], "bad.jsonl:2: not valid JSON"),
+        (["encode", "--model", "{model}", "--file", "{bad}/nofield.jsonl", "-o", "x.npy"], "string field 'text'"),
+        (["encode", "--model", "{model}", "--file", "{bad}/list.jsonl", "-o", "x.npy"], "expected a JSON object"),
+        (["encode", "--model", "{model}", "--file", "{bad}/surrogate.jsonl", "-o", "x.npy"], "lone surrogate"),
+        (["encode", "--model", "{model}", "caf\udce9", "-o", "x.npy"], "argument 1: not valid Unicode text"),
         (["encode", "--model", "{model}", "-o", "x.npy"], "no input texts"),
-        (["encode", "--model", "{model}", "hi", "-o", "x.csv"], "use a .npy or .jsonl"),
+        (["encode", "--model", "{model}", "--file", "{bad}/empty.txt", "-o", "x.npy"], "no input texts"),
+        (["encode", "--model", "{model}", "hi", "-o", "x.csv"], "--output x.csv: use a .npy or .jsonl file name"),
+        (["encode", "--model", "{model}", "hi", "-o", "{bad}/a_file/x.npy"], "a_file is a file, not a folder"),
+        (["encode", "--model", "{model}", "hi", "-o", "{bad}/folder.npy"], "folder.npy: is a folder"),
+        (["encode", "--model", "{model}", "hi", "-o", "/proc/x.npy"], "cannot write in /proc"),
         (["predict", "--model", "{model}", "hi", "--tasks", "sentiment,nope"], "unknown task(s) ['nope']"),
+        (["predict", "--model", "{model}", "hi", "--tasks", "nli"], "task(s) ['nli'] take text pairs"),
+        (["predict", "--model", "{model}", "--pair", "a", "b", "--tasks", "sts,rating"], "['rating'] take single"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/pairs.csv"], "use a .jsonl (text, text_pair fields)"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/three.tsv"], "three.tsv:2: expected 2 tab-separated"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/one.tsv"], "one.tsv:1: expected 2 tab-separated columns"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/nopair.jsonl"], "fields 'text' and 'text_pair'"),
+        (["predict", "--model", "{model}", "--pair", "a", "b\udcff"], "--pair 1: not valid Unicode text"),
+        (["predict", "--model", "{model}", "hi", "-o", "{bad}/a_file/p.json"], "is a file, not a folder"),
         (["similarity", "--model", "{model}", "only one"], "at least two texts"),
+        (["similarity", "--model", "{model}", "a", "b", "-o", "heat.txt"], "use a .png, .svg or .pdf file name"),
+        (["similarity", "--model", "{model}", "a", "b", "--json", "{bad}/a_file/s.json"], "is a file, not a folder"),
+        (["serve", "--model", "/nonexistent/model", "--port", "{free}"], "no such model folder"),
+        (["serve", "--model", "{model}", "--host", "10.255.255.1", "--port", "{free}"], "cannot listen there"),
+        (["serve", "--model", "{model}", "--port", "{busy}"], "--port {busy}: address already in use"),
+        (["serve", "--model", "{bad}/empty_model", "--port", "{busy}"], "--port {busy}: address already in use"),
     ],
 )
-def test_errors(model_dir, tmp_path, args, message, capsys, monkeypatch):
+def test_errors(model_dir, tiny_bert, bad_files, tmp_path, args, message, capsys, monkeypatch, no_model_loading):
+    """Exit code 1, one line naming the problem, and all of it found before the model is loaded."""
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        values = {
+            "{model}": model_dir,
+            "{bad}": str(bad_files),
+            "{backbone}": str(tiny_bert),
+            "{busy}": str(busy.getsockname()[1]),
+            "{free}": str(free_port()),
+        }
+
+        def fill(text: str) -> str:
+            for key, value in values.items():
+                text = text.replace(key, value)
+            return text
+
+        result = run_main(capsys, *map(fill, args))
+    assert result.returncode == 1, result.stderr
+    assert fill(message) in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(f"mtl {args[0]}: error: ")
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["encode", "hi"], "the following arguments are required: --model, --output/-o"),
+        (["encode", "--model", "{model}", "hi", "-o", "x.npy", "--batch-size", "0"], "'0' is not a positive integer"),
+        (["encode", "--model", "{model}", "hi", "-o", "x.npy", "--device", "gpu9"], "'gpu9' is not a torch device"),
+        (["encode", "--model", "{model}", "hi", "-o", "x.npy", "--normalize", "--no-normalize"], "not allowed with"),
+        (["predict", "--model", "{model}", "hi", "--pair", "a", "b"], "give texts (arguments or --file) or pairs"),
+        (["predict", "--model", "{model}", "hi", "--tasks", ","], "--tasks ',': name at least one task"),
+        (["predict", "--model", "{model}", "--pair", "only-one"], "argument --pair: expected 2 arguments"),
+        (["similarity", "--model", "{model}", "a", "b", "--pairwise"], "--pairwise needs pairs"),
+        (["similarity", "--model", "{model}", "--pair", "a", "b", "--pairwise", "-o", "h.png"], "--pairwise gives one"),
+        (["serve", "--model", "{model}", "--port", "70000"], "argument --port: '70000' is not a TCP port (1-65535)"),
+        (["serve", "--model", "{model}", "--port", "0"], "'0' is not a TCP port"),
+        (["serve", "--model", "{model}", "--port", "http"], "'http' is not a TCP port"),
+        (["serve", "--model", "{model}", "--max-batch-size", "0"], "argument --max-batch-size: '0' is not a positive"),
+        (["serve", "--model", "{model}", "--max-text-length", "-5"], "'-5' is not a positive integer"),
+        (["serve", "--model", "{model}", "--batch-wait-ms", "-1"], "'-1' is not a number >= 0"),
+        (["serve", "--model", "{model}", "--batch-wait-ms", "nan"], "'nan' is not a number >= 0"),
+        (["serve", "--model", "{model}", "--timeout-keep-alive", "0"], "argument --timeout-keep-alive"),
+        (["serve", "--model", "{model}", "--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+        (["serve", "--model", "{model}", "--api-key", " "], "--api-key is empty"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_command_line(model_dir, tmp_path, args, message, capsys, monkeypatch, no_model_loading):
+    """Exit code 2 and one line (argparse's usage block is not repeated)."""
     monkeypatch.chdir(tmp_path)
     result = run_main(capsys, *[arg.replace("{model}", model_dir) for arg in args])
-    assert result.returncode == 1
+    assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_device_without_gpu(model_dir, tmp_path, capsys, no_model_loading):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    for device in ("cuda", "cuda:1"):
+        result = run_main(
+            capsys, "encode", "--model", model_dir, "hi", "-o", str(tmp_path / "x.npy"), "--device", device
+        )
+        assert result.returncode == 1
+        assert f"--device {device}: no CUDA GPU is available here" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_failure_during_the_work_leaves_no_partial_output(model_dir, tmp_path, capsys, monkeypatch):
+    from modeling_mtl import MultiTaskModel
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("device lost\nsecond line")
+
+    monkeypatch.setattr(MultiTaskModel, "predict", fail)
+    result = run_main(capsys, "predict", "--model", model_dir, "hi", "-q", "-o", str(tmp_path / "out" / "p.json"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "mtl predict: error: RuntimeError: device lost (MTL_DEBUG=1 shows the traceback)"
+    assert list((tmp_path / "out").iterdir()) == []  # no output and no temporary file
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MultiTaskModel, "predict", interrupt)
+    result = run_main(capsys, "predict", "--model", model_dir, "hi", "-q")
+    assert result.returncode == 130 and result.stderr.strip() == "mtl predict: interrupted"
 
 
 def test_error_exit_code_from_console_script(tmp_path):
     result = mtl("encode", "--model", str(tmp_path / "missing"), "hi", "-o", str(tmp_path / "x.npy"))
     assert result.returncode == 1
     assert "mtl encode: error: --model" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_bad_command_line(capsys):
-    result = run_main(capsys, "encode", "hi")  # --model and --output missing
-    assert result.returncode == 2 and "--model" in result.stderr
 
 
 @pytest.mark.parametrize("command, module", [("train", "train"), ("push", "push_to_hub")])
@@ -161,29 +366,35 @@ def test_train_and_push_delegate_help(command, module):
 
 
 def test_serve_starts_the_service(model_dir, tmp_path):
-    """`mtl serve` is the one documented start command: run it and talk to it over HTTP."""
+    """`mtl serve` is the one documented start command: run it and talk to it over HTTP (API key from the
+    environment, the model's local path kept private)."""
     import httpx
-    from test_service import free_port
 
     port = free_port()
-    command = [shutil.which("mtl")] if shutil.which("mtl") else [sys.executable, "-m", "multitask_st.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "MTL_API_KEY": "from-env"}
     args = ["serve", "--model", model_dir, "--port", str(port), "--max-batch-size", "4", "--log-level", "warning"]
-    process = subprocess.Popen(command + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        mtl_command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline, "mtl serve did not answer /health within 60 s"
             time.sleep(0.2)
-        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
-        assert info["max_batch_size"] == 4 and len(info["tasks"]) == 4
-        assert httpx.post(f"http://127.0.0.1:{port}/embed", json={"texts": ["a"] * 5}).status_code == 413
+        assert httpx.get(f"{url}/info").status_code == 401
+        key = {"Authorization": "Bearer from-env"}
+        info = httpx.get(f"{url}/info", headers=key).json()
+        assert info["max_batch_size"] == 4 and len(info["tasks"]) == 6 and info["api_key_required"] is True
+        assert info["model"] == Path(model_dir).name and model_dir not in httpx.get(f"{url}/openapi.json").text
+        assert httpx.post(f"{url}/embed", json={"texts": ["a"] * 5}, headers=key).status_code == 413
+        assert httpx.post(f"{url}/predict", json={"pairs": [["a", "b"]]}, headers=key).status_code == 200
     finally:
         process.terminate()
         process.wait(timeout=20)

@@ -70,7 +70,10 @@ def test_default_backbone_config_has_minilm_shape():
         ({"pooling": "median"}, "pooling 'median' is not one of"),
         ({"tasks": [{"name": "a", "labels": ["x", "y"]}, {"name": "a", "labels": ["x", "y"]}]}, "duplicate task names"),
         ({"tasks": [{"name": "a", "labels": ["only"]}]}, "needs at least 2 labels"),
-        ({"tasks": [{"name": "a", "labels": ["x", "y"], "loss_weight": -1}]}, "loss_weight must be a finite number >= 0"),
+        (
+            {"tasks": [{"name": "a", "labels": ["x", "y"], "loss_weight": -1}]},
+            "loss_weight must be a finite number >= 0",
+        ),
         ({"tasks": [{"name": "a", "type": "ranking", "labels": ["x", "y"]}]}, "type 'ranking' is not one of"),
         ({"tasks": [{"name": "a.b", "labels": ["x", "y"]}]}, "task name must be"),
         ({"tasks": [{"name": "a", "labels": ["x", "x"]}]}, "duplicate labels ['x']"),

@@ -94,7 +94,7 @@ def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model,
     files = stored_files(hub, repo_id)
     published = set(files) - {".gitattributes"}
     expected = {
-        "README.md", "config.json", "model.safetensors", "configuration_mtl.py", "modeling_mtl.py",
+        "README.md", "config.json", "model.safetensors", "configuration_mtl.py", "modeling_mtl.py", "inference_mtl.py",
         "tokenizer.json", "tokenizer_config.json", "metrics.json", "training_config.json", "trainer_state.json",
         "training_curves.png",
     }  # fmt: skip

@@ -32,7 +32,17 @@ def test_wheel_contains_modules_and_data_and_installs(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "wheel").glob("multitask_sentence_transformer-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("configuration_mtl.py", "modeling_mtl.py", "train.py", "push_to_hub.py", "multitask_st/__init__.py"):
+    for module in (
+        "configuration_mtl.py",
+        "modeling_mtl.py",
+        "inference_mtl.py",
+        "train.py",
+        "push_to_hub.py",
+        "multitask_st/__init__.py",
+        "multitask_st/default_data/default_train.jsonl",
+        "multitask_st/metric_scripts/mtl_retrieval/mtl_retrieval.py",
+        "multitask_st/templates/model_card.md",
+    ):
         assert module in names, f"{module} missing from the wheel"
     assert not any(name.startswith("tests/") for name in names)
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))

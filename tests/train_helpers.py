@@ -87,6 +87,26 @@ def separate_sources(folder: Path, sizes=(40, 16, 24)) -> list[dict]:
     return tasks
 
 
+def pair_rows(count: int, seed: int = 0) -> list[dict]:
+    rows = make_rows(count, seed)
+    return [
+        {
+            "sentence1": row["text"],
+            "sentence2": " ".join(reversed(row["tokens"])),
+            "score": float(index % 6),
+            "label": index % 2,
+        }
+        for index, row in enumerate(rows)
+    ]
+
+
+def pair_files(folder: Path, train: int = 12, evaluation: int = 6) -> dict[str, str]:
+    return {
+        "train": str(write_jsonl(folder / "train.jsonl", pair_rows(train))),
+        "validation": str(write_jsonl(folder / "validation.jsonl", pair_rows(evaluation, seed=1))),
+    }
+
+
 def train_flags(model_dir: str | Path, tasks: list[dict], output_dir: str | Path) -> list[str]:
     """The train.py arguments every training test shares: tiny batches, short sequences, CPU, no reporting."""
     return [

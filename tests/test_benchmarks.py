@@ -1,0 +1,70 @@
+"""The reusable pieces of the benchmark scripts (optimizer-state accounting, the sampling schedule, the random-init
+backbone): tested so that the figures the docs quote come from code that does what it says."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_mtl import MultiTaskModel
+from multitask_st.trainer import MultiTaskSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from bench_training_choices import batches_per_source, make_random_init_backbone, optimizer_state_size  # noqa: E402
+
+
+def test_optimizer_state_size_counts_adam_moments_of_trained_parameters_only():
+    trained, frozen = torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)
+    frozen.requires_grad_(False)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=0.1)
+    assert optimizer_state_size(optimizer) == (0, 0)  # state appears at the first step
+    (trained(torch.ones(2, 4)).sum() + frozen(torch.ones(2, 4)).sum()).backward()
+    optimizer.step()
+    state_bytes, params = optimizer_state_size(optimizer)
+    assert params == 15
+    steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
+    assert state_bytes == 2 * 15 * 4 + steps
+
+    class Wrapped:  # accelerate's AcceleratedOptimizer keeps the real optimizer in `.optimizer`
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    assert optimizer_state_size(Wrapped(optimizer)) == (state_bytes, params)
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "temperature", "uniform", "round_robin"])
+def test_batches_per_source_follows_the_sampler_across_epochs(strategy):
+    sizes, batch_size, steps = [200, 10], 8, 60  # 25 + 2 = 27 batches per epoch: 60 steps span three epochs
+    counts = batches_per_source(sizes, batch_size, strategy, 2.0, 7, steps)
+    assert sum(counts) == steps
+    sampler = MultiTaskSampler(sizes, batch_size, strategy, 2.0, 7)
+    assert sampler.num_batches == 27
+    expected = [0, 0]
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for source in sampler.batch_sources()[: steps - 27 * epoch]:
+            expected[source] += 1
+    assert counts == expected
+    if strategy == "round_robin":  # alternates within each epoch of 27 batches: 14 / 13, 14 / 13, then 3 / 3
+        assert counts == [31, 29]
+
+
+def test_make_random_init_backbone_same_architecture_new_weights(tiny_bert, tmp_path):
+    from transformers import AutoModel
+
+    target = make_random_init_backbone(tiny_bert, tmp_path / "random", seed=0)
+    pretrained, scratch = AutoModel.from_pretrained(tiny_bert), AutoModel.from_pretrained(target)
+    assert scratch.config.to_dict()["hidden_size"] == pretrained.config.hidden_size
+    assert scratch.config.num_hidden_layers == pretrained.config.num_hidden_layers
+    weights = dict(pretrained.named_parameters())
+    assert {name for name, _ in scratch.named_parameters()} == set(weights)
+    assert any(not torch.equal(p, weights[name]) for name, p in scratch.named_parameters())
+    again = make_random_init_backbone(tiny_bert, tmp_path / "again", seed=0)
+    for (name, p), (_, q) in zip(scratch.named_parameters(), AutoModel.from_pretrained(again).named_parameters()):
+        assert torch.equal(p, q), name  # seeded
+    model = MultiTaskModel.from_backbone(target, tasks=[{"name": "t", "type": "classification", "labels": ["a", "b"]}])
+    assert model.tokenizer is not None

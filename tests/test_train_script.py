@@ -1,0 +1,170 @@
+"""train.py: arguments (flags, config files, the embedded default job, the recipe defaults), a full run's output
+folder contract, early stopping on the combined score, and one clear error (exit 2) for bad runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from train_helpers import make_dataset, pair_files, separate_sources, three_tasks, train_flags
+
+import train
+from modeling_mtl import MultiTaskModel
+from multitask_st.data import parse_task_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(tiny_bert, tasks, output_dir, *flags) -> dict:
+    assert train.main([*train_flags(tiny_bert, tasks, output_dir), *flags]) == 0
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def test_config_file_keeps_tasks_as_data_and_flags_override_it(tmp_path):
+    config = {
+        "tasks": [{"name": "sentiment", "dataset": "some/dataset", "labels": ["neg", "pos"]}],
+        "learning_rate": 3e-4,
+        "freeze_layers": 1,
+        "output_dir": str(tmp_path / "a"),
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _, data_args, mtl_args, training_args = train.parse_arguments([str(path), "--learning_rate", "1e-3"])
+    assert training_args.learning_rate == 1e-3 and mtl_args.freeze_layers == 1
+    assert data_args.tasks == config["tasks"]  # the list itself, never serialised to a flag and parsed back
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert train.parse_arguments([str(tmp_path / "config.json")])[3].learning_rate == 3e-4
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "learning_rat": 1}))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rat'\]"):
+        train.parse_arguments([str(tmp_path / "bad.yaml")])
+
+
+def test_defaults_are_the_recipe_and_flags_alone_change_the_default_job(tmp_path):
+    _, data_args, mtl_args, training_args = train.parse_arguments([])
+    assert [spec.name for spec in parse_task_specs(data_args.tasks)] == ["topic", "sentiment", "ner"]
+    assert training_args.metric_for_best_model == "combined_score"
+    assert (training_args.learning_rate, mtl_args.head_learning_rate) == (1e-4, 2e-3)
+    assert (training_args.warmup_steps, training_args.weight_decay) == (0.1, 0.01)
+    assert mtl_args.embedding_protection == "distillation"
+    # Flags without --tasks apply to the embedded default job.
+    _, data_args, _, training_args = train.parse_arguments(["--output_dir", str(tmp_path / "x"), "--seed", "3"])
+    assert [spec.name for spec in parse_task_specs(data_args.tasks)] == ["topic", "sentiment", "ner"]
+    assert (training_args.output_dir, training_args.seed) == (str(tmp_path / "x"), 3)
+    # With --tasks, the recipe's defaults (not the plain Trainer's) apply.
+    _, _, _, training_args = train.parse_arguments(["--tasks", "[]", "--output_dir", str(tmp_path / "y")])
+    assert (training_args.learning_rate, training_args.per_device_train_batch_size) == (1e-4, 32)
+
+
+# ------------------------------------------------------------------------------------------------ full runs
+
+
+def test_a_run_logs_every_task_and_writes_the_output_contract(tiny_bert, tmp_path):
+    tasks = separate_sources(tmp_path / "data")
+    files = pair_files(tmp_path / "pairs", train=16, evaluation=8)
+    tasks.append(
+        {"name": "sts", "type": "similarity", "data_files": files, "label_column": "score", "score_range": [0, 5]}
+    )
+    state = run(tiny_bert, tasks, tmp_path / "out", "--max_steps", "8", "--logging_steps", "4", "--eval_strategy",
+                "steps", "--eval_steps", "4", "--save_strategy", "no", "--task_sampling", "round_robin")  # fmt: skip
+    history = state["log_history"]
+    train_logs = [entry for entry in history if "loss" in entry]
+    for entry in train_logs:  # round robin over 4 sources, 4 steps per log window: every task in every window
+        assert {"loss/topic", "loss/sentiment", "loss/ner", "loss/sts", "loss/embedding_distillation"} <= set(entry)
+    eval_log = [entry for entry in history if "eval_loss" in entry][-1]
+    for key in (
+        "topic/loss",
+        "ner/loss",
+        "topic/accuracy",
+        "ner/f1",
+        "sts/spearman",
+        "embedding/cosine_to_initial",
+        "combined_score",
+    ):
+        assert f"eval_{key}" in eval_log, key
+
+    output = tmp_path / "out"
+    assert not (output / ".final-model-staging").exists()
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"topic", "sentiment", "ner", "sts"}
+    assert metrics["combined_score"] == pytest.approx(
+        np.mean([metrics["eval"]["topic"]["macro_f1"], metrics["eval"]["sentiment"]["macro_f1"],
+                 metrics["eval"]["ner"]["f1"], metrics["eval"]["sts"]["spearman"]])
+    )  # fmt: skip
+    assert set(metrics["embedding"]["eval"]) == {"cosine_to_initial", "knn_overlap@10"}
+    record = json.loads((output / "training_config.json").read_text())
+    assert record["tasks"]["ner"]["type"] == "token_classification"
+    assert record["tasks"]["topic"]["num_train_examples"] == 40
+    assert record["tasks"]["sts"]["input_columns"] == ["sentence1", "sentence2"]
+    assert record["hyperparameters"]["task_sampling"] == "round_robin"
+    assert record["hardware_details"]["precision"] == "fp32" and record["hardware_details"]["torch_threads"] >= 1
+    assert record["train_runtime_s"] > 0
+    model = MultiTaskModel.from_pretrained(output)
+    assert model.config.get_task("topic")["labels"] == ["business", "science", "sport"]
+    assert set(model.predict("John Smith loved the match in Paris")) == {"topic", "sentiment", "ner"}
+    assert set(model.predict(("a", "b"))) == {"sts"}
+
+
+def test_early_stopping_and_best_model_on_combined_score(tiny_bert, tmp_path):
+    # A threshold no score can beat: no evaluation counts as an improvement, so training stops after the first
+    # evaluation plus `patience` more.
+    state = run(tiny_bert, three_tasks(make_dataset(tmp_path / "data", 32, 8)), tmp_path / "out",
+                "--max_steps", "40", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
+                "--logging_steps", "2", "--load_best_model_at_end", "true", "--metric_for_best_model",
+                "combined_score", "--early_stopping_patience", "2", "--early_stopping_threshold", "2.0",
+                "--learning_rate", "5e-3")  # fmt: skip
+    assert state["global_step"] == 6, "early stopping after 1 + 2 evaluations without improvement"
+    evaluations = [entry for entry in state["log_history"] if "eval_combined_score" in entry]
+    best = max(evaluations, key=lambda entry: entry["eval_combined_score"])
+    assert state["best_global_step"] == best["step"]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    # The final model is the best checkpoint (reloaded at the end): its eval score is the best one measured.
+    assert metrics["combined_score"] == pytest.approx(best["eval_combined_score"], abs=1e-6)
+
+
+def test_the_default_job_on_the_embedded_dataset(tiny_bert, tmp_path):
+    """`python train.py` = DEFAULT_JOB; here with the tiny encoder and 2 steps, given as flags alone."""
+    argv = ["--model_name_or_path", str(tiny_bert), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", "--use_cpu", "true"]  # fmt: skip
+    assert train.main(argv) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"topic", "sentiment", "ner"}
+    assert MultiTaskModel.from_pretrained(tmp_path / "out").config.get_task("ner")["type"] == "token_classification"
+
+
+# ------------------------------------------------------------------------------------------------ bad runs
+
+
+def script(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_bad_runs_exit_2_with_one_line_naming_the_problem(tiny_bert, tmp_path):
+    files = make_dataset(tmp_path / "data", 8, 4)
+    rows = (tmp_path / "data" / "train.jsonl").read_text().splitlines()
+    rows[3] = rows[3][:-5]  # a malformed JSON line
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    cases = [
+        (["--tasks", str(tmp_path / "missing.yaml")], "--tasks file not found"),
+        (["--tasks", json.dumps([{"name": "t", "data_files": {"train": str(tmp_path / "bad.jsonl")}, "label_column": "topic"}])],
+         "bad.jsonl line 4 is not valid JSON"),
+        (["--tasks", json.dumps(three_tasks(files)), "--max_steps", "3", "--output_dir", str(tmp_path / "o"), "--learning_rate", "1e30",
+          "--model_name_or_path", str(tiny_bert), "--max_seq_length", "16", "--save_strategy", "no", "--eval_strategy", "no"],
+         "the training loss became"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = script(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "config.json").exists()  # nothing was saved as if it were a model

@@ -1,0 +1,272 @@
+"""multitask_st.trainer: task sampling, exact loss scaling under gradient accumulation (text and pair tasks),
+per-task logging, learned loss weights, freezing, optimizer groups, the embedding protection terms and the drift
+measured at every evaluation. Tiny random BERT (`tiny_bert`) and generated rows; no network."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import make_dataset, pair_files, separate_sources, three_tasks
+from transformers import AutoTokenizer, TrainingArguments
+
+from modeling_mtl import MultiTaskModel
+from multitask_st.data import build_datasets, parse_task_specs
+from multitask_st.trainer import MultiTaskSampler, MultiTaskTrainer, apply_freezing, sampling_probabilities
+
+
+def build(tiny_bert, tasks, max_seq_length=32):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    data = build_datasets(parse_task_specs(tasks), tokenizer, max_seq_length)
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=data.model_tasks, tokenizer=tokenizer, max_seq_length=32)
+    return data, model
+
+
+def trainer_for(model, data, output_dir, trainer_options=None, **arguments):
+    args = TrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True, **arguments)
+    return MultiTaskTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        source_sizes=data.source_sizes,
+        **(trainer_options or {}),
+    )
+
+
+def pair_tasks(folder):
+    files = pair_files(folder, train=16, evaluation=8)
+    return [
+        {"name": "sts", "type": "similarity", "data_files": files, "label_column": "score", "score_range": [0, 5],
+         "loss": "cosine_mse"},
+        {"name": "paraphrase", "type": "pair_classification", "data_files": files, "label_column": "label"},
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def test_sampler_strategies_are_deterministic_and_single_source():
+    sizes = [100, 10, 40]
+    np.testing.assert_allclose(sampling_probabilities(sizes, "proportional"), np.array(sizes) / 150)
+    temperature = sampling_probabilities(sizes, "temperature", 2.0)
+    np.testing.assert_allclose(temperature, np.sqrt(sizes) / np.sqrt(sizes).sum())
+    np.testing.assert_allclose(sampling_probabilities(sizes, "uniform"), [1 / 3] * 3)
+    with pytest.raises(ValueError, match="task_sampling 'nope'"):
+        sampling_probabilities(sizes, "nope")
+
+    sampler = MultiTaskSampler(sizes, batch_size=4, strategy="temperature", seed=1)
+    first = list(sampler)
+    assert len(first) == len(sampler) == (25 + 3 + 10) * 4
+    assert list(sampler) == first  # same epoch -> same order (resuming replays it)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    bounds = np.cumsum([0] + sizes)
+    for start in range(0, len(first), 4):
+        block = first[start : start + 4]
+        sources = {int(np.searchsorted(bounds, index, side="right") - 1) for index in block}
+        assert len(sources) == 1, f"batch {block} mixes sources"
+    round_robin = MultiTaskSampler(sizes, batch_size=4, strategy="round_robin")
+    assert round_robin.batch_sources()[:6] == [0, 1, 2, 0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def accumulated_gradients(trainer, model, batches):
+    model.zero_grad()
+    counts = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    total = sum(trainer.compute_loss(model, batch, num_items_in_batch=counts) for batch in batches)
+    total.backward()
+    return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["text", "pair"])
+def test_gradient_accumulation_matches_one_large_batch(tiny_bert, tmp_path, kind):
+    if kind == "text":
+        data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+        rows = [data.train[i] for i in (0, 1, 2, 8, 3, 16, 17, 18)]  # very different label counts per micro-batch
+    else:
+        data, model = build(tiny_bert, pair_tasks(tmp_path))
+        rows = [data.train[i] for i in range(8)]
+        for row in rows[:3]:
+            row["labels"]["paraphrase"] = -100  # unevenly labelled micro-batches
+    model.eval()  # no dropout, so both passes see the same function
+    trainer = trainer_for(
+        model, data, tmp_path / "out", {"embedding_protection": "none"}, per_device_train_batch_size=4
+    )
+    large = trainer.data_collator(rows)
+    small = [trainer.data_collator(rows[:4]), trainer.data_collator(rows[4:])]
+    loss_large, grads_large = accumulated_gradients(trainer, model, [large])
+    loss_accumulated, grads_accumulated = accumulated_gradients(trainer, model, small)
+    torch.testing.assert_close(loss_accumulated, loss_large, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_large.items():
+        torch.testing.assert_close(grads_accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The naive way (mean per micro-batch, divided by the number of micro-batches) would not match.
+    with torch.no_grad():
+        naive = sum(model(**batch).loss for batch in small) / 2
+    assert abs(float(naive) - float(loss_large)) > 1e-3
+
+
+def test_eval_scores_every_task_on_a_split_mixing_single_texts_and_pairs(tiny_bert, tmp_path):
+    files = make_dataset(tmp_path / "single", 16, 8)
+    tasks = three_tasks(files) + pair_tasks(tmp_path / "pairs")
+    tasks.append({**tasks[-1], "name": "retrieval", "type": "contrastive", "text_column": "sentence1",
+                  "text_pair_column": "sentence2", "row_filter": {"label": 1}, "label_column": None})  # fmt: skip
+    data, model = build(tiny_bert, tasks)
+    trainer = trainer_for(model, data, tmp_path / "out", per_device_eval_batch_size=5)  # batches straddle sources
+    metrics = trainer.evaluate()
+    for key in ("topic/accuracy", "ner/f1", "sts/spearman", "paraphrase/accuracy", "retrieval/mrr", "retrieval/loss"):
+        assert f"eval_{key}" in metrics, key
+    assert np.isfinite(metrics["eval_combined_score"])
+
+
+# ------------------------------------------------------------------------------------------------ protection
+
+
+def test_distillation_is_zero_at_the_start_and_one_minus_cosine_after(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)) + pair_tasks(tmp_path / "pairs"))
+    model.eval()
+    trainer = trainer_for(
+        model, data, tmp_path / "out", {"embedding_protection": "distillation", "protection_weight": 2.0}
+    )
+    protection = trainer.protection
+    batch = trainer.data_collator([data.train[i] for i in range(4)])  # topic rows
+    assert float(protection.loss(model, batch, model(**batch).embeddings).detach()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.backbone.encoder.layer[1].output.dense.weight.add_(
+            0.05 * torch.randn_like(model.backbone.encoder.layer[1].output.dense.weight)
+        )
+    current = torch.nn.functional.normalize(model(**batch).embeddings, dim=-1)
+    initial = torch.nn.functional.normalize(
+        protection.teacher.embed(batch["input_ids"], batch["attention_mask"]), dim=-1
+    )
+    expected = 2.0 * (1 - (current * initial).sum(-1)).mean()
+    assert float(expected) > 1e-4
+    torch.testing.assert_close(protection.loss(model, batch, model(**batch).embeddings), expected)
+    # Rows of a task that trains the embedding itself (similarity, pair classification) are left to it.
+    pair_batch = trainer.data_collator([data.train[i] for i in range(24, 28)])
+    assert protection.loss(model, pair_batch, model(**pair_batch).embeddings) is None
+
+
+def test_l2sp_penalty_is_the_squared_distance_to_the_initial_encoder(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    trainer = trainer_for(model, data, tmp_path / "out", {"embedding_protection": "l2sp", "protection_weight": 0.5})
+    batch = trainer.data_collator([data.train[0]])
+    assert float(trainer.protection.loss(model, batch, None)) == 0.0
+    weight = model.backbone.encoder.layer[0].attention.self.query.weight
+    with torch.no_grad():
+        weight.add_(0.1)
+    assert float(trainer.protection.loss(model, batch, None)) == pytest.approx(
+        0.5 * 0.5 * 0.01 * weight.numel(), rel=1e-4
+    )
+
+
+def drift_after_training(tiny_bert, tmp_path, protection):
+    data, model = build(tiny_bert, separate_sources(tmp_path / "data", sizes=(24, 24, 24)))
+    options = {"embedding_protection": protection, "protection_weight": 10.0}
+    trainer = trainer_for(model, data, tmp_path / protection, options, max_steps=30, learning_rate=5e-3,
+                          per_device_train_batch_size=8, save_strategy="no", warmup_steps=0)  # fmt: skip
+    trainer.train()
+    return trainer.evaluate()
+
+
+def test_distillation_keeps_the_embedding_where_plain_training_moves_it(tiny_bert, tmp_path):
+    plain = drift_after_training(tiny_bert, tmp_path, "none")
+    protected = drift_after_training(tiny_bert, tmp_path, "distillation")
+    assert protected["eval_embedding/cosine_to_initial"] > plain["eval_embedding/cosine_to_initial"] + 0.02
+    assert protected["eval_embedding/cosine_to_initial"] > 0.95
+
+
+def test_drift_is_measured_at_every_evaluation_and_warns(tiny_bert, tmp_path, caplog):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    trainer = trainer_for(model, data, tmp_path / "out", {"drift_warning_cosine": 0.99})
+    start = trainer.evaluate()
+    assert start["eval_embedding/cosine_to_initial"] == pytest.approx(1.0, abs=1e-5)
+    assert start["eval_embedding/knn_overlap@10"] == pytest.approx(1.0)
+    with torch.no_grad():
+        for parameter in model.backbone.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    with caplog.at_level(logging.WARNING):
+        moved = trainer.evaluate()
+    assert moved["eval_embedding/cosine_to_initial"] < 0.99
+    assert moved["eval_embedding/knn_overlap@10"] < 1.0
+    assert "the sentence embedding has drifted" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ logging, weights
+
+
+def test_per_task_and_protection_losses_are_logged(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)) + pair_tasks(tmp_path / "pairs"))
+    trainer = trainer_for(model, data, tmp_path / "out", {"task_sampling": "round_robin"}, max_steps=10,
+                          logging_steps=5, per_device_train_batch_size=4, save_strategy="no")  # fmt: skip
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    # round robin over 4 sources, 5 steps per window: every task and the distillation term appear
+    expected = {f"loss/{name}" for name in ("topic", "sentiment", "ner", "sts", "paraphrase", "embedding_distillation")}
+    assert all(expected <= set(entry) for entry in logged)
+
+
+def test_uncertainty_weighting_is_learned(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    trainer = trainer_for(model, data, tmp_path / "out", {"loss_weighting": "uncertainty"}, max_steps=6,
+                          logging_steps=3, learning_rate=1e-2, save_strategy="no")  # fmt: skip
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
+    weights = [logged[f"task_weight/{name}"] for name in ("topic", "sentiment", "ner")]
+    assert any(weight != 1.0 for weight in weights)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+
+
+def test_freezing_options_leave_frozen_parameters_out_of_the_optimizer(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, three_tasks(make_dataset(tmp_path / "data", 8, 4)))
+    frozen = apply_freezing(model, freeze_layers=1, freeze_heads=["sentiment"])
+    names = dict(model.named_parameters())
+    assert any(".embeddings." in name for name in frozen)
+    assert any(".layer.0." in name for name in frozen)
+    assert not any(".layer.1." in name for name in frozen)
+    assert all(not names[name].requires_grad for name in frozen)
+    assert not names["heads.sentiment.out_proj.weight"].requires_grad
+    assert names["heads.topic.out_proj.weight"].requires_grad
+
+    trainer = trainer_for(model, data, tmp_path / "out", max_steps=1, per_device_train_batch_size=4, save_strategy="no")
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not any(id(names[name]) in optimized for name in frozen)
+    with_state = {id(parameter) for parameter in trainer.optimizer.state}
+    assert not any(id(names[name]) in with_state for name in frozen)
+    assert id(names["heads.topic.out_proj.weight"]) in with_state
+
+    with pytest.raises(ValueError, match=r"freeze_heads: unknown task\(s\) \['nope'\]"):
+        apply_freezing(model, freeze_heads=["nope"])
+    apply_freezing(model, freeze_backbone=True)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
+
+
+def test_layerwise_learning_rate_decay_param_groups(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, three_tasks(make_dataset(tmp_path / "data", 8, 4)))
+    options = {"head_learning_rate": 1e-2, "layerwise_lr_decay": 0.5}
+    trainer = trainer_for(model, data, tmp_path / "out", options, learning_rate=1e-3)
+    # The structured `labels` column and the nested token ids survive remove_unused_columns.
+    kept = trainer._remove_unused_columns(data.train.add_column("unused", [0] * len(data.train)))
+    assert set(kept.column_names) == {"labels", "input_ids"}
+    trainer.create_optimizer()
+    learning_rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    names = dict(model.named_parameters())
+
+    def lr(name):
+        return learning_rates[id(names[name])]
+
+    # 2 layers: top layer lr*0.5, bottom lr*0.25, embeddings lr*0.125; heads use their own rate.
+    assert lr("heads.topic.out_proj.weight") == pytest.approx(1e-2)
+    assert lr("backbone.encoder.layer.1.attention.self.query.weight") == pytest.approx(5e-4)
+    assert lr("backbone.encoder.layer.0.attention.self.query.weight") == pytest.approx(2.5e-4)
+    assert lr("backbone.embeddings.word_embeddings.weight") == pytest.approx(1.25e-4)
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert decay[id(names["backbone.encoder.layer.0.attention.self.query.bias"])] == 0.0

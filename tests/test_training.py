@@ -1,0 +1,254 @@
+"""multitask_st.training: the output folder (refuse to clobber, atomic commit, strict JSON), the last complete
+checkpoint, refusing to resume a different run, LoRA adapters, and continuing a saved model on new tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import make_dataset
+from transformers import TrainerCallback
+
+import train
+from modeling_mtl import MultiTaskModel
+from multitask_st.training import (
+    TrainingError,
+    check_output_dir,
+    check_resumable,
+    commit_model_folder,
+    continue_training,
+    last_complete_checkpoint,
+    strict_json,
+    write_json,
+)
+
+NER_TAGS = ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O"]
+
+
+# ------------------------------------------------------------------------------------------------ output folder
+
+
+def saved_model(tiny_bert, folder: Path, labels=("a", "b")) -> Path:
+    MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": list(labels)}]).save_pretrained(folder)
+    return folder
+
+
+def test_a_folder_holding_a_model_is_not_overwritten_unless_asked(tiny_bert, tmp_path):
+    folder = saved_model(tiny_bert, tmp_path / "out")
+    with pytest.raises(TrainingError, match=r"already holds a model .*--overwrite_output_dir true"):
+        check_output_dir(folder, resuming=False, overwrite=False)
+    check_output_dir(folder, resuming=False, overwrite=True)
+    check_output_dir(folder, resuming=True, overwrite=False)
+    check_output_dir(tmp_path / "fresh", resuming=False, overwrite=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingError, match="is a file"):
+        check_output_dir(tmp_path / "file", resuming=False, overwrite=True)
+
+
+def test_commit_replaces_a_model_with_config_last(tiny_bert, tmp_path, monkeypatch):
+    output = saved_model(tiny_bert, tmp_path / "out", labels=("old1", "old2"))
+    staging = saved_model(tiny_bert, output / ".staging", labels=("new1", "new2"))
+    (staging / "metrics.json").write_text("{}")
+    moves = []
+    import os
+
+    original = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append(Path(b).name), original(a, b))[1])
+    commit_model_folder(staging, output)
+    assert moves[-1] == "config.json" and "model.safetensors" in moves
+    assert not staging.exists()
+    assert MultiTaskModel.from_pretrained(output).config.get_task("t")["labels"] == ["new1", "new2"]
+
+
+def test_a_commit_killed_midway_leaves_no_loadable_mixture(tiny_bert, tmp_path, monkeypatch):
+    output = saved_model(tiny_bert, tmp_path / "out", labels=("old1", "old2"))
+    staging = saved_model(tiny_bert, output / ".staging", labels=("new1", "new2"))
+    import os
+
+    original, calls = os.replace, []
+
+    def dies_after_the_weights(source, target):
+        calls.append(target)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the process is killed during the commit
+        return original(source, target)
+
+    monkeypatch.setattr(os, "replace", dies_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        commit_model_folder(staging, output)
+    monkeypatch.setattr(os, "replace", original)
+    assert not (output / "config.json").exists()  # the new weights may be there, the old config is not
+    with pytest.raises(OSError, match="holds no config.json"):
+        MultiTaskModel.from_pretrained(output)
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    value = {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}}
+    assert strict_json(value) == {"a": None, "b": [1.0, None], "c": {"d": 2.5}}
+    write_json(tmp_path / "m.json", value)
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda name: pytest.fail(name))["c"] == {
+        "d": 2.5
+    }
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def fake_checkpoint(folder: Path, state: str | None = "{}") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    return folder
+
+
+def test_the_last_complete_checkpoint_is_chosen(tmp_path, caplog):
+    fake_checkpoint(tmp_path / "checkpoint-8")
+    fake_checkpoint(tmp_path / "checkpoint-16", state='{"global_step": 1')  # killed while writing its state
+    fake_checkpoint(tmp_path / "checkpoint-24", state=None)  # killed before its state
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        last_complete_checkpoint(tmp_path / "checkpoint-24")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"labels": ["b", "a"]}, r"task 't': labels was \['a', 'b'\], is \['b', 'a'\]"),
+        ({"name": "u"}, r"task 't' is in the checkpoint but not in this run; task 'u' is in this run"),
+        ({"loss_weight": 2.0}, r"task 't': loss_weight was 1.0, is 2.0"),
+    ],
+)
+def test_resuming_a_different_run_names_what_changed(tiny_bert, tmp_path, change, message):
+    checkpoint = saved_model(tiny_bert, tmp_path / "checkpoint-4")
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": ["a", "b"], **change}])
+    with pytest.raises(TrainingError, match=message):
+        check_resumable(checkpoint, model, "static")
+    same = MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": ["a", "b"]}])
+    check_resumable(checkpoint, same, "static")
+    with pytest.raises(TrainingError, match="loss_weighting was 'static', is 'uncertainty'"):
+        check_resumable(checkpoint, same, "uncertainty")
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_trains_adapters_and_heads_and_saves_a_merged_model(tiny_bert, tmp_path):
+    from train_helpers import three_tasks, train_flags
+
+    from multitask_st.training import load_lora_model
+
+    files = make_dataset(tmp_path / "data", 24, 8)
+    output = tmp_path / "out"
+    flags = ["--max_steps", "4", "--lora_rank", "4", "--learning_rate", "5e-3", "--save_strategy", "no"]
+    assert train.main(train_flags(tiny_bert, three_tasks(files), output) + flags) == 0
+    merged = MultiTaskModel.from_pretrained(output)
+    assert not any("lora" in name for name in merged.state_dict())  # a plain model: loads without peft
+    base = MultiTaskModel.from_backbone(tiny_bert, tasks=merged.config.tasks)
+    changed = [n for n, p in merged.backbone.state_dict().items() if not torch.equal(p, base.backbone.state_dict()[n])]
+    assert changed and all(".embeddings." not in name for name in changed)  # adapters sit on linear layers only
+    adapter = load_lora_model(output / "lora_adapter", base_model=str(tiny_bert)).eval()
+    texts = ["John Smith loved the match in Paris", "stocks fell"]
+    torch.testing.assert_close(
+        torch.from_numpy(adapter.get_base_model().encode(texts)),
+        torch.from_numpy(merged.eval().encode(texts)),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    record = json.loads((output / "training_config.json").read_text())
+    assert record["hyperparameters"]["lora_rank"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ continuing
+
+
+class TrainableCount(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.total = sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def phase1(tiny_bert, tmp_path_factory) -> dict:
+    """A sentiment model trained by train.py, and task specs for sentiment + NER from two separate datasets."""
+    root = tmp_path_factory.mktemp("phase1")
+    common = {"eval_split": None, "test_split": "validation"}
+    sentiment = {
+        "name": "sentiment",
+        "data_files": make_dataset(root / "sentiment", 24, 8, seed=0),
+        "label_column": "sentiment",
+        **common,
+    }
+    ner = {
+        "name": "ner",
+        "type": "token_classification",
+        "data_files": make_dataset(root / "ner", 24, 8, seed=1),
+        **common,
+    }
+    output = root / "model"
+    argv = ["--model_name_or_path", str(tiny_bert), "--tasks", json.dumps([sentiment]), "--output_dir", str(output)]
+    argv += ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--use_cpu", "true"]
+    argv += ["--num_examples_to_print", "0", "--save_strategy", "no", "--seed", "0"]
+    assert train.main(argv) == 0
+    return {"dir": output, "tasks": [sentiment, ner]}
+
+
+def training_arguments() -> dict:
+    return {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "report_to": "none",
+            "use_cpu": True, "save_strategy": "no", "seed": 0}  # fmt: skip
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in MultiTaskModel.from_pretrained(str(path)).state_dict().items()}
+
+
+def test_continue_training_with_frozen_heads_and_encoder_trains_only_the_new_head(phase1, tmp_path):
+    before, count = weights(phase1["dir"]), TrainableCount()
+    result = continue_training(phase1["dir"], phase1["tasks"], ["ner"], tmp_path / "frozen", training_arguments(),
+                               freeze_old_heads=True, freeze_backbone=True, max_seq_length=32, callbacks=[count])  # fmt: skip
+    assert result["before"]["sentiment"] == result["after"]["sentiment"]
+    assert result["old_tasks"] == ["sentiment"] and result["new_tasks"] == ["ner"]
+    assert count.trainable == 32 * len(NER_TAGS) + len(NER_TAGS)  # the NER head of the tiny BERT (hidden 32)
+    after = weights(tmp_path / "frozen")
+    assert set(after) - set(before) == {"heads.ner.out_proj.weight", "heads.ner.out_proj.bias"}
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
+    assert "f1" in result["after"]["ner"] and (tmp_path / "frozen" / "continue_metrics.json").is_file()
+
+
+def test_continue_training_rehearsal_trains_old_tasks_with_their_heads_fixed(phase1, tmp_path):
+    before = weights(phase1["dir"])
+    result = continue_training(phase1["dir"], phase1["tasks"], ["sentiment", "ner"], tmp_path / "rehearsal",
+                               training_arguments(), freeze_old_heads=True, max_seq_length=32)  # fmt: skip
+    assert result["train_source_sizes"] == [24, 24]  # both sources feed the sampler, not only the new task's
+    after = weights(tmp_path / "rehearsal")
+    for key in ("heads.sentiment.out_proj.weight", "heads.sentiment.out_proj.bias"):
+        assert torch.equal(before[key], after[key]), key
+    assert any(key.startswith("backbone.") and not torch.equal(before[key], after[key]) for key in before)
+
+
+def test_continue_training_rejects_a_source_shared_with_an_old_task(phase1, tmp_path):
+    shared = [dict(phase1["tasks"][0]), {**phase1["tasks"][1], "data_files": phase1["tasks"][0]["data_files"]}]
+    with pytest.raises(ValueError, match="outside train_tasks"):
+        continue_training(phase1["dir"], shared, ["ner"], tmp_path / "out", training_arguments(), max_seq_length=32)
+
+
+def test_add_tasks_keeps_every_weight_and_adds_a_fresh_head(phase1, tmp_path):
+    model = MultiTaskModel.from_pretrained(str(phase1["dir"])).eval()
+    extended = model.add_tasks([{"name": "ner", "type": "token_classification", "labels": NER_TAGS}]).eval()
+    assert extended.task_names == ["sentiment", "ner"]
+    old = model.state_dict()
+    assert all(
+        torch.equal(value, old[key]) for key, value in extended.state_dict().items() if not key.startswith("heads.ner.")
+    )
+    with torch.no_grad():
+        batch = model.tokenize(["John loved the match in Paris"], return_token_type_ids=False)
+        assert torch.equal(model(**batch).logits["sentiment"], extended(**batch).logits["sentiment"])
+    with pytest.raises(ValueError, match="already exist"):
+        model.add_tasks([{"name": "sentiment", "labels": ["a", "b"]}])
+    extended.save_pretrained(tmp_path / "extended")
+    reloaded = MultiTaskModel.from_pretrained(str(tmp_path / "extended")).eval()
+    assert reloaded.config.task_id2label("ner") == dict(enumerate(NER_TAGS))
+    assert not math.isnan(float(reloaded(**batch).logits["ner"].sum().detach()))
