@@ -226,6 +226,14 @@ class MultiTaskConfig(PretrainedConfig):
             The prediction tasks; see [`normalize_task`] for the keys. Task names must be unique.
         head_dropout (`float`, *optional*, defaults to 0.1):
             Dropout before each head, unless the task's head sets its own.
+        prompts (`dict[str, str]`, *optional*):
+            Named texts that `encode(..., prompt_name=...)` puts before each sentence (sentence-transformers'
+            prompts, e.g. `{"query": "query: "}`), read from a sentence-transformers checkpoint by `from_backbone`.
+        default_prompt_name (`str`, *optional*):
+            The prompt `encode` uses when none is named.
+        pipeline_task (`str`, *optional*):
+            The task that `pipeline("text-classification")` / `pipeline("token-classification")` serve (default: the
+            first task of a type the pipeline can serve).
     """
 
     model_type = "multitask_sentence_transformer"
@@ -241,6 +249,9 @@ class MultiTaskConfig(PretrainedConfig):
         max_seq_length: int = 256,
         tasks: list[dict] | None = None,
         head_dropout: float = 0.1,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        pipeline_task: str | None = None,
         **kwargs,
     ):
         if backbone_config is None:
@@ -272,6 +283,15 @@ class MultiTaskConfig(PretrainedConfig):
         if not isinstance(head_dropout, (int, float)) or not 0.0 <= head_dropout < 1.0:
             raise ValueError(f"head_dropout must be a number in [0, 1), got {head_dropout!r}")
 
+        if prompts is not None and (
+            not isinstance(prompts, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
+        ):
+            raise ValueError(f"prompts must map prompt names to strings, got {prompts!r}")
+        if default_prompt_name is not None and default_prompt_name not in (prompts or {}):
+            raise ValueError(
+                f"default_prompt_name '{default_prompt_name}' is not one of the prompts {sorted(prompts or {})}"
+            )
         normalized_tasks = [normalize_task(task, head_dropout) for task in (tasks or [])]
         names = [task["name"] for task in normalized_tasks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -286,6 +306,9 @@ class MultiTaskConfig(PretrainedConfig):
         self.max_seq_length = max_seq_length
         self.tasks = normalized_tasks
         self.head_dropout = float(head_dropout)
+        self.prompts = dict(prompts) if prompts else None
+        self.default_prompt_name = default_prompt_name
+        self.pipeline_task = pipeline_task
         super().__init__(**kwargs)
 
     # Convenience views over `tasks`; the list itself stays the single source of truth.

@@ -334,6 +334,8 @@ class MultiTaskInferenceMixin:
         show_progress_bar: bool | None = None,
         max_seq_length: int | None = None,
         precision: str | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed sentences into fixed-length vectors.
 
@@ -354,6 +356,8 @@ class MultiTaskInferenceMixin:
                 sentence-transformers to 1e-5. `"bfloat16"` runs the encoder under bfloat16 autocast; faster and
                 more so after `model.to(torch.bfloat16)`, which also halves the weights' memory traffic (GPUs,
                 and CPUs with AVX512-BF16 or AMX; measured in docs/BENCHMARKS.md).
+            prompt_name / prompt: text put before every sentence, as in sentence-transformers: a name from
+                `config.prompts`, or the text itself (`prompt` wins); default `config.default_prompt_name`'s.
 
         Returns:
             `(len(sentences), embedding_dim)` float32, in input order; `(embedding_dim,)` for a single string.
@@ -367,11 +371,26 @@ class MultiTaskInferenceMixin:
         _check_max_seq_length(max_seq_length)
         single = isinstance(sentences, str)
         texts = check_texts([sentences] if single else sentences)
+        prefix = self._prompt(prompt_name, prompt)
+        if prefix:
+            texts = [prefix + text for text in texts]
         tokens = self._packed_tokens(texts, max_seq_length)
         result = self.encode_tokens(
             tokens, batch_size, normalize, convert_to_tensor or not convert_to_numpy, show_progress_bar, precision
         )
         return result[0] if single else result
+
+    def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+        if prompt is not None:
+            check_text(prompt, "prompt")
+            return prompt
+        prompts = getattr(self.config, "prompts", None) or {}
+        name = prompt_name if prompt_name is not None else getattr(self.config, "default_prompt_name", None)
+        if name is None:
+            return ""
+        if name not in prompts:
+            raise ValueError(f"prompt_name '{name}' is not one of this model's prompts {sorted(prompts)}")
+        return prompts[name]
 
     def encode_tokens(
         self,

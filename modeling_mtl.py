@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a Hub/remote-code package
@@ -338,6 +339,17 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         _drop_backbone_pooler(backbone)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+        dense = st_defaults.get("dense")
+        if dense is not None:  # the checkpoint's Dense layer becomes the projection, weights and all
+            if projection_dim is not None and projection_dim != dense["out_features"]:
+                raise ValueError(
+                    f"{name_or_path} has a Dense layer to {dense['out_features']} dimensions: projection_dim="
+                    f"{projection_dim} would replace it; start from the underlying encoder to use another projection"
+                )
+            if not dense["bias"]:
+                raise ValueError(f"{name_or_path}: a Dense layer without bias is not supported")
+            projection_dim = dense["out_features"]
+            kwargs.setdefault("projection_activation", dense["activation"])
         config = MultiTaskConfig(
             backbone_config=backbone.config,
             pooling=pooling or st_defaults.get("pooling", "mean"),
@@ -345,9 +357,16 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             max_seq_length=resolve_max_seq_length(backbone.config, tokenizer, st_defaults, max_seq_length),
             projection_dim=projection_dim,
             tasks=tasks,
+            prompts=st_defaults.get("prompts"),
+            default_prompt_name=st_defaults.get("default_prompt_name"),
             **kwargs,
         )
         model = cls(config)
+        if dense is not None:
+            from safetensors.torch import load_file
+
+            weights = load_file(dense["weights"])
+            model.projection.load_state_dict({"weight": weights["linear.weight"], "bias": weights["linear.bias"]})
         # Swap the randomly initialised encoder for the pretrained one (same config, so same shapes).
         model.backbone = backbone
         model.to(dtype=backbone.dtype)  # heads follow the backbone's dtype (e.g. dtype=torch.bfloat16)
@@ -378,10 +397,30 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, plus the tokenizer (so the folder is complete on its own)."""
+        """`PreTrainedModel.save_pretrained`, plus the tokenizer (so the folder is complete on its own) and the
+        sentence-transformers module files, so that `SentenceTransformer(folder, trust_remote_code=True)` embeds
+        exactly as `encode` does."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
+            write_sentence_transformers_files(self, save_directory)
+
+    def export_sentence_transformers(self, folder: str | os.PathLike) -> None:
+        """Save the embedding part alone as a plain sentence-transformers folder (the encoder as its own
+        `AutoModel`, the tokenizer, Pooling, the projection as a Dense module, Normalize): it loads with
+        `SentenceTransformer(folder)` and no remote code, for vector databases, MTEB or TEI. The heads are left out."""
+        if self.tokenizer is None:
+            raise ValueError("export_sentence_transformers needs the model's tokenizer")
+        os.makedirs(folder, exist_ok=True)
+        self.backbone.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        if not write_sentence_transformers_files(self, folder):
+            raise ValueError(
+                f"sentence-transformers cannot express this embedding (pooling '{self.config.pooling}', projection "
+                f"activation {self.config.projection_activation!r}); supported: {sorted(_ST_POOLING_NAMES.values())} "
+                f"pooling and activations {sorted(a for a in _ST_ACTIVATIONS if a)}"
+            )
 
     def add_tasks(self, tasks: list[dict[str, Any]]) -> MultiTaskModel:
         """A new model with every weight of this one (encoder, pooling, projection, heads) plus freshly initialised
@@ -417,6 +456,23 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.backbone.set_input_embeddings(value)
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs
+    ):
+        """Resize the encoder's token embeddings (after adding domain tokens to `model.tokenizer`); the nested
+        backbone config records the new size, so the saved model reloads with it."""
+        embeddings = self.backbone.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
+        self.config.backbone_config.vocab_size = embeddings.num_embeddings
+        return embeddings
+
+    def compile_encoder(self, **compile_kwargs) -> MultiTaskModel:
+        """Compile the encoder in place with `torch.compile` (`nn.Module.compile`), so that `encode`, `predict`,
+        `similarity` and `forward` all run the compiled graph. `torch.compile(model)` alone does not do this: it
+        wraps `forward` only, and `encode` calls the encoder directly. Shapes vary with every batch, so
+        `dynamic=True` is the default. Returns the model."""
+        self.backbone.compile(**{"dynamic": True, **compile_kwargs})
+        return self
 
     def _check_tasks(self, tasks: Iterable[str]) -> list[str]:
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -673,6 +729,57 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         return (logits if logits is not None else features).sum() * 0.0
 
 
+class _SingleTaskView(MultiTaskPreTrainedModel):
+    """One task of a saved multi-task model behind a standard transformers head class, so that `pipeline(...)` and
+    the Hub widget can use it. The task is `config.pipeline_task` (pass `model_kwargs={"pipeline_task": name}` to
+    `pipeline`) or, by default, the model's first task of a type the pipeline can serve."""
+
+    task_types: tuple[str, ...] = ()
+
+    def __init__(self, config: MultiTaskConfig):
+        super().__init__(config)
+        self.mtl = MultiTaskModel(config)
+        candidates = [task["name"] for task in config.tasks if task["type"] in self.task_types]
+        chosen = getattr(config, "pipeline_task", None) or (candidates[0] if candidates else None)
+        if chosen not in candidates:
+            raise ValueError(
+                f"{type(self).__name__} serves a task of type {list(self.task_types)}: pipeline_task={chosen!r} is not "
+                f"one (candidates: {candidates})"
+            )
+        self.task_name = chosen
+        task = config.get_task(chosen)
+        config.id2label = dict(enumerate(task["labels"]))
+        config.label2id = {label: index for index, label in enumerate(task["labels"])}
+        config.problem_type = {
+            "multi_label_classification": "multi_label_classification",
+            "regression": "regression",
+        }.get(task["type"], "single_label_classification")
+        self.post_init()
+
+    def forward(
+        self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, return_dict=None, **kwargs
+    ):
+        outputs = self.mtl(input_ids=input_ids, attention_mask=attention_mask, tasks=[self.task_name])
+        loss = None
+        if labels is not None:
+            loss = self.mtl.task_loss(self.task_name, outputs.logits[self.task_name], labels)
+        return self.output_class(loss=loss, logits=outputs.logits[self.task_name], hidden_states=outputs.hidden_states)
+
+
+class MultiTaskModelForSequenceClassification(_SingleTaskView):
+    """A sentence-level task (classification, multi-label, regression) for `pipeline("text-classification")`."""
+
+    task_types = ("classification", "multi_label_classification", "regression")
+    output_class = SequenceClassifierOutput
+
+
+class MultiTaskModelForTokenClassification(_SingleTaskView):
+    """A token task for `pipeline("token-classification")` (its `aggregation_strategy` groups entities)."""
+
+    task_types = ("token_classification",)
+    output_class = TokenClassifierOutput
+
+
 class _TextGroups:
     """The texts of a batch: `(batch, seq)` (one text per row) or `(batch, texts, seq)` inputs flattened for one
     backbone pass over the texts that are present (first texts of every row first, then the others), and the way
@@ -847,41 +954,11 @@ def _check_label_range(name: str, labels: torch.Tensor, num_labels: int, label_n
         )
 
 
-def read_sentence_transformers_settings(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any]:
-    """Pooling, normalisation and max length of a sentence-transformers checkpoint, or `{}` for a plain model."""
-
-    def read_json(filename: str) -> Any | None:
-        local = os.path.join(str(name_or_path), filename)
-        if os.path.isdir(str(name_or_path)):
-            if not os.path.isfile(local):
-                return None
-            with open(local, encoding="utf-8") as handle:
-                return json.load(handle)
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(str(name_or_path), filename, **hub_kwargs)
-        except Exception:  # no such file in the repo, or offline: a plain transformers model
-            return None
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-
-    modules = read_json("modules.json")
-    if not modules:
-        return {}
-    settings: dict[str, Any] = {"normalize": False}
-    for module in modules:
-        module_type = module.get("type", "")
-        if module_type.endswith("Normalize"):
-            settings["normalize"] = True
-        elif module_type.endswith("Pooling"):
-            pooling_config = read_json(f"{module['path']}/config.json") or {}
-            settings["pooling"] = _sentence_transformers_pooling(pooling_config)
-    bert_config = read_json("sentence_bert_config.json") or {}
-    if bert_config.get("max_seq_length"):
-        settings["max_seq_length"] = int(bert_config["max_seq_length"])
-    return settings
-
+# ---------------------------------------------------------------------------------------------- sentence-transformers
+#
+# Both directions, in the sentence-transformers 2.x file format (which every later version, 6.x included, reads):
+# `modules.json` lists Transformer -> Pooling -> [Dense] -> [Normalize], `sentence_bert_config.json` holds the
+# max length, `config_sentence_transformers.json` the prompts. Reading refuses what this model cannot reproduce.
 
 _ST_POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
@@ -891,24 +968,188 @@ _ST_POOLING_FLAGS = {
     "pooling_mode_weightedmean_tokens": "weighted_mean",
     "pooling_mode_lasttoken": "last_token",
 }
+_ST_POOLING_NAMES = {
+    "mean_tokens": "mean",
+    "cls_token": "cls",
+    "max_tokens": "max",
+    "lasttoken": "last_token",
+    "weightedmean": "weighted_mean",
+    "weightedmean_tokens": "weighted_mean",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+}
+# Projection activations with a torch class sentence-transformers can name (ACT2FN's "gelu" is the exact erf GELU).
+_ST_ACTIVATIONS = {
+    None: "torch.nn.modules.linear.Identity",
+    "tanh": "torch.nn.modules.activation.Tanh",
+    "gelu": "torch.nn.modules.activation.GELU",
+    "relu": "torch.nn.modules.activation.ReLU",
+    "sigmoid": "torch.nn.modules.activation.Sigmoid",
+    "silu": "torch.nn.modules.activation.SiLU",
+}
 
 
-def _sentence_transformers_pooling(pooling_config: dict[str, Any]) -> str:
-    if isinstance(pooling_config.get("pooling_mode"), str):
-        mode = pooling_config["pooling_mode"]
-        aliases = {
-            "mean_tokens": "mean",
-            "cls_token": "cls",
-            "max_tokens": "max",
-            "lasttoken": "last_token",
-            "weightedmean": "weighted_mean",
-            "mean_sqrt_len_tokens": "mean_sqrt_len",
-        }
-        return aliases.get(mode, mode)
+def _checkpoint_file(name_or_path: str | os.PathLike, filename: str, **hub_kwargs) -> str | None:
+    """Local path of one file of a folder or Hub repo, or `None` when it has no such file (or the Hub is offline)."""
+    if os.path.isdir(str(name_or_path)):
+        path = os.path.join(str(name_or_path), filename)
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(str(name_or_path), filename, **hub_kwargs)
+    except Exception:  # no such file in the repo, or offline: a plain transformers model
+        return None
+
+
+def read_sentence_transformers_settings(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any]:
+    """What a sentence-transformers checkpoint adds to its encoder, or `{}` for a plain model: `pooling`,
+    `normalize`, `max_seq_length`, `prompts` / `default_prompt_name`, and `dense` (in/out features, bias,
+    activation and the weights file) for a Dense layer after pooling. Modules this model cannot reproduce (a second
+    Dense, several poolings concatenated, a pooling that leaves out the prompt, any other module type) are an error
+    naming them, never silently dropped."""
+
+    def read_json(filename: str) -> Any | None:
+        path = _checkpoint_file(name_or_path, filename, **hub_kwargs)
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    modules = read_json("modules.json")
+    if not modules:
+        return {}
+    settings: dict[str, Any] = {"normalize": False}
+    for position, module in enumerate(modules):
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        where = f"{name_or_path}: module {position} ({module.get('type')})"
+        if kind == "Transformer" and position == 0:
+            continue
+        if kind == "Pooling" and "pooling" not in settings:
+            settings["pooling"] = _sentence_transformers_pooling(
+                read_json(f"{module['path']}/config.json") or {}, where
+            )
+        elif kind == "Dense" and "pooling" in settings and "dense" not in settings and not settings["normalize"]:
+            settings["dense"] = _sentence_transformers_dense(name_or_path, module["path"], where, **hub_kwargs)
+        elif kind == "Normalize" and "pooling" in settings and not settings["normalize"]:
+            settings["normalize"] = True
+        else:
+            raise ValueError(
+                f"{where} cannot be carried by MultiTaskModel, which reproduces Transformer -> Pooling -> [Dense] -> "
+                "[Normalize] exactly; start from the underlying encoder instead"
+            )
+    bert_config = read_json("sentence_bert_config.json") or {}
+    if bert_config.get("max_seq_length"):
+        settings["max_seq_length"] = int(bert_config["max_seq_length"])
+    st_config = read_json("config_sentence_transformers.json") or {}
+    prompts = {name: text for name, text in (st_config.get("prompts") or {}).items() if text}
+    if prompts:
+        settings["prompts"] = prompts
+    if st_config.get("default_prompt_name"):
+        settings["default_prompt_name"] = st_config["default_prompt_name"]
+    return settings
+
+
+def _sentence_transformers_pooling(pooling_config: dict[str, Any], where: str) -> str:
+    if pooling_config.get("include_prompt") is False:
+        raise ValueError(
+            f"{where}: a pooling that leaves out the prompt tokens (include_prompt=false) is not supported"
+        )
+    mode = pooling_config.get("pooling_mode")
+    if isinstance(mode, str):
+        return _ST_POOLING_NAMES.get(mode, mode)
     chosen = [mode for flag, mode in _ST_POOLING_FLAGS.items() if pooling_config.get(flag)]
     if len(chosen) > 1:
-        logger.warning(f"the checkpoint concatenates poolings {chosen}; using '{chosen[0]}' only")
+        raise ValueError(f"{where} concatenates poolings {chosen}; MultiTaskModel pools one way")
     return chosen[0] if chosen else "mean"
+
+
+def _sentence_transformers_dense(name_or_path, folder: str, where: str, **hub_kwargs) -> dict[str, Any]:
+    config_path = _checkpoint_file(name_or_path, f"{folder}/config.json", **hub_kwargs)
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    names = {name: key for key, name in _ST_ACTIVATIONS.items()}
+    activation = config.get("activation_function", _ST_ACTIVATIONS[None])
+    if activation not in names:
+        raise ValueError(f"{where}: Dense activation {activation} is not one of {sorted(names)}")
+    weights = _checkpoint_file(name_or_path, f"{folder}/model.safetensors", **hub_kwargs)
+    if weights is None:
+        raise ValueError(f"{where}: no {folder}/model.safetensors (Dense weights in another format are not read)")
+    return {
+        "in_features": int(config["in_features"]),
+        "out_features": int(config["out_features"]),
+        "bias": bool(config.get("bias", True)),
+        "activation": names[activation],
+        "weights": weights,
+    }
+
+
+def write_sentence_transformers_files(model: MultiTaskModel, folder: str | os.PathLike) -> bool:
+    """Write the sentence-transformers module files for `model`'s embedding into `folder` (whose root holds the
+    encoder and tokenizer), so that `SentenceTransformer(folder)` embeds exactly as `model.encode` does. Returns
+    `False`, writing nothing, when the embedding has a part sentence-transformers cannot express (learned
+    attention pooling, a projection activation it has no class for)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    flags = {mode: flag for flag, mode in _ST_POOLING_FLAGS.items()}
+    if config.pooling not in flags or config.projection_activation not in _ST_ACTIVATIONS:
+        return False
+    folder = str(folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+
+    def add(kind: str, settings: dict[str, Any]) -> str:
+        path = f"{len(modules)}_{kind}"
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": path,
+                "type": f"sentence_transformers.models.{kind}",
+            }
+        )
+        os.makedirs(os.path.join(folder, path), exist_ok=True)
+        with open(os.path.join(folder, path, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=2)
+        return os.path.join(folder, path)
+
+    add(
+        "Pooling",
+        {
+            "word_embedding_dimension": config.hidden_size,
+            **{flag: config.pooling == mode for mode, flag in flags.items()},
+        },
+    )
+    if model.projection is not None:
+        dense = add(
+            "Dense",
+            {
+                "in_features": config.hidden_size,
+                "out_features": config.projection_dim,
+                "bias": model.projection.bias is not None,
+                "activation_function": _ST_ACTIVATIONS[config.projection_activation],
+            },
+        )
+        tensors = {"linear.weight": model.projection.weight.detach().cpu().contiguous()}
+        if model.projection.bias is not None:
+            tensors["linear.bias"] = model.projection.bias.detach().cpu().contiguous()
+        save_file(tensors, os.path.join(dense, "model.safetensors"))
+    if config.normalize:
+        add("Normalize", {})
+    for name, content in (
+        ("modules.json", modules),
+        ("sentence_bert_config.json", {"max_seq_length": config.max_seq_length, "do_lower_case": False}),
+        (
+            "config_sentence_transformers.json",
+            {
+                "prompts": dict(config.prompts or {}),
+                "default_prompt_name": config.default_prompt_name,
+                "similarity_fn_name": "cosine",
+            },
+        ),
+    ):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=2)
+    return True
 
 
 def _drop_backbone_pooler(backbone: nn.Module) -> None:
@@ -922,9 +1163,18 @@ def _drop_backbone_pooler(backbone: nn.Module) -> None:
 # this module is imported, and `save_pretrained` writes `auto_map` and copies this file and the ones it imports.
 MultiTaskConfig.register_for_auto_class()
 MultiTaskModel.register_for_auto_class("AutoModel")
+# `save_pretrained` of a MultiTaskModel maps these too (see `_AUTO_MAP`), so that standard pipelines find a class.
+_AUTO_MAP = {
+    "AutoModelForSequenceClassification": "modeling_mtl.MultiTaskModelForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_mtl.MultiTaskModelForTokenClassification",
+}
 if not __name__.startswith("transformers_modules"):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
     AutoConfig.register(MultiTaskConfig.model_type, MultiTaskConfig, exist_ok=True)
     AutoModel.register(MultiTaskConfig, MultiTaskModel, exist_ok=True)
+    AutoModelForSequenceClassification.register(MultiTaskConfig, MultiTaskModelForSequenceClassification, exist_ok=True)
+    AutoModelForTokenClassification.register(MultiTaskConfig, MultiTaskModelForTokenClassification, exist_ok=True)
 
 
 __all__ = [
@@ -932,6 +1182,8 @@ __all__ = [
     "EMBEDDING_TASK_TYPES",
     "MultiTaskConfig",
     "MultiTaskModel",
+    "MultiTaskModelForSequenceClassification",
+    "MultiTaskModelForTokenClassification",
     "MultiTaskModelOutput",
     "MultiTaskPreTrainedModel",
     "Pooling",

@@ -233,7 +233,10 @@ def test_saved_folder_contents_and_auto_model_without_remote_code(model, tmp_pat
     assert config["auto_map"] == {
         "AutoConfig": "configuration_mtl.MultiTaskConfig",
         "AutoModel": "modeling_mtl.MultiTaskModel",
+        "AutoModelForSequenceClassification": "modeling_mtl.MultiTaskModelForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_mtl.MultiTaskModelForTokenClassification",
     }
+    assert json.loads((tmp_path / "modules.json").read_text())[1]["path"] == "1_Pooling"  # sentence-transformers
     # The copied code files are the project's own.
     root = Path(__file__).resolve().parent.parent
     for name in ("modeling_mtl.py", "configuration_mtl.py", "inference_mtl.py"):
@@ -507,3 +510,54 @@ def test_embed_gives_the_embeddings_without_heads(pair_model):
         torch.testing.assert_close(pair_model.embed(**batch), pair_model(**batch).embeddings)
         single = batch_for(pair_model, LEFT)
         np.testing.assert_allclose(pair_model.embed(**single).numpy(), pair_model.encode(LEFT), atol=1e-5)
+
+
+# ---------------------------------------------------------------- transformers conventions
+
+
+def test_standard_pipelines_serve_a_chosen_task(model, tmp_path):
+    from transformers import pipeline
+
+    model.save_pretrained(tmp_path)
+    text = "John Smith works for Acme Corporation in New York."
+    classify = pipeline("text-classification", model=str(tmp_path), trust_remote_code=True, top_k=None)
+    scores = {row["label"]: row["score"] for row in classify(text)[0]}
+    assert scores == pytest.approx(model.predict(text, tasks=["topic"])["topic"]["scores"], abs=1e-5)  # first task
+    chosen = pipeline("text-classification", model=str(tmp_path), trust_remote_code=True, top_k=None,
+                      model_kwargs={"pipeline_task": "tags"})  # fmt: skip
+    assert {row["label"] for row in chosen(text)[0]} == {"a", "b", "c"}
+    tagger = pipeline("token-classification", model=str(tmp_path), trust_remote_code=True)
+    expected = {(w["start"], w["tag"]) for w in model.predict(text, tasks=["ner"])["ner"]["words"] if w["tag"] != "O"}
+    got = {(entity["start"], entity["entity"]) for entity in tagger(text) if entity["entity"] != "O"}
+    assert {start for start, _ in expected} <= {start for start, _ in got} or expected == set()
+    features = pipeline("feature-extraction", model=str(tmp_path), trust_remote_code=True)
+    np.testing.assert_allclose(np.asarray(features(text))[0], model.encode(text), atol=1e-5)  # the sentence embedding
+    with pytest.raises(ValueError, match="pipeline_task='ner' is not one"):
+        pipeline(
+            "text-classification", model=str(tmp_path), trust_remote_code=True, model_kwargs={"pipeline_task": "ner"}
+        )
+
+
+def test_resize_token_embeddings_for_new_domain_tokens(tiny_bert, tmp_path):
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:1])
+    size = len(model.tokenizer)
+    model.tokenizer.add_tokens(["zyxdomainterm"])
+    model.resize_token_embeddings(len(model.tokenizer))
+    assert model.get_input_embeddings().num_embeddings == size + 1
+    model.save_pretrained(tmp_path)
+    loaded = MultiTaskModel.from_pretrained(tmp_path)
+    assert loaded.config.backbone_config.vocab_size == size + 1
+    np.testing.assert_allclose(loaded.encode("a zyxdomainterm here"), model.encode("a zyxdomainterm here"), atol=1e-6)
+
+
+def test_compile_encoder_runs_encode_through_the_compiled_graph(tiny_bert):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:1]).eval()
+    expected = model.encode(SENTENCES)
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_encoder(backend="eager")  # the compile path without a C++ toolchain; inductor is the default
+    np.testing.assert_allclose(model.encode(SENTENCES), expected, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] >= 1

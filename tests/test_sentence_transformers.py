@@ -1,4 +1,7 @@
-"""Correctness against the peer: sentence-transformers on the same all-MiniLM-L6-v2 files."""
+"""sentence-transformers, both directions: `encode` equals the peer on the same files; a saved model loads in
+`SentenceTransformer` (remote code) and an exported one without remote code, with identical embeddings (pooling,
+projection, normalisation, max length, long texts); `from_backbone` carries Dense, Normalize and prompts exactly,
+and refuses what it cannot carry."""
 
 import json
 import subprocess
@@ -7,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from modeling_mtl import MultiTaskModel
 
@@ -59,3 +63,73 @@ def test_quickstart_example_runs():
     assert "most similar to 'A man is playing a guitar on stage.': 'Someone performs music with a guitar.'" in (
         result.stdout
     )
+
+
+def sentence_transformer(folder, **kwargs):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(folder), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("projection", [None, "tanh"])
+def test_saved_and_exported_folders_load_in_sentence_transformers_identically(minilm_dir, tmp_path, projection):
+    torch.manual_seed(0)
+    options = {"projection_dim": 64, "projection_activation": projection} if projection else {}
+    model = MultiTaskModel.from_backbone(
+        minilm_dir, tasks=[{"name": "t", "labels": ["a", "b"]}], max_seq_length=128, **options
+    )
+    expected = model.encode(SENTENCES)
+    model.save_pretrained(tmp_path / "saved")
+    remote = sentence_transformer(tmp_path / "saved", trust_remote_code=True)
+    assert remote.max_seq_length == 128
+    assert np.abs(remote.encode(SENTENCES) - expected).max() <= 1e-5
+    model.export_sentence_transformers(tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert "auto_map" not in config and config["model_type"] == "bert"  # a plain encoder: no remote code
+    plain = sentence_transformer(tmp_path / "exported")
+    assert np.abs(plain.encode(SENTENCES) - expected).max() <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(plain.encode(SENTENCES), axis=1), 1.0, rtol=1e-5)
+    # ... and back: from_backbone carries the Dense layer (as the projection) and Normalize exactly.
+    back = MultiTaskModel.from_backbone(tmp_path / "exported")
+    assert (back.config.projection_dim, back.config.projection_activation) == (64 if projection else None, projection)
+    assert np.abs(back.encode(SENTENCES) - expected).max() <= 1e-5
+
+
+def test_prompts_are_carried_and_used_like_sentence_transformers(minilm_dir, tmp_path):
+    model = MultiTaskModel.from_backbone(minilm_dir)
+    model.export_sentence_transformers(tmp_path / "st")
+    settings = tmp_path / "st" / "config_sentence_transformers.json"
+    settings.write_text(json.dumps({"prompts": {"query": "query: ", "doc": ""}, "default_prompt_name": "query"}))
+    peer = sentence_transformer(tmp_path / "st")
+    ours = MultiTaskModel.from_backbone(tmp_path / "st")
+    assert ours.config.prompts == {"query": "query: "} and ours.config.default_prompt_name == "query"
+    assert np.abs(ours.encode(SENTENCES[:3]) - peer.encode(SENTENCES[:3])).max() <= 1e-5  # default prompt applied
+    assert np.abs(ours.encode(SENTENCES[:3], prompt="x: ") - peer.encode(SENTENCES[:3], prompt="x: ")).max() <= 1e-5
+    with pytest.raises(ValueError, match=r"prompt_name 'nope' is not one of this model's prompts \['query'\]"):
+        ours.encode("a", prompt_name="nope")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f.update(pooling_mode_max_tokens=True), r"concatenates poolings \['mean', 'max'\]"),
+        (lambda f: f.update(include_prompt=False), "leaves out the prompt tokens"),
+    ],
+)
+def test_modules_that_cannot_be_carried_are_refused(minilm_dir, tmp_path, change, message):
+    MultiTaskModel.from_backbone(minilm_dir).export_sentence_transformers(tmp_path / "st")
+    pooling = tmp_path / "st" / "1_Pooling" / "config.json"
+    config = json.loads(pooling.read_text())
+    change(config)
+    pooling.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        MultiTaskModel.from_backbone(tmp_path / "st")
+
+
+def test_an_unknown_module_is_refused_by_name(minilm_dir, tmp_path):
+    MultiTaskModel.from_backbone(minilm_dir).export_sentence_transformers(tmp_path / "st")
+    modules = json.loads((tmp_path / "st" / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_LSTM", "type": "sentence_transformers.models.LSTM"})
+    (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match=r"module 3 \(sentence_transformers.models.LSTM\) cannot be carried"):
+        MultiTaskModel.from_backbone(tmp_path / "st")
