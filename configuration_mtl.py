@@ -33,7 +33,10 @@ _TYPE_KEYS = {
     "contrastive": {"scale", "gather_across_processes"},
 }
 _HEADLESS_TYPES = ("similarity", "contrastive")  # scored on the embeddings alone: no head, no labels
-_HEAD_KEYS = {"type", "hidden_size", "activation", "dropout"}
+_HEAD_KEYS = {"type", "hidden_size", "activation", "dropout", "pooling"}
+# What a sentence-level head reads: the shared sentence vector (the embedding, before normalisation), or its own
+# learned attention pooling of the token states, which leaves the embedding to the shared pooling.
+HEAD_POOLINGS = ("shared", "attention")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 # Names that would shadow `nn.Module` attributes if used as `nn.ModuleDict` keys.
 # "embedding" names the embedding's own metrics (`eval_embedding/...`).
@@ -61,6 +64,11 @@ def _normalize_head(task_name: str, head: Any, default_dropout: float) -> dict[s
     if not _number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"task '{task_name}': head dropout must be a number in [0, 1), got {dropout!r}")
     normalized: dict[str, Any] = {"type": head_type, "dropout": float(dropout)}
+    pooling = head.get("pooling", "shared")
+    if pooling not in HEAD_POOLINGS:
+        raise ValueError(f"task '{task_name}': head pooling '{pooling}' is not one of {list(HEAD_POOLINGS)}")
+    if pooling != "shared":
+        normalized["pooling"] = pooling
     if head_type == "mlp":
         hidden_size = head.get("hidden_size")
         if hidden_size is not None and (
@@ -155,7 +163,9 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
             (float >= 0, default 1).
             Tasks with a head (all but `similarity` and `contrastive`): `labels` (label names; for `regression` the
             names of the predicted values, default `["score"]`) and `head` (`"linear"`, `"mlp"` or a dict with
-            `type`, `hidden_size`, `activation`, `dropout`).
+            `type`, `hidden_size`, `activation`, `dropout`, and for sentence-level tasks `pooling`: `"shared"`, the
+            default, reads the sentence embedding's pooled vector; `"attention"` gives the head its own learned
+            attention pooling of the token states).
             `multi_label_classification`: `threshold` (probability above which a label is predicted, default 0.5).
             `similarity`: `loss` (`"cosent"`, default, or `"cosine_mse"`), `score_range` (`[low, high]` of the
             gold scores, default `[0, 1]`), `scale` (CoSENT's, default 20).

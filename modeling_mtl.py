@@ -120,6 +120,8 @@ class TaskHead(nn.Module):
 
     def __init__(self, input_size: int, num_outputs: int, head: dict[str, Any]):
         super().__init__()
+        # A head with its own pooling reads the token states, not the shared sentence vector.
+        self.pooling = Pooling("attention", input_size) if head.get("pooling") == "attention" else None
         self.dropout = nn.Dropout(head["dropout"])
         if head["type"] == "mlp":
             hidden_size = head.get("hidden_size") or input_size
@@ -282,7 +284,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         for task in config.tasks:
             if task["type"] in ("similarity", "contrastive"):
                 continue  # scored on the embeddings themselves
-            if task["type"] == "token_classification":
+            if task["type"] == "token_classification" or task["head"].get("pooling") == "attention":
                 input_size = config.hidden_size
             elif task["type"] == "pair_classification":
                 input_size = len(task["pair_features"]) * config.embedding_dim
@@ -529,7 +531,8 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         encoder_outputs, features = self._encode(texts, output_hidden_states)  # features: (batch, texts, dim)
         first_token_states = encoder_outputs.last_hidden_state[: texts.batch_size]  # (batch, seq, hidden)
 
-        logits = {name: self._task_logits(name, features, first_token_states) for name in tasks}
+        first_mask = texts.present_mask[: texts.batch_size]  # (batch, seq)
+        logits = {name: self._task_logits(name, features, first_token_states, first_mask) for name in tasks}
         logits = {name: value for name, value in logits.items() if value is not None}
         loss, task_losses = None, None
         if labels:
@@ -584,14 +587,19 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             features = self.projection_activation(self.projection(features))  # (batch, projection_dim)
         return features
 
-    def _task_logits(self, name: str, features: torch.Tensor, token_states: torch.Tensor) -> torch.Tensor | None:
+    def _task_logits(
+        self, name: str, features: torch.Tensor, token_states: torch.Tensor, first_mask: torch.Tensor
+    ) -> torch.Tensor | None:
         """One task's output for a batch; `None` for a pair task in a batch of single texts."""
         task = self.config.get_task(name)
         task_type = task["type"]
         if task_type == "token_classification":
             return self.heads[name](token_states)  # (batch, seq, num_labels)
         if task_type in ("classification", "multi_label_classification", "regression"):
-            return self.heads[name](features[:, 0])  # (batch, num_labels)
+            head = self.heads[name]
+            if head.pooling is not None:  # the head's own view of the sentence: (batch, hidden)
+                return head(head.pooling(token_states, first_mask))
+            return head(features[:, 0])  # (batch, num_labels)
         if features.shape[1] < 2:
             return None
         u, v = features[:, 0], features[:, 1]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging
+
+from multitask_st.training import non_default_hyperparameters
 
 logger = logging.get_logger("train")
 
@@ -44,6 +45,13 @@ class ModelArguments:
         default=None, metadata={"help": "Truncation length in tokens (default: the checkpoint's, at most 512)."}
     )
     head_type: str = field(default="linear", metadata={"help": "Default head for tasks that set none: linear or mlp."})
+    head_pooling: str = field(
+        default="shared",
+        metadata={
+            "help": "What sentence-level heads read by default: shared (the embedding's pooled vector) or attention "
+            "(each head its own attention pooling of the token states)."
+        },
+    )
     head_dropout: float = field(default=0.1, metadata={"help": "Dropout before each head."})
 
 
@@ -159,6 +167,7 @@ DEFAULT_JOB: dict[str, Any] = {
 }
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments)
+SENTENCE_TASKS = ("classification", "multi_label_classification", "regression")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -226,41 +235,79 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         argv: command-line arguments (default `sys.argv[1:]`); empty runs the embedded default job.
         callbacks: extra `TrainerCallback`s (for programmatic use).
     """
-    from modeling_mtl import MultiTaskModel, read_sentence_transformers_settings, resolve_max_seq_length
-    from multitask_st import DEFAULT_BACKBONE_ID, default_backbone
-    from multitask_st.data import build_datasets, parse_task_specs
-    from multitask_st.metrics import nest_metrics
-    from multitask_st.trainer import MultiTaskTrainer, apply_freezing, detach_loss_weighting
-    from multitask_st.training import (
-        STAGING_DIR,
-        apply_lora,
-        check_output_dir,
-        commit_model_folder,
-        describe_hardware,
-        format_prediction,
-        last_complete_checkpoint,
-        non_default_hyperparameters,
-        save_lora_adapter,
-        training_record,
-        write_json,
-    )
+    from multitask_st import DEFAULT_BACKBONE_ID
+    from multitask_st.trainer import detach_loss_weighting
+    from multitask_st.training import describe_hardware, evaluate_splits, save_run, training_record
 
-    # 1. Arguments, seed, output folder.
+    # 1. Arguments, seed, output folder (never another run's model), the checkpoint to resume.
     model_args, data_args, mtl_args, training_args = parse_arguments(argv)
     set_seed(training_args.seed)
+    resume = _resume_target(training_args, mtl_args)
+
+    # 2. Tokenizer, truncation length (one resolver, the model's) and the task data, tokenised once.
+    specs, tokenizer, max_seq_length, data = _load_data(model_args, data_args, training_args)
+
+    # 3. Model: the pretrained encoder with fresh heads; freezing; LoRA adapters.
+    model = _build_model(model_args, mtl_args, data, tokenizer, max_seq_length)
+
+    # 4. Trainer: collator and metrics follow from the model's tasks.
+    trainer = _build_trainer(model, training_args, mtl_args, data, callbacks)
+
+    # 5. Train (a non-finite loss stops the run with an error: nothing is saved as a model).
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    learned_weights = detach_loss_weighting(trainer.model)
+    trainer.log_metrics("train", train_result.metrics)
+
+    # 6. Evaluate on the eval and test splits (task metrics and the embedding's drift).
+    metrics = evaluate_splits(trainer, data)
+    trainer.save_state()
+
+    # 7. Save: model, metrics, training record and card to a staging folder, then into output_dir, config.json last.
+    hyperparameters = non_default_hyperparameters(
+        training_args, model_args, mtl_args, DataArguments(label_all_subtokens=data_args.label_all_subtokens)
+    )
+    if learned_weights is not None:
+        hyperparameters["learned_task_weights"] = learned_weights
+    record = training_record(
+        specs,
+        data,
+        model_args.model_name_or_path or DEFAULT_BACKBONE_ID,
+        hyperparameters,
+        describe_hardware(training_args),
+        train_result.metrics.get("train_runtime", 0.0),
+    )
+    record["embedding_protection"] = {"method": trainer.protection.method, "weight": trainer.protection.weight}
+    output_dir = save_run(trainer, training_args.output_dir, metrics, record, lora=bool(mtl_args.lora_rank))
+    if trainer.is_world_process_zero():
+        _report(trainer, data, metrics, output_dir, mtl_args.num_examples_to_print)
+    return 0
+
+
+def _resume_target(training_args: TrainingArguments, mtl_args: MultiTaskArguments) -> str | None:
+    from multitask_st.training import check_output_dir, last_complete_checkpoint
+
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
     check_output_dir(training_args.output_dir, bool(resume), mtl_args.overwrite_output_dir)
     if resume is True:
-        resume = last_complete_checkpoint(training_args.output_dir)
+        return last_complete_checkpoint(training_args.output_dir)
+    return resume or None
 
-    # 2. Tokenizer, truncation length (one resolver, the model's) and the task data, tokenised once.
+
+def _load_data(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    from modeling_mtl import read_sentence_transformers_settings, resolve_max_seq_length
+    from multitask_st import default_backbone
+    from multitask_st.data import build_datasets, parse_task_specs
+
     model_name = model_args.model_name_or_path or default_backbone()
     specs = parse_task_specs(data_args.tasks)
-    for spec in specs:
-        if model_args.head_type != "linear" and spec.type not in ("similarity", "contrastive"):
-            spec.model_options.setdefault("head", model_args.head_type)
+    for spec in specs:  # the default head of sentence-level tasks that set none
+        head = {"type": model_args.head_type} if model_args.head_type != "linear" else {}
+        if model_args.head_pooling != "shared" and spec.type in SENTENCE_TASKS:
+            head["pooling"] = model_args.head_pooling
+        if head and spec.type not in ("similarity", "contrastive") and "head" not in spec.model_options:
+            spec.model_options["head"] = head
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     max_seq_length = resolve_max_seq_length(
         AutoConfig.from_pretrained(model_name),
@@ -279,10 +326,17 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         )
     if data.eval is None and training_args.eval_strategy != "no":
         raise ValueError("eval_strategy needs eval splits: set `eval_split` on the tasks or --eval_strategy no")
+    return specs, tokenizer, max_seq_length, data
 
-    # 3. Model: the pretrained encoder with fresh heads; freezing; LoRA adapters.
+
+def _build_model(model_args: ModelArguments, mtl_args: MultiTaskArguments, data, tokenizer, max_seq_length: int):
+    from modeling_mtl import MultiTaskModel
+    from multitask_st import default_backbone
+    from multitask_st.trainer import apply_freezing
+    from multitask_st.training import apply_lora
+
     model = MultiTaskModel.from_backbone(
-        model_name,
+        model_args.model_name_or_path or default_backbone(),
         tasks=data.model_tasks,
         pooling=model_args.pooling,
         normalize=model_args.normalize,
@@ -302,12 +356,16 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
+    return model
 
-    # 4. Trainer: collator and metrics follow from the model's tasks.
+
+def _build_trainer(model, training_args: TrainingArguments, mtl_args: MultiTaskArguments, data, callbacks):
+    from multitask_st.trainer import MultiTaskTrainer
+
     callbacks = list(callbacks or [])
     if mtl_args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(mtl_args.early_stopping_patience, mtl_args.early_stopping_threshold))
-    trainer = MultiTaskTrainer(
+    return MultiTaskTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
@@ -325,57 +383,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         drift_warning_cosine=mtl_args.drift_warning_cosine,
     )
 
-    # 5. Train (a non-finite loss stops the run with an error: nothing is saved as a model).
-    train_result = trainer.train(resume_from_checkpoint=resume or None)
-    learned_weights = detach_loss_weighting(trainer.model)
-    trainer.log_metrics("train", train_result.metrics)
 
-    # 6. Evaluate on the eval and test splits.
-    metrics: dict[str, Any] = {}
-    for key, dataset in (("eval", data.eval), ("test", data.test)):
-        if dataset is None:
-            continue
-        scores = trainer.evaluate(dataset, metric_key_prefix=key)
-        nested = nest_metrics(scores, key)
-        if "embedding" in nested:
-            metrics.setdefault("embedding", {})[key] = nested.pop("embedding")
-        metrics[key] = nested
-        metrics["combined_score" if key == "eval" else "test_combined_score"] = scores.get(f"{key}_combined_score")
-    trainer.save_state()
-
-    # 7. Save: the model and its records go to a staging folder, then into output_dir, config.json last.
-    output_dir = Path(training_args.output_dir)
-    staging = output_dir / STAGING_DIR
-    if trainer.is_world_process_zero() and staging.exists():
-        shutil.rmtree(staging)
-    if mtl_args.lora_rank:  # the adapters (with the heads) as trained, then the merged plain model
-        if trainer.is_world_process_zero():
-            save_lora_adapter(trainer.model, staging / "lora_adapter")
-        trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
-        hyperparameters = non_default_hyperparameters(
-            training_args, model_args, mtl_args, DataArguments(label_all_subtokens=data_args.label_all_subtokens)
-        )
-        if learned_weights is not None:
-            hyperparameters["learned_task_weights"] = learned_weights
-        base_model = model_args.model_name_or_path or DEFAULT_BACKBONE_ID
-        runtime = train_result.metrics.get("train_runtime", 0.0)
-        record = training_record(specs, data, base_model, hyperparameters, describe_hardware(training_args), runtime)
-        write_json(staging / "metrics.json", metrics)
-        write_json(staging / "training_config.json", record)
-        if (output_dir / "trainer_state.json").is_file():
-            shutil.copy(output_dir / "trainer_state.json", staging / "trainer_state.json")
-        from multitask_st.model_card import write_model_card
-
-        write_model_card(staging)
-        commit_model_folder(staging, output_dir)
-        _report(trainer, data, metrics, output_dir, mtl_args.num_examples_to_print, format_prediction)
-    return 0
-
-
-def _report(trainer, data, metrics: dict, output_dir: Path, count: int, format_prediction) -> None:
+def _report(trainer, data, metrics: dict, output_dir: Path, count: int) -> None:
     """Print per-task metrics, the embedding's drift and a few example predictions."""
+    from multitask_st.training import format_prediction
+
     for split in ("eval", "test"):
         for task, scores in metrics.get(split, {}).items():
             values = "  ".join(f"{k}={v:.4f}" for k, v in sorted(scores.items()) if isinstance(v, float))
@@ -385,11 +397,22 @@ def _report(trainer, data, metrics: dict, output_dir: Path, count: int, format_p
     for split, drift in metrics.get("embedding", {}).items():
         print(f"  {split:<5} embedding drift  " + "  ".join(f"{k}={v:.4f}" for k, v in drift.items()))
     model = trainer.accelerator.unwrap_model(trainer.model)
-    examples = [example for example in data.examples if isinstance(example, (str, list))][:count]
-    if examples:
-        print("\n=== example predictions ===")
+    shown = set()
+    for examples in data.examples.values():  # per source: texts, word lists or pairs, a few of each
+        examples = [example for example in examples if repr(example) not in shown][:count]
+        if not examples:
+            continue
+        if not shown:
+            print("\n=== example predictions ===")
+        shown.update(repr(example) for example in examples)
         for example, prediction in zip(examples, model.predict(examples)):
-            text = example if isinstance(example, str) else " ".join(example)
+            text = (
+                " | ".join(example)
+                if isinstance(example, tuple)
+                else example
+                if isinstance(example, str)
+                else " ".join(example)
+            )
             print(f"  {text[:100]!r}\n    -> {format_prediction(prediction)}")
     print(f"\nModel saved to {output_dir.resolve()}")
     print(

@@ -617,10 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     similarity.add_argument("--json", help="also save the scores as JSON here")
     similarity.set_defaults(func=cmd_similarity)
 
-    train = commands.add_parser("train", help="fine-tune a model (same options as train.py)", add_help=False)
-    train.set_defaults(func=lambda args: _delegate("train", args.rest))
-    push = commands.add_parser("push", help="publish a trained model (same options as push_to_hub.py)", add_help=False)
-    push.set_defaults(func=lambda args: _delegate("push_to_hub", args.rest))
+    # Listed for --help only: `main` hands `train` / `push` and everything after them to the scripts unparsed.
+    commands.add_parser("train", help="fine-tune a model (same options as train.py)", add_help=False)
+    commands.add_parser("push", help="publish a trained model (same options as push_to_hub.py)", add_help=False)
 
     serve = commands.add_parser(
         "serve",

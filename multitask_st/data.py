@@ -727,7 +727,8 @@ class MultiTaskData:
         source_tasks: the task names of each source.
         eval / test: concatenated eval / test rows (or `None`).
         num_train_examples: per task, the number of labelled training rows.
-        examples: a few raw eval inputs (texts, word lists or pairs) to show predictions on.
+        examples: per task, a few raw inputs (texts, word lists or pairs) of its eval split (or training split) to
+            show predictions on (the end-of-run report, the model card's widget).
     """
 
     specs: list[TaskDataSpec]
@@ -737,7 +738,7 @@ class MultiTaskData:
     eval: Dataset | None = None
     test: Dataset | None = None
     num_train_examples: dict[str, int] = field(default_factory=dict)
-    examples: list[Any] = field(default_factory=list)
+    examples: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def model_tasks(self) -> list[dict[str, Any]]:
@@ -769,7 +770,7 @@ def build_datasets(
         sources.setdefault(spec.source_key(), []).append(spec)
 
     parts: dict[str, list[Dataset]] = {"train": [], "eval": [], "test": []}
-    sizes, source_tasks, examples = [], [], []
+    sizes, source_tasks, examples = [], [], {}
     num_train_examples: dict[str, int] = {}
     for group in sources.values():
         first = group[0]
@@ -799,11 +800,11 @@ def build_datasets(
                 continue
             raw = _select_rows(first, load_split(first, split, cache_dir), limit, seed, f"{key} split '{split}'")
             if key == "eval":
-                examples.extend(_raw_inputs(raw, first, 2))
+                examples.update({spec.name: _raw_inputs(raw, first, 2) for spec in group})
             name = f"{key} split '{split}'"
             parts[key].append(tokenize_source(raw, group, specs, tokenizer, max_seq_length, name, False, ints_are_ids))
-        if not examples:
-            examples.extend(_raw_inputs(train, first, 2))
+        for spec in group:
+            examples.setdefault(spec.name, _raw_inputs(train, first, 2))
     return MultiTaskData(
         specs=specs,
         train=_concatenate(parts["train"]),

@@ -34,12 +34,31 @@ HUB_TASK_TYPES = {
     "multi_label_classification": "text-classification",
     "regression": "text-classification",
     "token_classification": "token-classification",
+    "similarity": "sentence-similarity",
+    "pair_classification": "text-classification",
+    "contrastive": "sentence-similarity",
 }
 TASK_TYPE_TAGS = {
     "classification": "text-classification",
     "multi_label_classification": "multi-label-classification",
     "regression": "text-regression",
     "token_classification": "token-classification",
+    "similarity": "sentence-similarity",
+    "pair_classification": "text-pair-classification",
+    "contrastive": "retrieval",
+}
+# This project's metric names as the Hub's metric ids (`evaluate` metrics) and their arguments.
+HUB_METRICS = {
+    "accuracy": ("accuracy", None),
+    "macro_f1": ("f1", {"average": "macro"}),
+    "micro_f1": ("f1", {"average": "micro"}),
+    "f1": ("f1", None),
+    "precision": ("precision", None),
+    "recall": ("recall", None),
+    "spearman": ("spearmanr", None),
+    "pearson": ("pearsonr", None),
+    "mrr": ("mrr", None),
+    "recall_at_1": ("recall", {"k": 1}),
 }
 # Metrics worth reporting in `model-index`; losses stay in the body tables (they are not comparable across models).
 _NOT_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second"}
@@ -79,6 +98,68 @@ def _dataset_label(dataset: str | None) -> str:
         except (ValueError, StopIteration, AttributeError):
             return "local files"
     return Path(dataset.rstrip("/")).name or dataset
+
+
+def _dataset_row(task_name: str, info: dict[str, Any]) -> dict[str, Any]:
+    """One row of the card's data table: a Hub link, or for local data its name, size and columns."""
+    dataset = info.get("dataset")
+    hub_id = hub_dataset_id(dataset)
+    if hub_id:
+        name = f"[{hub_id}](https://huggingface.co/datasets/{hub_id})"
+    else:
+        name = f"`{_dataset_label(dataset)}` (local data, not on the Hub)"
+    columns = [*(info.get("input_columns") or []), *([info["label_column"]] if info.get("label_column") else [])]
+    return {
+        "task": task_name,
+        "dataset": name,
+        "config": info.get("dataset_config") or "-",
+        "columns": ", ".join(f"`{column}`" for column in columns) or "-",
+        "filter": json.dumps(info["row_filter"]) if info.get("row_filter") else "-",
+        "train_split": info.get("train_split") or "-",
+        "rows": info.get("num_train_rows", "-"),
+        "num_train_examples": info.get("num_train_examples", "-"),
+        "eval_split": info.get("eval_split") or "-",
+        "test_split": info.get("test_split") or "-",
+    }
+
+
+def _widget(tasks: list[dict[str, Any]], task_info: dict[str, dict]) -> list[dict[str, Any]] | None:
+    """One widget example per task, from the task's own data, titled with the task's name."""
+    widget = []
+    for task in tasks:
+        examples = (task_info.get(task["name"]) or {}).get("examples") or []
+        example = examples[0] if examples else None
+        if isinstance(example, list) and task["type"] in ("similarity", "pair_classification", "contrastive"):
+            widget.append({"source_sentence": example[0], "sentences": [example[1]], "example_title": task["name"]})
+        elif isinstance(example, list):
+            widget.append({"text": " ".join(example), "example_title": task["name"]})
+        elif isinstance(example, str):
+            widget.append({"text": example, "example_title": task["name"]})
+    return widget or None
+
+
+def _embedding_view(metrics: dict[str, Any], tasks: list[dict], training: dict[str, Any]) -> dict[str, Any]:
+    """How the embedding was trained and kept: protection, embedding tasks, drift from the base, similarity scores."""
+    protection = training.get("embedding_protection") or {}
+    embedding_tasks = [t["name"] for t in tasks if t["type"] in ("similarity", "pair_classification", "contrastive")]
+    drift = [
+        {"split": split, "cosine": _format_number(values.get("cosine_to_initial")),
+         "overlap": _format_number(next((v for k, v in values.items() if k.startswith("knn")), None))}
+        for split, values in (metrics.get("embedding") or {}).items()
+    ]  # fmt: skip
+    similarity = [
+        {"task": name, "split": split, "spearman": _format_number(scores.get("spearman"))}
+        for split in ("eval", "test")
+        for name, scores in (metrics.get(split) or {}).items()
+        if name in embedding_tasks and "spearman" in scores
+    ]
+    return {
+        "protection": protection.get("method"),
+        "weight": protection.get("weight"),
+        "tasks": embedding_tasks,
+        "drift": drift,
+        "similarity": similarity,
+    }
 
 
 def _base_model_id(base_model: str | None) -> str | None:
@@ -136,16 +217,29 @@ def _task_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         shown = ", ".join(f"`{label}`" for label in labels[:20]) + (
             f" … ({len(labels)} labels)" if len(labels) > 20 else ""
         )
-        head = task.get("head") or {}
-        head_text = head.get("type", "linear")
-        if head_text == "mlp":
-            head_text += f" (hidden {head.get('hidden_size') or 'same as input'}, {head.get('activation', 'gelu')})"
-        head_text += f", dropout {head.get('dropout', 0.1)}"
+        head = task.get("head")
+        if head is None:  # similarity / contrastive: scored on the embeddings themselves
+            head_text = f"none: cosine of the two embeddings (scale {task.get('scale', 20.0)})"
+            if task["type"] == "similarity":
+                head_text += f", {task.get('loss', 'cosent')} loss, scores {task.get('score_range', [0, 1])}"
+            shown = "-"
+        else:
+            head_text = head.get("type", "linear")
+            if head_text == "mlp":
+                head_text += f" (hidden {head.get('hidden_size') or 'same as input'}, {head.get('activation', 'gelu')})"
+            if task["type"] == "pair_classification":
+                head_text += f" on ({', '.join(task.get('pair_features', []))})"
+            if head.get("pooling") == "attention":
+                head_text += ", own attention pooling"
+            head_text += f", dropout {head.get('dropout', 0.1)}"
         hints = {
             "classification": '{"label": ..., "score": ..., "scores": {label: probability}}',
             "multi_label_classification": '{"labels": [labels above the threshold], "scores": {label: probability}}',
             "regression": '{"value": ...}' if len(labels) <= 1 else '{"values": {name: value}}',
             "token_classification": '{"words": [{"word", "tag", "score", ...}], "entities": [{"entity", "text", ...}]}',
+            "pair_classification": 'model.predict([(text_a, text_b)]) -> {"label": ..., "score": ..., "scores": {...}}',
+            "similarity": 'model.predict([(text_a, text_b)]) -> {"cosine": ...}',
+            "contrastive": 'model.predict([(query, passage)]) -> {"cosine": ...}',
         }
         rows.append(
             {
@@ -155,6 +249,7 @@ def _task_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "head_text": head_text,
                 "loss_weight": task.get("loss_weight", 1.0),
                 "predict_hint": hints.get(task["type"], "..."),
+                "pair": task["type"] in ("similarity", "pair_classification", "contrastive"),
             }
         )
     return rows
@@ -195,7 +290,9 @@ def _architecture(config: dict[str, Any]) -> tuple[str, str, str]:
     )
     parts.append(
         f"{len(parts) + 1}. **Heads**: one per task. Sentence-level tasks (classification, multi-label, "
-        "regression) read the sentence vector; token classification reads each token state."
+        "regression) read the sentence vector (or their own attention pooling), token classification each token "
+        "state; pair tasks embed both texts in the same encoder pass (similarity and contrastive tasks score the "
+        "cosine of the two embeddings, pair classification reads (u, v, |u-v|))."
     )
     return backbone_line, embedding_line, "\n".join(parts)
 
@@ -223,8 +320,9 @@ def _metric_results(
                 if not _is_number(value):
                     continue
                 rows.append({"task": task_name, "split": split, "metric": metric, "value": _format_number(value)})
-                if metric in _NOT_METRICS:
+                if metric in _NOT_METRICS or metric not in HUB_METRICS:
                     continue
+                metric_type, metric_args = HUB_METRICS[metric]
                 results.append(
                     EvalResult(
                         task_type=HUB_TASK_TYPES.get(task_type, "text-classification"),
@@ -235,8 +333,9 @@ def _metric_results(
                         if task_name in shared
                         else info.get("dataset_config"),
                         dataset_split=split,
-                        metric_type=metric,
-                        metric_name=f"{task_name} {metric}",
+                        metric_type=metric_type,
+                        metric_args=metric_args,
+                        metric_name=f"{task_name} {metric.replace('_', ' ')}",
                         metric_value=float(value),
                     )
                 )
@@ -270,13 +369,13 @@ def _curves(state: dict[str, Any], folder: Path, figure: bool) -> dict[str, Any]
     history = [entry for entry in state.get("log_history") or [] if isinstance(entry, dict)]
     by_step: dict[int, dict[str, Any]] = {}
     for entry in history:
-        # Train logs carry `loss` (+ `loss_<task>`), eval logs `eval_*`; the final summary (train_loss, runtime)
+        # Train logs carry `loss` (+ `loss/<task>`), eval logs `eval_*`; the final summary (train_loss, runtime)
         # and test logs are not curve points.
         keys = {
             k: v
             for k, v in entry.items()
             if _is_number(v)
-            and (k == "loss" or k.startswith("loss_") or k.startswith("eval_"))
+            and (k == "loss" or k.startswith("loss/") or k.startswith("eval_"))
             and not k.endswith(("_runtime", "_per_second"))
         }
         if keys and "step" in entry:
@@ -285,7 +384,7 @@ def _curves(state: dict[str, Any], folder: Path, figure: bool) -> dict[str, Any]
         return None
     keys = sorted(
         {k for row in by_step.values() for k in row if k != "epoch"},
-        key=lambda k: (k != "loss", not k.startswith("loss_"), k != "eval_loss", k),
+        key=lambda k: (k != "loss", not k.startswith("loss/"), k != "eval_loss", k),
     )
     steps = sorted(by_step)
     shown = steps
@@ -361,7 +460,10 @@ def build_model_card(
     datasets = sorted(
         {hub_dataset_id(info.get("dataset")) for info in (training or {}).get("tasks", {}).values()} - {None}
     )
+    loads_in_sentence_transformers = (folder / "modules.json").is_file()
     tags = ["multi-task", "sentence-embeddings", "feature-extraction", "custom_code"]
+    if loads_in_sentence_transformers:
+        tags.append("sentence-transformers")
     tags += [TASK_TYPE_TAGS[t] for t in dict.fromkeys(task_types) if t in TASK_TYPE_TAGS]
     tags += [tag for tag in overrides.pop("tags", None) or [] if tag not in tags]
 
@@ -376,6 +478,9 @@ def build_model_card(
     }
     if eval_results:
         fields.update(model_name=name, eval_results=eval_results)
+    widget = _widget(tasks, (training or {}).get("tasks", {}))
+    if widget:
+        fields["widget"] = widget
     fields.update(overrides)
     card_data = ModelCardData(**{key: value for key, value in fields.items() if value is not None})
 
@@ -399,27 +504,13 @@ def build_model_card(
         training_view = {
             "base_model": card_data.base_model or training.get("base_model"),
             "hardware": training.get("hardware"),
+            "precision": (training.get("hardware_details") or {}).get("precision"),
+            "threads": (training.get("hardware_details") or {}).get("torch_threads"),
             "runtime": f"{runtime:.0f} s" if _is_number(runtime) else None,
             "hyperparameters": [
                 (key, json.dumps(value, default=str).replace("|", "\\|")) for key, value in hyperparameters
             ],
-            "datasets": [
-                {
-                    "task": task_name,
-                    "dataset": (
-                        f"[{hub_dataset_id(info.get('dataset'))}](https://huggingface.co/datasets/"
-                        f"{hub_dataset_id(info.get('dataset'))})"
-                        if hub_dataset_id(info.get("dataset"))
-                        else f"`{_dataset_label(info.get('dataset'))}` (local files)"
-                    ),
-                    "config": info.get("dataset_config") or "-",
-                    "train_split": info.get("train_split") or "-",
-                    "num_train_examples": info.get("num_train_examples", "-"),
-                    "eval_split": info.get("eval_split") or "-",
-                    "test_split": info.get("test_split") or "-",
-                }
-                for task_name, info in (training.get("tasks") or {}).items()
-            ],
+            "datasets": [_dataset_row(task_name, info) for task_name, info in (training.get("tasks") or {}).items()],
         }
 
     limitations = [
@@ -428,8 +519,7 @@ def build_model_card(
         f"Texts longer than {config.get('max_seq_length', 256)} tokens are truncated.",
         "Each head only knows the labels listed above; out-of-domain texts still get one of them, often with high "
         "confidence.",
-        "The embedding is shaped by the supervised task losses (no contrastive or similarity objective), so "
-        "similarity quality may differ from the base encoder's.",
+        _embedding_limitation(tasks, metrics, training or {}),
     ]
     if training_view:
         limitations.append(
@@ -440,6 +530,7 @@ def build_model_card(
         limitations.append("No training record was found: the task heads may be untrained.")
 
     curves = _curves(state, folder, figure) if isinstance(state, dict) else None
+    embedding = _embedding_view(metrics, tasks, training or {})
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -458,9 +549,32 @@ def build_model_card(
         training=training_view,
         evaluation=evaluation,
         curves=curves,
+        embedding=embedding,
+        sentence_transformers=loads_in_sentence_transformers,
+        pair_example=next((row for row in _task_rows(tasks) if row["pair"]), None),
         limitations=limitations,
         versions=_versions(),
     )
+
+
+def _embedding_limitation(tasks: list[dict], metrics: dict[str, Any], training: dict[str, Any]) -> str:
+    trained = [t["name"] for t in tasks if t["type"] in ("similarity", "pair_classification", "contrastive")]
+    drift = (metrics.get("embedding") or {}).get("eval") or {}
+    cosine = drift.get("cosine_to_initial")
+    moved = (
+        f" (mean cosine to the base model's embedding on the eval texts: {cosine:.3f})" if _is_number(cosine) else ""
+    )
+    if trained:
+        return f"The embedding was trained by {', '.join(f'`{t}`' for t in trained)}{moved}: it is tuned to those data."
+    protection = (training.get("embedding_protection") or {}).get("method")
+    if protection is None:
+        return f"No training record says how the embedding was treated{moved}."
+    if protection == "none":
+        return (
+            f"The embedding was left unprotected while the heads trained{moved}: similarity quality may be below "
+            "the base model's."
+        )
+    return f"The heads trained with the embedding protected ({protection}){moved}."
 
 
 def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, **overrides) -> Path:

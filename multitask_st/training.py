@@ -312,6 +312,9 @@ def training_record(specs, data, base_model: str, hyperparameters: dict, hardwar
             "input_columns": spec.input_columns,
             "label_column": spec.label_source,
             "row_filter": spec.row_filter,
+            "examples": [
+                list(example) if isinstance(example, tuple) else example for example in data.examples.get(spec.name, [])
+            ],
         }
     return {
         "base_model": base_model,
@@ -321,6 +324,51 @@ def training_record(specs, data, base_model: str, hyperparameters: dict, hardwar
         "hardware_details": hardware,
         "train_runtime_s": round(float(runtime), 2),
     }
+
+
+def evaluate_splits(trainer, data) -> dict[str, Any]:
+    """`metrics.json`'s content: per split, `{task: {metric: value}}`, the combined scores, and the embedding's
+    drift (`embedding`)."""
+    from .metrics import nest_metrics
+
+    metrics: dict[str, Any] = {}
+    for key, dataset in (("eval", data.eval), ("test", data.test)):
+        if dataset is None:
+            continue
+        scores = trainer.evaluate(dataset, metric_key_prefix=key)
+        nested = nest_metrics(scores, key)
+        if "embedding" in nested:
+            metrics.setdefault("embedding", {})[key] = nested.pop("embedding")
+        metrics[key] = nested
+        metrics["combined_score" if key == "eval" else "test_combined_score"] = scores.get(f"{key}_combined_score")
+    return metrics
+
+
+def save_run(trainer, output_dir: str | os.PathLike, metrics: dict, record: dict, lora: bool = False) -> Path:
+    """Write the trained model, `metrics.json`, `training_config.json`, the trainer state and the model card into a
+    staging folder, then commit it into `output_dir` (`commit_model_folder`: config.json last). With LoRA, the
+    adapters (and heads) go to `lora_adapter/` and the saved model is the merged one. Every process must call this;
+    only the main one writes."""
+    output_dir = Path(output_dir)
+    staging = output_dir / STAGING_DIR
+    main = trainer.is_world_process_zero()
+    if main and staging.exists():
+        shutil.rmtree(staging)
+    if lora:
+        if main:
+            save_lora_adapter(trainer.model, staging / "lora_adapter")
+        trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    trainer.save_model(str(staging))
+    if main:
+        from .model_card import write_model_card
+
+        write_json(staging / "metrics.json", metrics)
+        write_json(staging / "training_config.json", record)
+        if (output_dir / "trainer_state.json").is_file():
+            shutil.copy(output_dir / "trainer_state.json", staging / "trainer_state.json")
+        write_model_card(staging)
+        commit_model_folder(staging, output_dir)
+    return output_dir
 
 
 def format_prediction(prediction: dict[str, Any]) -> str:

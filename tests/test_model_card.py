@@ -16,6 +16,7 @@ TASKS = [
     {"name": "ner", "type": "token_classification", "labels": ["B-PER", "I-PER", "O"]},
     {"name": "similarity", "type": "regression"},
     {"name": "topics", "type": "multi_label_classification", "labels": ["sport", "science"], "threshold": 0.4},
+    {"name": "sts", "type": "similarity", "score_range": [0, 5]},
 ]
 METRICS = {
     "eval": {
@@ -23,7 +24,9 @@ METRICS = {
         "ner": {"precision": 0.5, "recall": 0.625, "f1": 0.5555555555555556, "accuracy": 0.9, "loss": 0.3},
         "similarity": {"pearson": 0.81, "spearman": 0.79, "mse": 0.52, "loss": 0.52},
         "topics": {"micro_f1": 0.66, "macro_f1": 0.61, "loss": 0.2},
+        "sts": {"pearson": 0.85, "spearman": 0.84, "loss": 1.2},
     },
+    "embedding": {"eval": {"cosine_to_initial": 0.9731, "knn_overlap@10": 0.81}},
     "combined_score": 0.7133,
     "test": {"sentiment": {"accuracy": 0.86, "macro_f1": 0.859}},
     "test_combined_score": 0.859,
@@ -31,9 +34,10 @@ METRICS = {
 
 
 def _training_config(base_model: str) -> dict:
-    def task(task_type, dataset, test_split=None):
+    def task(task_type, dataset, test_split=None, examples=("A short example.",)):
         return {"type": task_type, "dataset": dataset, "dataset_config": None, "train_split": "train",
-                "eval_split": "validation", "test_split": test_split, "num_train_examples": 100}  # fmt: skip
+                "eval_split": "validation", "test_split": test_split, "num_train_rows": 120, "num_train_examples": 100,
+                "input_columns": ["text"], "label_column": "label", "examples": list(examples)}  # fmt: skip
 
     return {
         "base_model": base_model,
@@ -42,9 +46,11 @@ def _training_config(base_model: str) -> dict:
             "ner": task("token_classification", "../shared/data/wikiann-en"),
             "similarity": task("regression", "sentence-transformers/stsb"),
             "topics": task("multi_label_classification", json.dumps({"train": "/data/topics/train.jsonl"})),
+            "sts": task("similarity", "/data/stsb", examples=[["A man plays.", "Someone plays."]]),
         },
         "hyperparameters": {"learning_rate": 5e-05, "max_steps": 40, "task_sampling": "temperature"},
-        "hardware": "CPU (x86_64, 2 cores), 1 process(es)",
+        "embedding_protection": {"method": "distillation", "weight": 1.0},
+        "hardware": "CPU (x86_64, 2 cores), 1 process(es), fp32, 2 torch thread(s)",
         "train_runtime_s": 12.5,
     }
 
@@ -52,11 +58,11 @@ def _training_config(base_model: str) -> dict:
 def _trainer_state(steps: int) -> dict:
     history = []
     for step in range(1, steps + 1):
-        history.append({"step": step, "epoch": step / steps, "loss": 2.0 / step, "loss_sentiment": 1.0 / step,
-                        "loss_ner": 1.5 / step, "learning_rate": 1e-5, "grad_norm": 1.0})  # fmt: skip
+        history.append({"step": step, "epoch": step / steps, "loss": 2.0 / step, "loss/sentiment": 1.0 / step,
+                        "loss/ner": 1.5 / step, "learning_rate": 1e-5, "grad_norm": 1.0})  # fmt: skip
         if step % 10 == 0:
             history.append({"step": step, "epoch": step / steps, "eval_loss": 1.0 / step,
-                            "eval_sentiment_accuracy": 0.5 + step / 100, "eval_runtime": 0.1})  # fmt: skip
+                            "eval_sentiment/accuracy": 0.5 + step / 100, "eval_runtime": 0.1})  # fmt: skip
     history.append({"step": steps, "train_loss": 0.3, "train_runtime": 12.5})
     return {"global_step": steps, "log_history": history}
 
@@ -88,28 +94,35 @@ def test_card_metadata_and_every_metric_match_the_run(saved_model, tiny_bert, tm
 
     assert data.library_name == "transformers" and data.pipeline_tag == "feature-extraction"
     for tag in ("multi-task", "sentence-embeddings", "text-classification", "token-classification", "text-regression",
-                "multi-label-classification"):  # fmt: skip
+                "multi-label-classification", "sentence-similarity", "sentence-transformers"):  # fmt: skip
         assert tag in data.tags, tag
-    assert "sentence-transformers" not in data.tags, "the model does not load with sentence-transformers"
+    # One widget example per task, from its own data; pair tasks as a sentence-similarity example.
+    widget = {entry["example_title"]: entry for entry in data.widget}
+    assert set(widget) == {task["name"] for task in TASKS}
+    assert widget["sts"] == {"source_sentence": "A man plays.", "sentences": ["Someone plays."], "example_title": "sts"}
     # Only real Hub datasets go to `datasets`; a local base model is not claimed as a Hub `base_model`.
     assert data.datasets == ["sentence-transformers/stsb", "stanfordnlp/sst2"]
     assert data.base_model is None and str(tiny_bert) in card.text
 
-    # model-index: one result per task, split and metric (losses excepted), with the run's exact values.
-    results = {(r.task_name, r.dataset_split, r.metric_type): r for r in data.eval_results}
+    # model-index: one result per task, split and metric (losses excepted), with the run's exact values, under
+    # metric ids the Hub knows (macro_f1 -> f1 with average=macro, spearman -> spearmanr).
+    results = {(r.task_name, r.dataset_split, r.metric_name.split(" ", 1)[1]): r for r in data.eval_results}
     expected = {
-        (task, "validation" if split == "eval" else "test", metric): value
+        (task, "validation" if split == "eval" else "test", metric.replace("_", " ")): value
         for split in ("eval", "test")
         for task, scores in METRICS[split].items()
         for metric, value in scores.items()
-        if metric != "loss"
+        if metric not in ("loss", "mse")
     }
     assert {key: result.metric_value for key, result in results.items()} == expected
+    macro = results[("sentiment", "validation", "macro f1")]
+    assert (macro.metric_type, macro.metric_args) == ("f1", {"average": "macro"})
+    assert results[("sts", "validation", "spearman")].metric_type == "spearmanr"
+    assert results[("sts", "validation", "spearman")].task_type == "sentence-similarity"
     assert results[("sentiment", "test", "accuracy")].dataset_type == "stanfordnlp/sst2"
     assert results[("ner", "validation", "f1")].task_type == "token-classification"
     assert results[("ner", "validation", "f1")].dataset_name == "wikiann-en (local files)"
-    assert results[("topics", "validation", "micro_f1")].dataset_type == "topics"
-    assert results[("similarity", "validation", "pearson")].task_type == "text-classification"
+    assert results[("topics", "validation", "micro f1")].dataset_type == "topics"
     assert data.model_name == "multi"
 
     text = card.text
@@ -124,8 +137,15 @@ def test_card_metadata_and_every_metric_match_the_run(saved_model, tiny_bert, tm
     # Training curves: 40 logged steps, at most 25 rows shown, first and last kept, eval metrics merged in.
     curve_rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
     assert 2 <= len(curve_rows) <= 25 and curve_rows[0].startswith("| 1 |") and curve_rows[-1].startswith("| 40 |")
-    assert "eval_sentiment_accuracy" in text and "train_runtime" not in text
+    assert "eval_sentiment/accuracy" in text and "loss/ner" in text and "train_runtime" not in text
     assert "- transformers: " in text and "- torch: " in text
+    # Local data is described (name, rows, columns), the embedding's drift and similarity scores are shown, the
+    # hardware line carries precision and threads, and sentence-transformers usage is given.
+    assert "`stsb` (local data, not on the Hub)" in text and "| 120 | 100 |" in text and "`text`, `label`" in text
+    assert "| eval | 0.9731 | 0.8100 |" in text and "| `sts` | eval | 0.8400 |" in text
+    assert "distillation, weight 1.0" in text and "fp32, 2 torch thread(s)" in text
+    assert 'SentenceTransformer("alice/multi", trust_remote_code=True' in text
+    assert 'pipeline("text-classification"' in text
 
 
 def test_tasks_sharing_one_dataset_keep_one_result_each(tiny_bert, tmp_path):
@@ -174,7 +194,8 @@ def test_card_of_an_untrained_model_reports_no_numbers(saved_model, tmp_path):
     folder = tmp_path / "untrained"
     folder.mkdir()
     for path in saved_model.iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
     card = ModelCard.load(write_model_card(folder))
     assert card.data.eval_results is None and "model-index" not in card.content
     assert "No evaluation results were recorded" in card.text

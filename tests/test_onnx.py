@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +26,11 @@ from multitask_st.onnx import (  # noqa: E402
     MODEL_FILE,
     ONNX_CONFIG_NAME,
     PAIR_HEADS_FILE,
+    QUANTIZATION,
     OnnxMultiTaskModel,
-    add_export_arguments,
     export_onnx,
-    run_export,
 )
+from multitask_st.onnx_cli import SCHEMES, add_export_arguments, run_export  # noqa: E402
 
 TASKS = [
     {"name": "sentiment", "labels": ["negative", "positive"], "head": {"type": "mlp", "hidden_size": 16}},
@@ -205,8 +208,12 @@ def test_int8_graph_is_quantized_and_close(tiny):
 def test_runtime_options_and_errors(tiny):
     model, onnx_model, folder = tiny
     assert onnx_model.session.get_session_options().intra_op_num_threads == torch.get_num_threads()
-    one_thread = OnnxMultiTaskModel.from_pretrained(folder, threads=1)
-    assert one_thread.session.get_session_options().intra_op_num_threads == 1
+    one_thread = OnnxMultiTaskModel.from_pretrained(
+        folder, threads=1, session_config={"session.intra_op.allow_spinning": "0"}
+    )
+    options = one_thread.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert one_thread.eval() is one_thread and "model.onnx" in repr(one_thread)
     assert onnx_model.task_names == model.task_names
     with pytest.raises(ValueError, match="bfloat16"):
@@ -252,10 +259,14 @@ def test_cli_functions_export_and_report_errors(tiny, tmp_path, capsys):
     model, _, _ = tiny
     model.save_pretrained(tmp_path / "model")
     parser = add_export_arguments(argparse.ArgumentParser(prog="mtl export"))
-    args = parser.parse_args([str(tmp_path / "model"), "-o", str(tmp_path / "out"), "--int8"])
+    (tmp_path / "calibration.txt").write_text("\n".join(TEXTS * 3), encoding="utf-8")
+    argv = [str(tmp_path / "model"), "-o", str(tmp_path / "out"), "--int8", "--calibration-file"]
+    args = parser.parse_args([*argv, str(tmp_path / "calibration.txt")])
     assert run_export(args) == 0
     assert "model.onnx" in capsys.readouterr().err
     assert {MODEL_FILE, INT8_FILE, PAIR_HEADS_FILE, ONNX_CONFIG_NAME} <= set(os.listdir(tmp_path / "out"))
+    description = json.loads((tmp_path / "out" / ONNX_CONFIG_NAME).read_text())
+    assert description["quantization"]["calibration_texts"] == len([t for t in TEXTS * 3 if t.strip()])
     exported = OnnxMultiTaskModel.from_pretrained(tmp_path / "out", int8=True)
     assert exported.int8 and exported.task_names == model.task_names
 
@@ -264,6 +275,10 @@ def test_cli_functions_export_and_report_errors(tiny, tmp_path, capsys):
     assert "mtl export: error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args([str(tmp_path / "model"), "--quantization", "nope"])
+    assert SCHEMES == tuple(QUANTIZATION)
+    # The command-line half stays light: the `mtl` parser can import it without torch.
+    probe = "import sys, multitask_st.onnx_cli; assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules"
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 # ---------------------------------------------------------------------------------------------- real model

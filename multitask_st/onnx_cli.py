@@ -1,0 +1,101 @@
+"""The command-line half of `multitask_st.onnx`: `mtl export MODEL -o OUT [--int8]`.
+
+Importing this module is cheap (no torch, no onnxruntime), so the `mtl` parser can add the `export` command
+without slowing every other command down; `run_export` imports the exporter when it runs. Wire it into
+`multitask_st/cli.py` with:
+
+```python
+from .onnx_cli import EXPORT_DESCRIPTION, EXPORT_HELP, add_export_arguments, run_export
+
+export = commands.add_parser("export", help=EXPORT_HELP, description=EXPORT_DESCRIPTION)
+add_export_arguments(export)
+export.set_defaults(func=run_export)
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ONNX_CONFIG_NAME = "onnx_config.json"
+DEFAULT_OPSET = 17
+# The int8 schemes of `multitask_st.onnx.QUANTIZATION` (which checks that both lists agree), default first.
+SCHEMES = ("outlier-split", "per-channel", "per-tensor")
+DEFAULT_QUANTIZATION = SCHEMES[0]
+
+EXPORT_HELP = "saved model -> ONNX folder (one graph with every head; --int8)"
+EXPORT_DESCRIPTION = (
+    "Export a saved multi-task model to ONNX: model.onnx (encoder, pooling, projection and every single-text head "
+    "in one graph), pair_heads.onnx (pair-classification heads, if any), with --int8 also model_int8.onnx; plus "
+    "config.json, the tokenizer and onnx_config.json. Load it with OnnxMultiTaskModel.from_pretrained(OUT). "
+    "See docs/ONNX.md."
+)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `mtl export MODEL -o OUT [--int8]` (wire with `set_defaults(func=run_export)`)."""
+    parser.add_argument("model", help="a saved multi-task model folder (save_pretrained) or a Hub id")
+    parser.add_argument("-o", "--output", default=None, help="export folder (default: MODEL/onnx)")
+    parser.add_argument("--int8", action="store_true", help="also write model_int8.onnx (int8 weights)")
+    parser.add_argument(
+        "--quantization",
+        default=DEFAULT_QUANTIZATION,
+        choices=SCHEMES,
+        help=f"int8 scheme (default {DEFAULT_QUANTIZATION}; docs/ONNX.md compares them)",
+    )
+    parser.add_argument(
+        "--calibration-file",
+        default=None,
+        help="texts (one per line) that find the int8 outlier channels (default: ~500 shipped sentences)",
+    )
+    parser.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's transformer fusion")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run `mtl export`; returns the exit code (0 done, 1 failed with a message on stderr)."""
+    try:
+        from .onnx import export_onnx
+
+        calibration = None
+        if getattr(args, "calibration_file", None):
+            lines = Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
+            calibration = [line for line in lines if line.strip()]
+            if not calibration:
+                raise ValueError(f"--calibration-file {args.calibration_file} holds no text")
+        folder = export_onnx(
+            args.model,
+            args.output,
+            int8=args.int8,
+            quantization=args.quantization,
+            optimize=not args.no_optimize,
+            opset=args.opset,
+            calibration_texts=calibration,
+        )
+    except (OSError, ValueError, RuntimeError, ImportError) as error:
+        print(f"mtl export: error: {error}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        description = json.loads((folder / ONNX_CONFIG_NAME).read_text(encoding="utf-8"))
+        diff = max(description["parity"]["max_abs_diff"].values())
+        files = ", ".join(description["files"].values())
+        fused = "fused" if description["fused"] else "unfused"
+        print(f"wrote {files} ({fused}, max abs diff to PyTorch {diff:.1e}) to {folder}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m multitask_st.onnx MODEL -o OUT [--int8]` (or `-m multitask_st.onnx_cli`): `mtl export`."""
+    parser = add_export_arguments(argparse.ArgumentParser(prog="mtl export", description=EXPORT_DESCRIPTION))
+    return run_export(parser.parse_args(argv))
+
+
+__all__ = ["EXPORT_DESCRIPTION", "EXPORT_HELP", "add_export_arguments", "main", "run_export"]
+
+if __name__ == "__main__":
+    sys.exit(main())
