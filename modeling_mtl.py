@@ -632,7 +632,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         task_type = task["type"]
         if logits is None:  # a pair task in a batch of single texts: nothing to learn, only touch the head
             return self._zero_loss(name, features)
-        labels = labels.to(logits.device)
+        labels = _as_label_tensor(name, labels).to(logits.device)
         if task_type in ("classification", "token_classification", "pair_classification", "contrastive"):
             if labels.is_floating_point():
                 raise ValueError(f"task '{name}': labels must be integer ids ({IGNORE_INDEX} for missing), got floats")
@@ -943,6 +943,18 @@ def resolve_max_seq_length(
     if isinstance(positions, int) and positions > 1:
         candidates.append(positions)
     return min(candidates)
+
+
+def _as_label_tensor(name: str, labels: Any) -> torch.Tensor:
+    """Labels as a tensor: lists and numpy arrays are converted; booleans and other types are an error."""
+    if not isinstance(labels, torch.Tensor):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"task '{name}': labels must be a tensor, a numpy array or a list of numbers") from None
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"task '{name}': labels must be numbers (class ids or scores), got {labels.dtype}")
+    return labels
 
 
 def _check_shape(name: str, labels: torch.Tensor, expected: Sequence[int]) -> None:

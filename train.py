@@ -217,6 +217,46 @@ def parse_arguments(argv: list[str] | None = None):
     return model_args, data_args, mtl_args, training_args
 
 
+def check_launch() -> None:
+    """Refuse launches that would silently train differently from what was asked: `accelerate launch --cpu
+    --num_processes N` without an MPI hostfile starts ONE process, and accelerate 1.x ignores an FSDP config on
+    CPUs (the processes run plain DDP)."""
+    import torch
+
+    from multitask_st.training import TrainingError
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
+        raise TrainingError(
+            "the accelerate config asks for FSDP, but accelerate only shards on GPUs: on this CPU-only machine its "
+            "processes would run plain DDP. Use `accelerate launch --multi_gpu --num_processes N` (DDP over gloo) "
+            "here, and the FSDP config on GPU machines (docs/TRAINING.md)"
+        )
+    launched_alone = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and not any(
+        os.environ.get(name) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    )
+    requested = _requested_processes(os.getppid()) if launched_alone else 1
+    if requested > 1:
+        raise TrainingError(
+            f"`accelerate launch --cpu --num_processes {requested}` started ONE process: accelerate runs several CPU "
+            "processes only through MPI (`--mpirun_hostfile hostfile`). Without MPI, `accelerate launch --multi_gpu "
+            f"--num_processes {requested}` or `torchrun --nproc_per_node {requested}` start them over gloo"
+        )
+
+
+def _requested_processes(parent: int) -> int:
+    """`--num_processes` of the `accelerate launch` command that started this process (1 if it was not one)."""
+    try:
+        arguments = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # not Linux, or the parent is gone: nothing to check
+        return 1
+    if not any("accelerate" in argument for argument in arguments[:3]) or "--mpirun_hostfile" in arguments:
+        return 1
+    for flag, value in zip(arguments, arguments[1:]):
+        if flag == "--num_processes" and value.isdigit():
+            return int(value)
+    return 1
+
+
 def _cpu_only_distributed() -> bool:
     import torch
 
@@ -239,7 +279,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     from multitask_st.trainer import detach_loss_weighting
     from multitask_st.training import describe_hardware, evaluate_splits, save_run, training_record
 
-    # 1. Arguments, seed, output folder (never another run's model), the checkpoint to resume.
+    # 1. Arguments, launch, seed, output folder (never another run's model), the checkpoint to resume.
+    check_launch()
     model_args, data_args, mtl_args, training_args = parse_arguments(argv)
     set_seed(training_args.seed)
     resume = _resume_target(training_args, mtl_args)

@@ -26,7 +26,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, Dataset, Features, List, Value, concatenate_datasets, load_dataset, load_from_disk
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    IterableDataset,
+    IterableDatasetDict,
+    List,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
 from transformers.utils import logging
 
 from configuration_mtl import PAIR_TASK_TYPES, TASK_TYPES, normalize_task
@@ -56,7 +68,8 @@ class TaskDataSpec:
         labels: label names; inferred from the training split (sorted) when omitted. With integer label columns
             and `labels` given, the integers index into `labels`.
         dataset: a Hub dataset id, a local data file (CSV/TSV/JSON/JSONL/Parquet), a local folder holding
-            `<split>.<ext>` files, or a folder written by `datasets.save_to_disk`.
+            `<split>.<ext>` files, a folder written by `datasets.save_to_disk`, or (from Python) a `datasets`
+            object: `Dataset`, `DatasetDict`, `IterableDataset` or `IterableDatasetDict`.
         dataset_config: Hub configuration name.
         data_files: `{split: path}`, for local files named otherwise.
         text_column: the text (default `text`); for similarity / pair classification the first text (default
@@ -69,7 +82,13 @@ class TaskDataSpec:
         row_filter: `{column: value}`: keep only the rows whose columns hold these values (e.g. MRPC's paraphrase
             pairs for a contrastive task: `{label: 1}`).
         train_split / eval_split / test_split: split names; slicing such as `"train[:90%]"` works.
-        max_train_samples / max_eval_samples / max_test_samples: keep a seeded random subset of this size.
+        max_train_samples / max_eval_samples / max_test_samples: keep a seeded random subset of this size (of a
+            stream: the first rows after a seeded buffer shuffle).
+        streaming: read the training split as a stream (`load_dataset(..., streaming=True)`): rows are tokenised as
+            they are drawn and never held all at once. An `IterableDataset` given as `dataset` streams anyway. A
+            streamed task needs its `labels` (they cannot be inferred without reading everything).
+        num_train_rows: the size of a streamed training split, for the size-based sampling strategies
+            (`temperature`, `proportional`); taken from the dataset's metadata when it has one.
         model_options: the model keys of the task dict.
     """
 
@@ -92,6 +111,8 @@ class TaskDataSpec:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     max_test_samples: int | None = None
+    streaming: bool = False
+    num_train_rows: int | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -182,10 +203,16 @@ class TaskDataSpec:
                 self.max_test_samples,
             ],
             sort_keys=True,
-            default=str,
+            default=lambda value: f"<{type(value).__name__} at {id(value):#x}>",  # an in-memory dataset object
         )
 
+    @property
+    def is_stream(self) -> bool:
+        return self.streaming or isinstance(self.dataset, (IterableDataset, IterableDatasetDict))
+
     def describe_dataset(self) -> str:
+        if self.dataset is not None and not isinstance(self.dataset, str):
+            return f"<in-memory {type(self.dataset).__name__}>"
         return self.dataset if self.dataset is not None else json.dumps(self.data_files, sort_keys=True)
 
 
@@ -259,8 +286,12 @@ def _is_saved_dataset(path: str | None) -> bool:
 
 
 def load_split(spec: TaskDataSpec, split: str, cache_dir: str | None = None) -> Dataset:
-    """Load one split of a task's dataset: a `save_to_disk` folder, local files or folder, or a Hub id."""
+    """Load one split of a task's dataset: a `datasets` object, a `save_to_disk` folder, local files or folder, or a
+    Hub id; the training split of a streamed task as an `IterableDataset`."""
     base = _split_base(split)
+    stream = spec.streaming and split == spec.train_split
+    if spec.dataset is not None and not isinstance(spec.dataset, (str, os.PathLike)):
+        return _object_split(spec, split, base)
     if _is_saved_dataset(spec.dataset):
         return _load_saved_split(spec, split, base)
     files = _local_files(spec)
@@ -278,6 +309,8 @@ def load_split(spec: TaskDataSpec, split: str, cache_dir: str | None = None) -> 
         if suffix != ".parquet":
             _check_utf8(spec, path)  # Arrow would store invalid bytes and fail much later, deep inside `datasets`
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        if stream:
+            return load_dataset(_FILE_BUILDERS[suffix], data_files={base: path}, split=base, streaming=True, **kwargs)
         try:
             dataset = load_dataset(
                 _FILE_BUILDERS[suffix], data_files={base: path}, split=split, cache_dir=cache_dir, **kwargs
@@ -288,6 +321,8 @@ def load_split(spec: TaskDataSpec, split: str, cache_dir: str | None = None) -> 
             raise DataError(f"task '{spec.name}': split '{split}' of {path} has no rows")
         return dataset
     try:
+        if stream:
+            return load_dataset(spec.dataset, spec.dataset_config, split=base, streaming=True)
         return load_dataset(spec.dataset, spec.dataset_config, split=split, cache_dir=cache_dir)
     except Exception as error:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
@@ -303,6 +338,34 @@ def load_split(spec: TaskDataSpec, split: str, cache_dir: str | None = None) -> 
         ) from None
 
 
+def _object_split(spec: TaskDataSpec, split: str, base: str) -> Dataset | IterableDataset:
+    """A split of a `datasets` object given as the task's `dataset` (from Python)."""
+    data = spec.dataset
+    if isinstance(data, (DatasetDict, IterableDatasetDict)):
+        if base not in data:
+            raise DataError(f"task '{spec.name}': split '{base}' not in the given dataset (splits: {sorted(data)})")
+        data = data[base]
+    elif base != "train":
+        raise DataError(f"task '{spec.name}': the given {type(data).__name__} is a single split (no '{base}')")
+    if isinstance(data, IterableDataset):
+        if base != split:
+            raise DataError(f"task '{spec.name}': a stream cannot be sliced ('{split}'): use max_train_samples")
+        return data
+    if not isinstance(data, Dataset):
+        raise DataError(f"task '{spec.name}': dataset must be a path, a Hub id or a datasets object, got {type(data)}")
+    return _slice(data, split, base)
+
+
+def _slice(dataset: Dataset, split: str, base: str) -> Dataset:
+    match = re.search(r"\[(.*)\]$", split)
+    if not match:  # the same slicing syntax as load_dataset, e.g. "train[:90%]" or "train[-500:]"
+        return dataset
+    from datasets import ReadInstruction
+
+    absolute = ReadInstruction.from_spec(f"{base}[{match.group(1)}]").to_absolute({base: len(dataset)})[0]
+    return dataset.select(range(absolute.from_ or 0, absolute.to if absolute.to is not None else len(dataset)))
+
+
 def _load_saved_split(spec: TaskDataSpec, split: str, base: str) -> Dataset:
     saved = load_from_disk(spec.dataset)
     if isinstance(saved, Dataset):
@@ -313,14 +376,7 @@ def _load_saved_split(spec: TaskDataSpec, split: str, base: str) -> Dataset:
         if base not in saved:
             raise DataError(f"task '{spec.name}': split '{base}' not in {spec.dataset} (splits: {sorted(saved)})")
         dataset = saved[base]
-    match = re.search(r"\[(.*)\]$", split)
-    if match:  # the same slicing syntax as load_dataset, e.g. "train[:90%]" or "train[-500:]"
-        from datasets import ReadInstruction
-
-        instruction = ReadInstruction.from_spec(f"{base}[{match.group(1)}]")
-        absolute = instruction.to_absolute({base: len(dataset)})[0]
-        dataset = dataset.select(range(absolute.from_ or 0, absolute.to if absolute.to is not None else len(dataset)))
-    return dataset
+    return _slice(dataset, split, base)
 
 
 def _check_utf8(spec: TaskDataSpec, path: str) -> None:
@@ -355,15 +411,19 @@ def _diagnose_file(path: str, error: Exception) -> str:
     return f"{path} could not be read as {suffix[1:].upper()}: {message}"
 
 
-def _select_rows(spec: TaskDataSpec, dataset: Dataset, limit: int | None, seed: int, split: str) -> Dataset:
+def _select_rows(spec: TaskDataSpec, dataset, limit: int | None, seed: int, split: str):
+    stream = isinstance(dataset, IterableDataset)
     if spec.row_filter:
-        missing = [column for column in spec.row_filter if column not in dataset.column_names]
+        columns = dataset.column_names
+        missing = [column for column in spec.row_filter if columns is not None and column not in columns]
         if missing:
             raise DataError(f"task '{spec.name}': row_filter column(s) {missing} not in the {split} split")
         wanted = dict(spec.row_filter)
         dataset = dataset.filter(lambda row: all(row[key] == value for key, value in wanted.items()))
-        if len(dataset) == 0:
+        if not stream and len(dataset) == 0:
             raise DataError(f"task '{spec.name}': no {split} row matches row_filter {wanted}")
+    if stream:
+        return dataset if limit is None else dataset.shuffle(seed=seed, buffer_size=10_000).take(limit)
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(limit))
@@ -420,6 +480,14 @@ def resolve_labels(spec: TaskDataSpec, train: Dataset) -> list[str]:
     if spec.type == "regression":
         return ["score"]
     column = spec.label_source
+    if isinstance(train, IterableDataset):
+        names = _feature_names((train.features or {}).get(column))
+        if names is None:
+            raise DataError(
+                f"task '{spec.name}': a streamed task needs its `labels` (they cannot be inferred without reading the "
+                "whole stream), or a ClassLabel feature"
+            )
+        return names
     if column not in train.column_names:
         raise DataError(f"task '{spec.name}': column '{column}' not in the training split ({train.column_names})")
     names = _feature_names(train.features[column])
@@ -679,7 +747,7 @@ def tokenize_source(
     if any(spec.type == "token_classification" for spec in source_specs) and not getattr(tokenizer, "is_fast", False):
         raise DataError("token-classification tasks need a fast tokenizer (for word ids)")
     needed = columns + [s.label_source for s in source_specs if s.label_source]
-    missing = [column for column in needed if column not in dataset.column_names]
+    missing = [column for column in needed if dataset.column_names is not None and column not in dataset.column_names]
     if missing:
         raise DataError(
             f"tasks {[s.name for s in source_specs]}: column(s) {missing} not in the {split} split "
@@ -694,6 +762,9 @@ def tokenize_source(
         label_all_subtokens,
         ints_are_ids or dict.fromkeys((s.name for s in source_specs), True),
     )
+    if isinstance(dataset, IterableDataset):  # tokenised lazily, as rows are drawn
+        mapped = dataset.map(function, batched=True, with_indices=True, features=processed_features(all_specs))
+        return mapped.select_columns(["input_ids", "labels"])
     return dataset.map(
         function,
         batched=True,
@@ -722,8 +793,10 @@ class MultiTaskData:
 
     Attributes:
         specs: the task specs, labels resolved.
-        train: all sources' training rows, concatenated in source order.
-        source_sizes: rows per source in `train` (the task sampler draws batches per source).
+        train: all sources' training rows, concatenated in source order; or, when a source streams, the
+            `StreamedSources` (`MultiTaskTrainer` draws their batches with the task-sampling strategy).
+        source_sizes: rows per source (the task sampler draws batches per source); `None` for a stream of unknown
+            size.
         source_tasks: the task names of each source.
         eval / test: concatenated eval / test rows (or `None`).
         num_train_examples: per task, the number of labelled training rows.
@@ -732,8 +805,8 @@ class MultiTaskData:
     """
 
     specs: list[TaskDataSpec]
-    train: Dataset
-    source_sizes: list[int]
+    train: Dataset | StreamedSources
+    source_sizes: list[int | None]
     source_tasks: list[list[str]]
     eval: Dataset | None = None
     test: Dataset | None = None
@@ -771,7 +844,7 @@ def build_datasets(
 
     parts: dict[str, list[Dataset]] = {"train": [], "eval": [], "test": []}
     sizes, source_tasks, examples = [], [], {}
-    num_train_examples: dict[str, int] = {}
+    num_train_examples: dict[str, int | None] = {}
     for group in sources.values():
         first = group[0]
         train = load_split(first, first.train_split, cache_dir)
@@ -779,19 +852,23 @@ def build_datasets(
         ints_are_ids = {}
         for spec in group:
             # Integer labels index into the label list when that list was given or came from a ClassLabel.
-            feature = train.features.get(spec.label_source) if spec.label_source else None
+            features = train.features or {}
+            feature = features.get(spec.label_source) if spec.label_source else None
             ints_are_ids[spec.name] = spec.labels is not None or _feature_names(feature) is not None
             spec.labels = resolve_labels(spec, train)
         processed = tokenize_source(
             train, group, specs, tokenizer, max_seq_length, "train", label_all_subtokens, ints_are_ids
         )
+        parts["train"].append(processed)
+        sizes.append(_source_size(first, processed))
+        source_tasks.append([spec.name for spec in group])
         for spec in group:
+            if isinstance(processed, IterableDataset):
+                num_train_examples[spec.name] = None  # a stream is never counted: that would read all of it
+                continue
             num_train_examples[spec.name] = count_labelled_rows(processed, spec.name)
             if num_train_examples[spec.name] == 0:
                 raise DataError(f"task '{spec.name}': none of the {len(processed)} training rows has a label")
-        parts["train"].append(processed)
-        sizes.append(len(processed))
-        source_tasks.append([spec.name for spec in group])
         for key, split, limit in (
             ("eval", first.eval_split if do_eval else None, first.max_eval_samples),
             ("test", first.test_split, first.max_test_samples),
@@ -799,15 +876,19 @@ def build_datasets(
             if not split:
                 continue
             raw = _select_rows(first, load_split(first, split, cache_dir), limit, seed, f"{key} split '{split}'")
+            if isinstance(raw, IterableDataset):
+                raise DataError(f"task '{first.name}': the {key} split must be a finite dataset, not a stream")
             if key == "eval":
                 examples.update({spec.name: _raw_inputs(raw, first, 2) for spec in group})
             name = f"{key} split '{split}'"
             parts[key].append(tokenize_source(raw, group, specs, tokenizer, max_seq_length, name, False, ints_are_ids))
-        for spec in group:
-            examples.setdefault(spec.name, _raw_inputs(train, first, 2))
+        if not isinstance(train, IterableDataset):
+            for spec in group:
+                examples.setdefault(spec.name, _raw_inputs(train, first, 2))
+    streamed = any(isinstance(part, IterableDataset) for part in parts["train"])
     return MultiTaskData(
         specs=specs,
-        train=_concatenate(parts["train"]),
+        train=StreamedSources(parts["train"], sizes) if streamed else _concatenate(parts["train"]),
         source_sizes=sizes,
         source_tasks=source_tasks,
         eval=_concatenate(parts["eval"]),
@@ -815,6 +896,29 @@ def build_datasets(
         num_train_examples=num_train_examples,
         examples=examples,
     )
+
+
+def _source_size(spec: TaskDataSpec, processed) -> int | None:
+    if not isinstance(processed, IterableDataset):
+        return len(processed)
+    if spec.num_train_rows is not None:
+        return spec.num_train_rows
+    splits = getattr(processed.info, "splits", None) or {}
+    known = splits.get(_split_base(spec.train_split))
+    return getattr(known, "num_examples", None) or None
+
+
+@dataclass
+class StreamedSources:
+    """The training sources of a run with at least one stream: one `IterableDataset` of processed rows per source
+    (in-memory sources included, as iterables), and their sizes (`None` where unknown). `MultiTaskTrainer` turns
+    them into a `MultiTaskStream` that draws each batch from one source, as `MultiTaskSampler` does for datasets."""
+
+    sources: list
+    sizes: list[int | None]
+
+    def __post_init__(self):
+        self.sources = [s if isinstance(s, IterableDataset) else s.to_iterable_dataset() for s in self.sources]
 
 
 def _concatenate(parts: list[Dataset]) -> Dataset | None:

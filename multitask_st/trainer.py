@@ -16,6 +16,7 @@ Everything else (checkpointing, resuming, DDP via accelerate, mixed precision, c
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -25,13 +26,13 @@ import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
-from torch.utils.data import Sampler
+from torch.utils.data import IterableDataset, Sampler
 from transformers import Trainer
 from transformers.utils import logging
 
 from modeling_mtl import labelled_mask
 
-from .data import MultiTaskCollator
+from .data import MultiTaskCollator, StreamedSources
 from .embedding import EmbeddingDrift, EmbeddingProtection, drift_sample, unwrap
 from .metrics import build_compute_metrics, metric_key
 
@@ -129,6 +130,57 @@ class MultiTaskSampler(Sampler[int]):
                 cursors[source] += take
             for index in block:
                 yield int(offsets[source] + index)
+
+
+class MultiTaskStream(IterableDataset):
+    """The streaming counterpart of `MultiTaskSampler`: rows of several sources (`datasets.IterableDataset`s of
+    processed rows), yielded in blocks of `batch_size` rows that all come from one source, the source of each block
+    drawn by the task-sampling strategy. A source that runs out starts again (reshuffled); nothing is ever
+    materialised beyond a shuffle buffer per source. Deterministic given `(seed, epoch)`.
+
+    The size-based strategies (`temperature`, `proportional`) need every source's size (`num_train_rows` for a
+    stream without metadata); `uniform` and `round_robin` do not.
+    """
+
+    def __init__(self, sources, sizes, batch_size, strategy="temperature", temperature=2.0, seed=42, buffer=1000):
+        if None in sizes and strategy in ("temperature", "proportional"):
+            raise ValueError(
+                f"task_sampling '{strategy}' weighs sources by size, and a streamed source has no known size: give "
+                "its task `num_train_rows`, or use --task_sampling uniform / round_robin"
+            )
+        self.sources = [source.shuffle(seed=seed, buffer_size=buffer) for source in sources]
+        self.batch_size = batch_size
+        self.strategy = strategy
+        known = [size if size is not None else 1 for size in sizes]
+        self.probabilities = sampling_probabilities(known, strategy, temperature)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def block_sources(self) -> Iterator[int]:
+        """The source of each block, endlessly."""
+        rng = np.random.default_rng([self.seed, self.epoch, 3])
+        for block in itertools.count():
+            if self.strategy == "round_robin":
+                yield block % len(self.sources)
+            else:
+                yield int(rng.choice(len(self.sources), p=self.probabilities))
+
+    def __iter__(self) -> Iterator[dict]:
+        passes = [0] * len(self.sources)
+        iterators = [iter(source) for source in self.sources]
+        for source in self.block_sources():
+            for _ in range(self.batch_size):
+                try:
+                    row = next(iterators[source])
+                except StopIteration:  # this source ran out: reshuffle it and go round again
+                    passes[source] += 1
+                    self.sources[source].set_epoch(passes[source])
+                    iterators[source] = iter(self.sources[source])
+                    row = next(iterators[source])
+                yield row
 
 
 class UncertaintyWeighting(nn.Module):
@@ -292,6 +344,17 @@ class MultiTaskTrainer(Trainer):
         if drift_sample_size and isinstance(eval_dataset, Dataset) and len(eval_dataset):
             self.drift = EmbeddingDrift(model, drift_sample(eval_dataset, drift_sample_size))
         self.drift_warning_cosine = drift_warning_cosine
+        if isinstance(kwargs.get("train_dataset"), StreamedSources):  # streamed sources: blocks drawn as they come
+            streamed, args_ = kwargs["train_dataset"], kwargs.get("args", args[1] if len(args) > 1 else None)
+            source_sizes = streamed.sizes
+            kwargs["train_dataset"] = MultiTaskStream(
+                streamed.sources,
+                streamed.sizes,
+                args_.per_device_train_batch_size,
+                task_sampling,
+                sampling_temperature,
+                args_.seed,
+            )
         super().__init__(*args, **kwargs)
         self.protection.to(self.args.device)
         self.source_sizes = source_sizes
@@ -330,7 +393,7 @@ class MultiTaskTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.source_sizes is None:
+        if self.source_sizes is None or isinstance(dataset, IterableDataset):
             return super()._get_train_sampler(train_dataset)
         if sum(self.source_sizes) != len(dataset):
             raise ValueError(

@@ -180,6 +180,18 @@ def test_bad_labels_and_tasks_give_clear_errors(model):
         model(**batch, tasks=["ner"], labels={"topic": torch.tensor([0, 1, 0])})
     with pytest.raises(TypeError, match="`labels` must be a dict"):
         model(**batch, labels=torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"task 'topic': labels must be integer ids"):
+        model(**batch, labels={"topic": torch.tensor([1.7, 0.0, 1.0])})  # a fractional class id is not truncated
+    with pytest.raises(ValueError, match=r"task 'topic': labels must be integer ids"):
+        model(**batch, labels={"topic": torch.tensor([float("nan"), 0.0, 1.0])})
+    with pytest.raises(TypeError, match=r"task 'topic': labels must be numbers .* torch.bool"):
+        model(**batch, labels={"topic": torch.tensor([True, False, True])})
+    with pytest.raises(TypeError, match=r"task 'topic': labels must be a tensor, a numpy array or a list"):
+        model(**batch, labels={"topic": ["a", "b", "c"]})
+    # Lists and numpy arrays are fine.
+    as_list = model(**batch, labels={"topic": [0, 1, 2]}).task_losses["topic"]
+    as_array = model(**batch, labels={"topic": np.array([0, 1, 2])}).task_losses["topic"]
+    torch.testing.assert_close(as_list, as_array)
 
 
 def test_projection_normalisation_and_attention_pooling(tiny_bert):

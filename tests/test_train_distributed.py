@@ -1,5 +1,7 @@
-"""Real multi-process and fault-tolerance runs: two DDP processes under `accelerate launch`, and a run killed
-mid-way then resumed from its checkpoint. Both start real Python processes, so they take tens of seconds."""
+"""Real multi-process and fault-tolerance runs: two DDP processes under `accelerate launch` (and through MPI), two
+"nodes" of one process each through torchrun's c10d rendezvous, in-batch negatives gathered across processes, launches
+that would silently train differently, and a run killed mid-way then resumed from its checkpoint. All start real
+Python processes, so they take tens of seconds: marked `slow` (a separate CI step runs them)."""
 
 from __future__ import annotations
 
@@ -94,8 +96,8 @@ def _assert_one_run_on_two_processes(result: subprocess.CompletedProcess, output
     # 80 training examples, 6 steps of 4 per process: 0.6 epoch with two processes sharing the data, 0.3 alone
     assert state["epoch"] == pytest.approx(0.6)
     train_logs = [entry for entry in state["log_history"] if "loss" in entry]
-    assert all({"loss_topic", "loss_sentiment", "loss_ner"} <= set(entry) for entry in train_logs)
-    assert any("eval_ner_f1" in entry and "eval_loss" in entry for entry in state["log_history"])
+    assert all({"loss/topic", "loss/sentiment", "loss/ner"} <= set(entry) for entry in train_logs)
+    assert any("eval_ner/f1" in entry and "eval_loss" in entry for entry in state["log_history"])
     config = json.loads((output / "training_config.json").read_text())
     assert "2 process(es)" in config["hardware"]  # the world size of the process group both processes joined
     metrics = json.loads((output / "metrics.json").read_text())
@@ -203,3 +205,149 @@ def test_resume_after_kill_gives_the_same_model(tiny_bert, tmp_path):
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     state = json.loads((interrupted / "trainer_state.json").read_text())
     assert state["global_step"] == 24
+
+
+# ------------------------------------------------------------------------------------------------ multi-node
+
+
+def _torchrun(tiny_bert, tasks, output, extra: list[str], env) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *extra, str(ROOT / "train.py"),
+            *[flag for flag in train_flags(tiny_bert, tasks, output) if flag not in ("--use_cpu", "true")],
+            *_DDP_FLAGS, "--save_strategy", "no", "--eval_strategy", "no", "--seed", "3"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_like_two_processes_on_one_node(tiny_bert, tmp_path):
+    tasks = separate_sources(tmp_path / "data")
+    env = _env()
+    one_node = subprocess.run(
+        _torchrun(tiny_bert, tasks, tmp_path / "one_node", ["--nproc_per_node", "2", "--master_port", str(_free_port())], env),
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    # Two torchrun launchers (two "machines" on 127.0.0.1) meet through the c10d rendezvous.
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [
+        subprocess.Popen(
+            _torchrun(
+                tiny_bert,
+                tasks,
+                tmp_path / "two_nodes",
+                [
+                    "--nnodes",
+                    "2",
+                    "--nproc_per_node",
+                    "1",
+                    "--rdzv_backend",
+                    "c10d",
+                    "--rdzv_endpoint",
+                    endpoint,
+                    "--rdzv_id",
+                    "mtl-test",
+                ],
+                env,
+            ),
+            env=env,
+            cwd=tmp_path / f"node{rank}",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in range(2)
+        if (tmp_path / f"node{rank}").mkdir() is None
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    expected = load_file(tmp_path / "one_node" / "model.safetensors")
+    got = load_file(tmp_path / "two_nodes" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    config = json.loads((tmp_path / "two_nodes" / "training_config.json").read_text())
+    assert "2 process(es)" in config["hardware"]
+
+
+@pytest.mark.slow
+def test_launches_that_would_train_differently_are_refused(tiny_bert, tmp_path):
+    tasks = separate_sources(tmp_path / "data")
+    common = [str(ROOT / "train.py"), *train_flags(tiny_bert, tasks, tmp_path / "out"), "--max_steps", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]  # fmt: skip
+    alone = subprocess.run([*launch, "--cpu", "--num_processes", "2", *common], env=_env(), capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert alone.returncode != 0 and "started ONE process" in alone.stderr
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\nnum_machines: 1\nnum_processes: 2\n"
+                      "use_cpu: true\nmixed_precision: 'no'\n")  # fmt: skip
+    fsdp = subprocess.run([*launch[:3], "--config_file", str(config), *common], env=_env(), capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert fsdp.returncode != 0 and "accelerate only shards on GPUs" in fsdp.stderr
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ gathered negatives
+
+
+def _contrastive_gradients(rank: int, world: int, tiny_bert: str, port: int, gather: bool, results: dict) -> None:
+    """One process of a 2-process group: its half of a contrastive batch, negatives gathered from both; the
+    gradients averaged over processes as DDP does."""
+    import torch.distributed as dist
+
+    from modeling_mtl import MultiTaskModel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    task = {"name": "retrieval", "type": "contrastive", "gather_across_processes": gather}
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=[task]).eval()
+    batch = _contrastive_batch(model)
+    half = slice(rank * 4, rank * 4 + 4)
+    output = model(input_ids=batch["input_ids"][half], attention_mask=batch["attention_mask"][half],
+                   labels={"retrieval": torch.zeros(4, dtype=torch.long)})  # fmt: skip
+    output.loss.backward()
+    gradients = {}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            gradients[name] = parameter.grad / world
+    losses = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(losses, output.loss.detach().reshape(1))
+    if rank == 0:
+        results["gradients"] = gradients
+        results["loss"] = float(sum(losses) / world)
+    dist.destroy_process_group()
+
+
+def _contrastive_batch(model):
+    anchors = [f"anchor sentence number {index} about paris" for index in range(8)]
+    positives = [f"positive text {index} mentions john" for index in range(8)]
+    flat = model.tokenize(anchors + positives, return_token_type_ids=False)
+    reshape = lambda t: t.view(2, 8, -1).transpose(0, 1)  # noqa: E731
+    return {"input_ids": reshape(flat["input_ids"]), "attention_mask": reshape(flat["attention_mask"])}
+
+
+def _spawned(tiny_bert: str, gather: bool) -> dict:
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_contrastive_gradients, args=(2, tiny_bert, _free_port(), gather, results), nprocs=2, join=True)
+        return dict(results)
+
+
+@pytest.mark.slow
+def test_gathered_negatives_give_every_process_the_whole_batch(tiny_bert):
+    from modeling_mtl import MultiTaskModel
+
+    torch.manual_seed(0)
+    task = {"name": "retrieval", "type": "contrastive", "gather_across_processes": True}
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=[task]).eval()
+    output = model(**_contrastive_batch(model), labels={"retrieval": torch.zeros(8, dtype=torch.long)})
+    output.loss.backward()
+    gathered = _spawned(str(tiny_bert), gather=True)
+    # 2 processes x 4 rows, every negative gathered = one process with the 8 rows: same loss, same gradients.
+    assert gathered["loss"] == pytest.approx(float(output.loss), rel=1e-5)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(gathered["gradients"][name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+    local = _spawned(str(tiny_bert), gather=False)  # each process sees only its own 4 negatives
+    assert local["loss"] < gathered["loss"] - 1e-3

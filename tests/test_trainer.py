@@ -270,3 +270,49 @@ def test_layerwise_learning_rate_decay_param_groups(tiny_bert, tmp_path):
     assert lr("backbone.embeddings.word_embeddings.weight") == pytest.approx(1.25e-4)
     decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
     assert decay[id(names["backbone.encoder.layer.0.attention.self.query.bias"])] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def test_a_stream_of_millions_of_rows_trains_with_the_sampling_strategy_and_never_materialises(tiny_bert, tmp_path):
+    from datasets import Dataset, Features, IterableDataset, Value
+    from train_helpers import make_rows
+
+    produced = []
+
+    def rows():  # 2 million rows, generated only when drawn
+        topics = ("business", "science", "sport")
+        for index in range(2_000_000):
+            produced.append(index)
+            yield {"text": f"Maria visited Paris with John number {index}", "topic": topics[index % 3]}
+
+    stream = IterableDataset.from_generator(
+        rows, features=Features({"text": Value("string"), "topic": Value("string")})
+    )
+    tasks = [
+        {"name": "topic", "dataset": stream, "labels": ["business", "science", "sport"], "eval_split": None},
+        {"name": "sentiment", "dataset": Dataset.from_list(make_rows(24)), "eval_split": None},
+    ]
+    data, model = build(tiny_bert, tasks)
+    assert data.source_sizes == [None, 24] and data.num_train_examples["topic"] is None
+    seen_sources = []
+    trainer = trainer_for(model, data, tmp_path / "out", {"task_sampling": "uniform"}, max_steps=40,
+                          per_device_train_batch_size=4, save_strategy="no", learning_rate=1e-3)  # fmt: skip
+    collate = trainer.data_collator
+
+    def spy(features):
+        batch = collate(features)
+        labelled = [name for name in ("topic", "sentiment") if (batch["labels"][name] != -100).any()]
+        seen_sources.append(labelled)
+        return batch
+
+    trainer.data_collator = spy
+    trainer.train()
+    assert trainer.state.global_step == 40
+    assert all(len(labelled) == 1 for labelled in seen_sources)  # every batch from one source
+    share = sum(labelled == ["topic"] for labelled in seen_sources) / len(seen_sources)
+    assert 0.25 < share < 0.75  # uniform sampling over the two sources, honoured for the stream
+    assert len(produced) < 10_000  # drawn lazily: a shuffle buffer and a map batch, never the 2 million rows
+    with pytest.raises(ValueError, match="weighs sources by size, and a streamed source has no known size"):
+        trainer_for(model, data, tmp_path / "out2", {"task_sampling": "temperature"}, max_steps=2)
