@@ -6,10 +6,12 @@ with `AutoModelForSequenceClassification`, same backbone, same SST-2 rows, same 
 
 - `stock`: `AutoModelForSequenceClassification.from_pretrained(all-MiniLM-L6-v2, num_labels=2)`, rows tokenised
   with `datasets.map`, `DataCollatorWithPadding`, `Trainer`.
-- `multitask`: `MultiTaskModel.from_backbone(all-MiniLM-L6-v2, tasks=[sentiment])`, rows prepared by this
-  project's `build_datasets` (the code `train.py` runs), `MultiTaskCollator`, `MultiTaskTrainer` with its task
-  sampler. The only intended difference from `stock` is the head: mean pooling + linear vs BERT's pooler (dense +
-  tanh on [CLS]) + linear; both cost one encoder pass.
+- `multitask-<protection>`: `MultiTaskModel.from_backbone(all-MiniLM-L6-v2, tasks=[sentiment])`, rows prepared by
+  this project's `build_datasets` (the code `train.py` runs), `MultiTaskCollator`, `MultiTaskTrainer` with its task
+  sampler, and the embedding protection `none`, `distillation` (the default: one extra forward pass of a frozen
+  copy of the initial encoder, without gradients) or `l2sp` (a penalty over the encoder's weights). With `none`,
+  the only intended difference from `stock` is the head: mean pooling + linear vs BERT's pooler (dense + tanh on
+  [CLS]) + linear; both cost one encoder pass.
 
 Each repeat trains each contender for `--warmup_steps + --steps` optimizer steps (AdamW, no evaluation, no
 checkpoints; passes interleaved stock, multitask, stock, ...). A `TrainerCallback` stamps every step's end; the
@@ -113,7 +115,7 @@ def make_stock(args: argparse.Namespace, backbone: str, rows, seed: int):
     return trainer, clock, collator
 
 
-def make_multitask(args: argparse.Namespace, backbone: str, data_file: str, seed: int):
+def make_multitask(args: argparse.Namespace, backbone: str, data_file: str, seed: int, protection: str = "none"):
     from modeling_mtl import MultiTaskModel
     from multitask_st.data import MultiTaskCollator, build_datasets, parse_task_specs
     from multitask_st.trainer import MultiTaskTrainer
@@ -141,6 +143,8 @@ def make_multitask(args: argparse.Namespace, backbone: str, data_file: str, seed
         processing_class=model.tokenizer,
         callbacks=[clock],
         source_sizes=data.source_sizes,
+        embedding_protection=protection,
+        drift_sample_size=0,
     )
     return trainer, clock, collator
 
@@ -172,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (accelerate's autocast)")
     parser.add_argument("--output_root", default="/tmp/bench_training_throughput")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["stock", "multitask-none", "multitask-distillation", "multitask-l2sp"],
+        choices=["stock", "multitask-none", "multitask-distillation", "multitask-l2sp"],
+    )
     args = parser.parse_args(argv)
     if args.warmup_steps < 1 or args.steps < 1:
         parser.error("--warmup_steps and --steps must be at least 1")
@@ -193,13 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup_steps} warm-up + {args.steps} timed steps per pass, {args.repeats} passes each, "
         f"device {args.device}{', bf16' if args.bf16 else ''}"
     )
-    results: dict[str, list[dict[str, float]]] = {"stock": [], "multitask": []}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in args.contenders}
     for repeat in range(args.repeats):
         for name in results:
             if name == "stock":
                 trainer, clock, collator = make_stock(args, backbone, rows, seed=repeat)
             else:
-                trainer, clock, collator = make_multitask(args, backbone, data_file, seed=repeat)
+                protection = name.split("-", 1)[1]
+                trainer, clock, collator = make_multitask(args, backbone, data_file, seed=repeat, protection=protection)
             figures = timed_pass(trainer, clock, collator, args)
             results[name].append(figures)
             print(f"pass {repeat + 1} {name}: {figures['examples_per_s']:.1f} examples/s", flush=True)
@@ -208,18 +219,24 @@ def main(argv: list[str] | None = None) -> int:
         name: {key: statistics.median(run[key] for run in runs) for key in ("examples_per_s", "tokens_per_s")}
         for name, runs in results.items()
     }
-    ratio = median["multitask"]["examples_per_s"] / median["stock"]["examples_per_s"]
+    reference = median.get("stock") or next(iter(median.values()))
+    plain = median.get("multitask-none") or reference
+    titles = {
+        "stock": "`Trainer` + `AutoModelForSequenceClassification`",
+        "multitask-none": "`MultiTaskTrainer` + `MultiTaskModel`, no protection",
+        "multitask-distillation": "... + distillation (default)",
+        "multitask-l2sp": "... + L2-SP",
+    }
     print()
-    print("| trainer + model | examples/s (median) | padded tokens/s | ratio vs stock |")
-    print("|---|---|---|---|")
-    print(
-        f"| `Trainer` + `AutoModelForSequenceClassification` | {median['stock']['examples_per_s']:.1f} | "
-        f"{median['stock']['tokens_per_s']:.0f} | 1.00x |"
-    )
-    print(
-        f"| `MultiTaskTrainer` + `MultiTaskModel` (1 task) | {median['multitask']['examples_per_s']:.1f} | "
-        f"{median['multitask']['tokens_per_s']:.0f} | {ratio:.2f}x |"
-    )
+    print("| trainer + model | examples/s (median) | padded tokens/s | ratio vs stock | ratio vs no protection |")
+    print("|---|---|---|---|---|")
+    for name, figures in median.items():
+        print(
+            f"| {titles[name]} | {figures['examples_per_s']:.1f} | {figures['tokens_per_s']:.0f} | "
+            f"{figures['examples_per_s'] / reference['examples_per_s']:.2f}x | "
+            f"{figures['examples_per_s'] / plain['examples_per_s']:.2f}x |"
+        )
+    ratio = {name: figures["examples_per_s"] / reference["examples_per_s"] for name, figures in median.items()}
     if args.json:
         Path(args.json).write_text(json.dumps({"passes": results, "median": median, "ratio": ratio}, indent=2))
     return 0

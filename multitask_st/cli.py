@@ -198,6 +198,8 @@ def _model_config(name_or_path: str) -> dict | None:
                 f"--model {name_or_path}: not a multi-task model (config.json has model_type {model_type!r}, "
                 f"expected {MODEL_TYPE!r}); `mtl train` builds one from an encoder"
             )
+        if (path / "onnx_config.json").is_file():  # an exported graph (`mtl export`): no safetensors weights
+            return config
         if not any((path / name).is_file() for name in WEIGHT_FILES):
             raise CliError(f"--model {name_or_path}: no weights in this folder (expected model.safetensors)")
         return config
@@ -208,7 +210,9 @@ def _model_config(name_or_path: str) -> dict | None:
     return None  # a Hub id: checked when it loads
 
 
-def _load_model(name_or_path: str, device: str | None, quiet: bool = False):
+def _load_model(name_or_path: str, device: str | None, quiet: bool = False, backend: str = "torch"):
+    if backend != "torch":
+        return _load_onnx(name_or_path, device, backend)
     from transformers.utils import logging as transformers_logging
 
     from modeling_mtl import MultiTaskModel
@@ -232,6 +236,21 @@ def _load_model(name_or_path: str, device: str | None, quiet: bool = False):
         except (RuntimeError, ValueError) as error:
             raise CliError(f"--device {device}: cannot move the model there ({error})") from None
     return model.eval()
+
+
+def _load_onnx(name_or_path: str, device: str | None, backend: str):
+    """The exported graph (`mtl export`, exported on first use for a model folder) through onnxruntime."""
+    if device not in (None, "cpu"):
+        raise CliError(f"--backend {backend} runs on the CPU: leave out --device {device}")
+    try:
+        from .onnx import OnnxMultiTaskModel
+    except ImportError as error:
+        raise CliError(f"--backend {backend} needs the `onnx` extra (pip install '.[onnx]'): {error}") from None
+    try:
+        return OnnxMultiTaskModel.from_pretrained(name_or_path, int8=backend == "onnx-int8")
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CliError(f"--model {name_or_path}: cannot load it with --backend {backend} ({reason})") from None
 
 
 def _check_tasks(args: argparse.Namespace, tasks_config: list[dict] | None, pairs: bool) -> list[str] | None:
@@ -385,7 +404,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     texts, _ = _read_inputs(args, allow_pairs=False)
     _check_device(args.device)
     _model_config(args.model)
-    model = _load_model(args.model, args.device, args.quiet)
+    model = _load_model(args.model, args.device, args.quiet, args.backend)
     normalize = True if args.normalize else (False if args.no_normalize else None)
     vectors = model.encode(
         texts, batch_size=args.batch_size, normalize=normalize, show_progress_bar=_progress(args, len(texts))
@@ -408,7 +427,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_device(args.device)
     config = _model_config(args.model)
     tasks = _check_tasks(args, config.get("tasks", []) if config else None, bool(pairs))
-    model = _load_model(args.model, args.device, args.quiet)
+    model = _load_model(args.model, args.device, args.quiet, args.backend)
     if config is None:  # a Hub id: check the tasks now that its config is here
         tasks = _check_tasks(args, model.config.tasks, bool(pairs))
     inputs = pairs or texts
@@ -444,7 +463,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
         raise CliError("similarity needs at least two texts (or pairs with --pairs / --pair)")
     _check_device(args.device)
     _model_config(args.model)
-    model = _load_model(args.model, args.device, args.quiet)
+    model = _load_model(args.model, args.device, args.quiet, args.backend)
     if pairs:
         rows, columns = [a for a, _ in pairs], [b for _, b in pairs]
         scores = model.similarity(rows, columns, pairwise=args.pairwise, batch_size=args.batch_size)
@@ -504,7 +523,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_listen(args.host, args.port)
     _check_device(args.device)
     _model_config(args.model)
-    model = _load_model(args.model, args.device, args.quiet)
+    model = _load_model(args.model, args.device, args.quiet, args.backend)
     app = create_app(
         model,
         max_batch_size=args.max_batch_size,
@@ -568,6 +587,12 @@ def _add_input_args(parser: argparse.ArgumentParser, pairs: bool = False) -> Non
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved multi-task model folder or a Hub id")
     parser.add_argument("--device", type=_device, default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "onnx-int8"),
+        default="torch",
+        help="torch (default), or the exported graph through onnxruntime in float32 or int8 (CPU; docs/ONNX.md)",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per forward pass")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
 
@@ -616,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     similarity.add_argument("--output", "-o", help="heatmap image file (.png, .svg or .pdf)")
     similarity.add_argument("--json", help="also save the scores as JSON here")
     similarity.set_defaults(func=cmd_similarity)
+
+    from .onnx_cli import EXPORT_DESCRIPTION, EXPORT_HELP, add_export_arguments, run_export
+
+    export = commands.add_parser("export", help=EXPORT_HELP, description=EXPORT_DESCRIPTION)
+    add_export_arguments(export)
+    export.set_defaults(func=run_export)
 
     # Listed for --help only: `main` hands `train` / `push` and everything after them to the scripts unparsed.
     commands.add_parser("train", help="fine-tune a model (same options as train.py)", add_help=False)

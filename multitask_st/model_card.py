@@ -441,6 +441,48 @@ def build_model_card(
             `tags` (added to the derived ones), `model_name`, or any other `ModelCardData` field).
     """
     folder = Path(folder)
+    config, metrics, training, state = _read_records(folder)
+    tasks = config.get("tasks") or []
+    tasks_by_name = {task["name"]: task for task in tasks}
+    base_model = (training or {}).get("base_model") or (config.get("backbone_config") or {}).get("_name_or_path")
+    name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
+    embedding_dim = config.get("projection_dim") or (config.get("backbone_config") or {}).get("hidden_size")
+    loads_in_sentence_transformers = (folder / "modules.json").is_file()
+
+    eval_results, evaluation = _metric_results(metrics, training, tasks_by_name)
+    tags = _tags(tasks, loads_in_sentence_transformers, overrides.pop("tags", None))
+    card_data = _card_data(tags, eval_results, name, base_model, tasks, training, overrides)
+    training_view = _training_view(training, card_data.base_model)
+    backbone_line, embedding_line, architecture = _architecture(config)
+    task_rows = _task_rows(tasks)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=name,
+        summary=_summary(len(tasks), list(tasks_by_name), embedding_dim, card_data.base_model, base_model),
+        backbone_line=backbone_line,
+        embedding_line=embedding_line,
+        architecture=architecture,
+        tasks=task_rows,
+        task_names=[f"`{t}`" for t in tasks_by_name],
+        repo_id=repo_id or f"<namespace>/{name}",
+        revision_example="<commit hash>",
+        embedding_dim=embedding_dim,
+        normalize=bool(config.get("normalize")),
+        example_sentences='["The movie was great!", "Where is the Eiffel Tower?"]',
+        training=training_view,
+        evaluation=evaluation,
+        curves=_curves(state, folder, figure) if isinstance(state, dict) else None,
+        embedding=_embedding_view(metrics, tasks, training or {}),
+        sentence_transformers=loads_in_sentence_transformers,
+        pair_example=next((row for row in task_rows if row["pair"]), None),
+        limitations=_limitations(config, tasks, metrics, training, bool(training_view)),
+        versions=_versions(),
+    )
+
+
+def _read_records(folder: Path) -> tuple[dict[str, Any], dict[str, Any], Any | None, Any | None]:
+    """`config.json` (required), then `metrics.json`, `training_config.json` and `trainer_state.json` if present."""
     config = _read_json(folder / "config.json")
     if not isinstance(config, dict):
         raise FileNotFoundError(f"model folder {folder}: no config.json, is this a saved model?")
@@ -449,24 +491,32 @@ def build_model_card(
     metrics = _read_json(folder / "metrics.json") or {}
     training = _read_json(folder / "training_config.json")
     state = _read_json(folder / "trainer_state.json")
+    return config, metrics, training, state
 
-    tasks = config.get("tasks") or []
-    tasks_by_name = {task["name"]: task for task in tasks}
-    task_types = [task["type"] for task in tasks]
-    base_model = (training or {}).get("base_model") or (config.get("backbone_config") or {}).get("_name_or_path")
-    name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
 
-    eval_results, evaluation = _metric_results(metrics, training, tasks_by_name)
+def _tags(tasks: list[dict[str, Any]], sentence_transformers: bool, extra: list[str] | None) -> list[str]:
+    """The card's tags: the project's, one per task type, then the caller's extra tags."""
+    tags = ["multi-task", "sentence-embeddings", "feature-extraction", "custom_code"]
+    if sentence_transformers:
+        tags.append("sentence-transformers")
+    tags += [TASK_TYPE_TAGS[t] for t in dict.fromkeys(task["type"] for task in tasks) if t in TASK_TYPE_TAGS]
+    tags += [tag for tag in extra or [] if tag not in tags]
+    return tags
+
+
+def _card_data(
+    tags: list[str],
+    eval_results: list[EvalResult],
+    name: str,
+    base_model: str | None,
+    tasks: list[dict[str, Any]],
+    training: dict[str, Any] | None,
+    overrides: dict[str, Any],
+) -> ModelCardData:
+    """The card's YAML metadata (what the Hub reads); `overrides` win over what is derived."""
     datasets = sorted(
         {hub_dataset_id(info.get("dataset")) for info in (training or {}).get("tasks", {}).values()} - {None}
     )
-    loads_in_sentence_transformers = (folder / "modules.json").is_file()
-    tags = ["multi-task", "sentence-embeddings", "feature-extraction", "custom_code"]
-    if loads_in_sentence_transformers:
-        tags.append("sentence-transformers")
-    tags += [TASK_TYPE_TAGS[t] for t in dict.fromkeys(task_types) if t in TASK_TYPE_TAGS]
-    tags += [tag for tag in overrides.pop("tags", None) or [] if tag not in tags]
-
     fields: dict[str, Any] = {
         "library_name": "transformers",
         "pipeline_tag": "feature-extraction",
@@ -482,37 +532,53 @@ def build_model_card(
     if widget:
         fields["widget"] = widget
     fields.update(overrides)
-    card_data = ModelCardData(**{key: value for key, value in fields.items() if value is not None})
+    return ModelCardData(**{key: value for key, value in fields.items() if value is not None})
 
-    backbone_line, embedding_line, architecture = _architecture(config)
+
+def _summary(
+    count: int, names: list[str], embedding_dim: Any, base_model_id: str | None, base_model: str | None
+) -> str:
+    """The card's opening paragraph: the embedding, the `count` heads (`names`), and where the encoder came from."""
     summary = (
-        f"A multi-task sentence transformer: one shared encoder turns a text into a "
-        f"{config.get('projection_dim') or (config.get('backbone_config') or {}).get('hidden_size')}-dimensional "
-        f"sentence embedding, and {len(tasks)} small head{'s' if len(tasks) != 1 else ''} "
-        f"({', '.join(f'`{t}`' for t in tasks_by_name) or 'none'}) predict{'s' if len(tasks) == 1 else ''} "
+        f"A multi-task sentence transformer: one shared encoder turns a text into a {embedding_dim}-dimensional "
+        f"sentence embedding, and {count} small head{'s' if count != 1 else ''} "
+        f"({', '.join(f'`{t}`' for t in names) or 'none'}) predict{'s' if count == 1 else ''} "
         "from the same forward pass."
     )
-    if card_data.base_model:
-        summary += f" The encoder was initialised from [`{card_data.base_model}`](https://huggingface.co/{card_data.base_model})."
+    if base_model_id:
+        summary += f" The encoder was initialised from [`{base_model_id}`](https://huggingface.co/{base_model_id})."
     elif base_model:
         summary += f" The encoder was initialised from `{base_model}` (a local checkpoint)."
+    return summary
 
-    training_view = None
-    if isinstance(training, dict):
-        hyperparameters = sorted((training.get("hyperparameters") or {}).items())
-        runtime = training.get("train_runtime_s")
-        training_view = {
-            "base_model": card_data.base_model or training.get("base_model"),
-            "hardware": training.get("hardware"),
-            "precision": (training.get("hardware_details") or {}).get("precision"),
-            "threads": (training.get("hardware_details") or {}).get("torch_threads"),
-            "runtime": f"{runtime:.0f} s" if _is_number(runtime) else None,
-            "hyperparameters": [
-                (key, json.dumps(value, default=str).replace("|", "\\|")) for key, value in hyperparameters
-            ],
-            "datasets": [_dataset_row(task_name, info) for task_name, info in (training.get("tasks") or {}).items()],
-        }
 
+def _training_view(training: Any | None, base_model_id: str | None) -> dict[str, Any] | None:
+    """The card's training section: base model, hardware, runtime, hyperparameters and data (None: no record)."""
+    if not isinstance(training, dict):
+        return None
+    hyperparameters = sorted((training.get("hyperparameters") or {}).items())
+    runtime = training.get("train_runtime_s")
+    return {
+        "base_model": base_model_id or training.get("base_model"),
+        "hardware": training.get("hardware"),
+        "precision": (training.get("hardware_details") or {}).get("precision"),
+        "threads": (training.get("hardware_details") or {}).get("torch_threads"),
+        "runtime": f"{runtime:.0f} s" if _is_number(runtime) else None,
+        "hyperparameters": [
+            (key, json.dumps(value, default=str).replace("|", "\\|")) for key, value in hyperparameters
+        ],
+        "datasets": [_dataset_row(task_name, info) for task_name, info in (training.get("tasks") or {}).items()],
+    }
+
+
+def _limitations(
+    config: dict[str, Any],
+    tasks: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    training: Any | None,
+    trained: bool,
+) -> list[str]:
+    """The card's limitations: remote code, truncation, closed label sets, the embedding, the evidence."""
     limitations = [
         "Loading needs `trust_remote_code=True`: the Python files of this repository run on your machine. Review "
         "them and pin `revision` to a commit hash.",
@@ -521,40 +587,14 @@ def build_model_card(
         "confidence.",
         _embedding_limitation(tasks, metrics, training or {}),
     ]
-    if training_view:
+    if trained:
         limitations.append(
             "The reported scores come from the splits listed above only; performance on other "
             "domains, languages or label definitions is unknown."
         )
     else:
         limitations.append("No training record was found: the task heads may be untrained.")
-
-    curves = _curves(state, folder, figure) if isinstance(state, dict) else None
-    embedding = _embedding_view(metrics, tasks, training or {})
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(TEMPLATE_PATH),
-        title=name,
-        summary=summary,
-        backbone_line=backbone_line,
-        embedding_line=embedding_line,
-        architecture=architecture,
-        tasks=_task_rows(tasks),
-        task_names=[f"`{t}`" for t in tasks_by_name],
-        repo_id=repo_id or f"<namespace>/{name}",
-        revision_example="<commit hash>",
-        embedding_dim=config.get("projection_dim") or (config.get("backbone_config") or {}).get("hidden_size"),
-        normalize=bool(config.get("normalize")),
-        example_sentences='["The movie was great!", "Where is the Eiffel Tower?"]',
-        training=training_view,
-        evaluation=evaluation,
-        curves=curves,
-        embedding=embedding,
-        sentence_transformers=loads_in_sentence_transformers,
-        pair_example=next((row for row in _task_rows(tasks) if row["pair"]), None),
-        limitations=limitations,
-        versions=_versions(),
-    )
+    return limitations
 
 
 def _embedding_limitation(tasks: list[dict], metrics: dict[str, Any], training: dict[str, Any]) -> str:

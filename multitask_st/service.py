@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -481,6 +482,421 @@ def _locate(field: str) -> Callable[[int], str]:
     return lambda index: f"{field}[{index}]"
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """The request and scheduling limits of one app (see `create_app`)."""
+
+    max_batch_size: int
+    max_text_length: int
+    max_body_bytes: int
+    max_call_chars: int
+    batch_wait_ms: float
+
+    @classmethod
+    def checked(
+        cls,
+        max_batch_size: Any,
+        max_text_length: Any,
+        batch_wait_ms: Any,
+        max_body_bytes: Any,
+        max_call_chars: Any,
+    ) -> _Limits:
+        """The limits `create_app` was given, checked; `max_body_bytes=None` follows from the text limits."""
+        max_batch_size = _positive_int("max_batch_size", max_batch_size)
+        max_text_length = _positive_int("max_text_length", max_text_length)
+        max_call_chars = _positive_int("max_call_chars", max_call_chars)
+        if not isinstance(batch_wait_ms, (int, float)) or isinstance(batch_wait_ms, bool) or not batch_wait_ms >= 0:
+            raise ValueError(f"batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
+        if max_body_bytes is None:
+            max_body_bytes = max_batch_size * (6 * max_text_length + 16) + 65_536
+        max_body_bytes = _positive_int("max_body_bytes", max_body_bytes)
+        return cls(max_batch_size, max_text_length, max_body_bytes, max_call_chars, batch_wait_ms)
+
+
+def _check_api_key(api_key: Any) -> None:
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key must be a non-empty string (or None for no authentication)")
+
+
+def _load_model(model_or_path: Any, model_name: str | None) -> tuple[Any, str]:
+    """The model to serve, in eval mode (loaded when given a folder or Hub id), and the name the service shows."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from modeling_mtl import MultiTaskModel
+
+        model = MultiTaskModel.from_pretrained(model_or_path)
+        name = model_name or display_name(model_or_path)
+    else:
+        model = model_or_path
+        _check_model(model)
+        name = model_name or display_name(getattr(model.config, "name_or_path", None))
+    if model.tokenizer is None:
+        raise ValueError(f"the model {name} has no tokenizer; save one beside the weights")
+    if callable(getattr(model, "eval", None)):
+        model.eval()
+    return model, name
+
+
+# ---------------------------------------------------------------------------------------------------- endpoints
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request waited: nothing to answer."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is `http.disconnect`, sent when the client closes the
+    # connection (or when the response is complete, by which time this task is cancelled).
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _Routes:
+    """The endpoints of one app: one method per route, sharing the model, its tasks, the limits and the scheduler.
+
+    Each endpoint checks its request against the limits (HTTP 413/422 with a message naming the field), then hands
+    the texts to the scheduler (`run`) and shapes the model's results into the response.
+    """
+
+    def __init__(self, model: Any, name: str, limits: _Limits, api_key_required: bool):
+        self.model = model
+        self.name = name
+        self.limits = limits
+        self.api_key_required = api_key_required
+        self.config = config = model.config
+        self.task_types = {task["name"]: task.get("type", "classification") for task in config.tasks}
+        self.pair_tasks = [task for task in model.task_names if self.task_types.get(task) in PAIR_TASK_TYPES]
+        self.text_tasks = [task for task in model.task_names if task not in self.pair_tasks]
+        self.max_seq_length = int(getattr(config, "max_seq_length", None) or 512)
+        self.text_cost_cap = _CHARS_PER_TOKEN * self.max_seq_length
+        self.batcher = _MicroBatcher(
+            self._call,
+            max_texts=max(limits.max_batch_size, 64),
+            max_chars=limits.max_call_chars,
+            wait_s=limits.batch_wait_ms / 1000,
+        )
+        self.started = time.monotonic()
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        self.batcher.start()
+        yield
+        await self.batcher.stop()
+
+    # ------------------------------------------------------------------------------------ model calls
+
+    def _call(self, op: str, key: Any, items: list) -> Any:
+        """One model call of the scheduler (on its worker thread)."""
+        if op == "embed":
+            return self.model.encode(items, batch_size=32, normalize=key, show_progress_bar=False)
+        if op == "predict":
+            return self.model.predict(items, tasks=list(key) if key is not None else None, show_progress_bar=False)
+        if op == "predict_pairs":
+            tasks = list(key) if key is not None else None
+            return self.model.predict([tuple(pair) for pair in items], tasks=tasks, show_progress_bar=False)
+        raise ValueError(f"unknown operation {op!r}")
+
+    def _cost(self, text: str) -> int:
+        return min(len(text), self.text_cost_cap) + 1
+
+    async def run(self, request: Request, kind: tuple, items: list, locate: Callable[[int], str], pairs: bool = False):
+        """The results for a request's items, from the scheduler; an input the model fails on is the request's error."""
+        costs = [self._cost(a) + self._cost(b) for a, b in items] if pairs else [self._cost(text) for text in items]
+        job = self.batcher.submit(kind, items, costs, [2 if pairs else 1] * len(items))
+        disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({job.future, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.batcher.cancel(job)
+            raise
+        finally:
+            disconnected.cancel()
+        if not job.future.done():  # the client went away before its work was done: drop it
+            self.batcher.cancel(job)
+            raise _ClientGone()
+        try:
+            return job.future.result()
+        except InputError as error:
+            where = locate(error.index) if error.index is not None else locate(0).split("[")[0]
+            reason = f"{type(error.error).__name__}: {error.error}"
+            if isinstance(error.error, (ValueError, TypeError)) or not isinstance(error.error, Exception):
+                raise HTTPException(422, f"{where}: the model cannot process this input ({reason})") from None
+            logger.error("model failure on %s", where, exc_info=error.error)
+            raise HTTPException(500, f"{where}: the model failed ({reason})") from None
+
+    # ------------------------------------------------------------------------------------ request checks
+
+    def check_texts(self, texts: list[str], field: str) -> None:
+        max_batch_size = self.limits.max_batch_size
+        if not texts:
+            raise HTTPException(422, f"{field} is empty: send at least one text")
+        if len(texts) > max_batch_size:
+            raise HTTPException(413, f"{field} has {len(texts)} texts; at most {max_batch_size} per request")
+        for index, text in enumerate(texts):
+            self.check_text(text, f"{field}[{index}]")
+
+    def check_text(self, text: str, where: str) -> None:
+        max_text_length = self.limits.max_text_length
+        if len(text) > max_text_length:
+            raise HTTPException(422, f"{where} has {len(text)} characters; at most {max_text_length} per text")
+        bad = _SURROGATE.search(text)
+        if bad:
+            raise HTTPException(
+                422,
+                f"{where} holds a lone surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}: "
+                "not valid Unicode (UTF-8 cannot encode it); send valid text",
+            )
+
+    def _check_predict_inputs(self, body: PredictRequest) -> bool:
+        """Exactly one of `texts` and `pairs`, within the limits; True when the request sends pairs."""
+        if body.texts is not None and body.pairs is not None:
+            raise HTTPException(422, "send either texts or pairs, not both (pair tasks take pairs, the others texts)")
+        if body.texts is None and body.pairs is None:
+            raise HTTPException(422, "send texts (a list of strings) or pairs (a list of [text, text_pair] lists)")
+        if body.pairs is None:
+            self.check_texts(body.texts, "texts")
+            return False
+        max_batch_size = self.limits.max_batch_size
+        if not body.pairs:
+            raise HTTPException(422, "pairs is empty: send at least one [text, text_pair]")
+        if 2 * len(body.pairs) > max_batch_size:
+            raise HTTPException(
+                413,
+                f"pairs has {len(body.pairs)} pairs ({2 * len(body.pairs)} texts); "
+                f"at most {max_batch_size} texts per request",
+            )
+        for index, pair in enumerate(body.pairs):
+            for side, text in enumerate(pair):
+                self.check_text(text, f"pairs[{index}][{side}]")
+        return True
+
+    def _predict_tasks(self, tasks: list[str] | None, pairs: bool) -> tuple[str, ...] | None:
+        """The tasks a /predict request asks for (None: all those taking its kind of input), checked."""
+        field, available = ("pairs", self.pair_tasks) if pairs else ("texts", self.text_tasks)
+        if tasks is None:
+            if not available:
+                raise HTTPException(
+                    422,
+                    f"this model has no {'pair' if pairs else 'single-text'} tasks for {field} "
+                    f"(text tasks: {self.text_tasks}, pair tasks: {self.pair_tasks})",
+                )
+            return None
+        if not tasks:
+            raise HTTPException(422, "tasks is empty: leave it out for all tasks, or name at least one")
+        unknown = [task for task in tasks if task not in self.task_types]
+        if unknown:
+            raise HTTPException(422, f"unknown task(s) {unknown}; this model's tasks are {self.model.task_names}")
+        wrong = [task for task in tasks if task not in available]
+        if wrong:
+            other, needs = ("texts", "single texts") if pairs else ("pairs", "text pairs")
+            raise HTTPException(
+                422, f"task(s) {wrong} take {needs}: send them in {other}, not {field} (see /info: input)"
+            )
+        return tuple(dict.fromkeys(tasks))
+
+    def _check_similarity_inputs(self, body: SimilarityRequest) -> list[str]:
+        """`texts` (and `texts_b`) within the limits and fit for `pairwise`: all the texts to embed."""
+        if not body.texts:
+            raise HTTPException(422, "texts is empty: send at least one text")
+        if body.texts_b is not None and not body.texts_b:
+            raise HTTPException(422, "texts_b is empty: leave it out, or send at least one text")
+        texts = list(body.texts) + list(body.texts_b or [])
+        if len(texts) > self.limits.max_batch_size:
+            field = "texts + texts_b have" if body.texts_b is not None else "texts has"
+            raise HTTPException(413, f"{field} {len(texts)} texts; at most {self.limits.max_batch_size} per request")
+        self.check_texts(body.texts, "texts")
+        if body.texts_b is not None:
+            self.check_texts(body.texts_b, "texts_b")
+        if body.pairwise:
+            if body.texts_b is None:
+                raise HTTPException(422, "pairwise needs texts_b: one score per (texts[i], texts_b[i])")
+            if len(body.texts_b) != len(body.texts):
+                raise HTTPException(
+                    422,
+                    f"pairwise needs texts and texts_b of the same length, got {len(body.texts)} and "
+                    f"{len(body.texts_b)}",
+                )
+        return texts
+
+    # ------------------------------------------------------------------------------------ endpoints
+
+    async def health(self) -> HealthResponse:
+        return HealthResponse(status="ok", uptime_s=round(time.monotonic() - self.started, 3))
+
+    async def info(self) -> InfoResponse:
+        config = self.config
+        backbone = getattr(getattr(config, "backbone_config", None), "model_type", None)
+        return InfoResponse(
+            model=self.name,
+            backbone=str(backbone or "unknown"),
+            dimension=int(config.embedding_dim),
+            pooling=str(getattr(config, "pooling", "unknown")),
+            normalize=bool(getattr(config, "normalize", False)),
+            max_seq_length=self.max_seq_length,
+            tasks=[
+                TaskInfo(
+                    name=task["name"],
+                    type=self.task_types[task["name"]],
+                    labels=list(task.get("labels") or []),
+                    input="pair" if task["name"] in self.pair_tasks else "text",
+                )
+                for task in config.tasks
+            ],
+            max_batch_size=self.limits.max_batch_size,
+            max_text_length=self.limits.max_text_length,
+            max_body_bytes=self.limits.max_body_bytes,
+            api_key_required=self.api_key_required,
+        )
+
+    async def embed(self, body: EmbedRequest, request: Request) -> EmbedResponse:
+        self.check_texts(body.texts, "texts")
+        vectors = await self.run(request, ("embed", body.normalize), body.texts, _locate("texts"))
+        return EmbedResponse(embeddings=np.asarray(vectors).tolist(), dimension=int(self.config.embedding_dim))
+
+    async def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
+        pairs = self._check_predict_inputs(body)
+        tasks = self._predict_tasks(body.tasks, pairs)
+        if pairs:
+            items = [tuple(pair) for pair in body.pairs]
+            predictions = await self.run(request, ("predict_pairs", tasks), items, _locate("pairs"), pairs=True)
+        else:
+            predictions = await self.run(request, ("predict", tasks), body.texts, _locate("texts"))
+        return PredictResponse(predictions=predictions)
+
+    async def similarity(self, body: SimilarityRequest, request: Request) -> SimilarityResponse:
+        texts = self._check_similarity_inputs(body)
+        count = len(body.texts)
+
+        def locate(index: int) -> str:
+            return f"texts[{index}]" if index < count else f"texts_b[{index - count}]"
+
+        vectors = np.asarray(await self.run(request, ("embed", True), texts, locate))
+        a = vectors[:count]
+        b = vectors[count:] if body.texts_b is not None else a
+        if body.pairwise:
+            return SimilarityResponse(scores=np.einsum("nd,nd->n", a, b).tolist())
+        return SimilarityResponse(scores=(a @ b.T).tolist())
+
+
+def _add_routes(app: FastAPI, routes: _Routes, secured: list) -> None:
+    """The API: one route per `_Routes` endpoint; `secured` declares the API key on all but /health."""
+    app.add_api_route(
+        "/health",
+        routes.health,
+        methods=["GET"],
+        response_model=HealthResponse,
+        summary="Liveness check (never needs the API key)",
+    )
+    app.add_api_route(
+        "/info",
+        routes.info,
+        methods=["GET"],
+        response_model=InfoResponse,
+        summary="Tasks (and which take pairs), labels, embedding dimension, limits",
+        dependencies=secured,
+    )
+    app.add_api_route(
+        "/embed",
+        routes.embed,
+        methods=["POST"],
+        response_model=EmbedResponse,
+        summary="Sentence embeddings",
+        dependencies=secured,
+    )
+    app.add_api_route(
+        "/predict",
+        routes.predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        summary="Task predictions for texts or text pairs (all tasks or a subset)",
+        dependencies=secured,
+    )
+    app.add_api_route(
+        "/similarity",
+        routes.similarity,
+        methods=["POST"],
+        response_model=SimilarityResponse,
+        summary="Cosine similarity matrix, or one score per pair",
+        dependencies=secured,
+    )
+
+
+def _security(api_key: str | None) -> list:
+    """The key is checked by `_RequestGuard` (before the body is read); these only declare it in the OpenAPI schema,
+    so Swagger UI shows an "Authorize" button."""
+    if not api_key:
+        return []
+    return [Security(HTTPBearer(auto_error=False)), Security(APIKeyHeader(name="X-API-Key", auto_error=False))]
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # One readable sentence naming each field (`texts[1]`), plus the structured list without the inputs (which
+    # can be large, or bytes that JSON cannot hold).
+    messages, errors = [], []
+    for item in error.errors():
+        loc = list(item.get("loc", ()))
+        path = loc[1:] if loc[:1] == ["body"] and len(loc) > 1 else loc
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+        if item.get("type") == "missing" and not path[1:] and path[:1] == ["body"]:
+            messages.append('body is empty: send a JSON object, e.g. {"texts": ["..."]}')
+        elif item.get("type") == "json_invalid":
+            reason = (item.get("ctx") or {}).get("error", "")
+            messages.append(f"body is not valid JSON: {reason} (at character {path[-1] if path else '?'})")
+        else:
+            messages.append(f"{field or 'body'}: {item.get('msg', 'invalid')}")
+        loc = [part if isinstance(part, int) else str(part) for part in loc]
+        errors.append({"loc": loc, "msg": str(item.get("msg", "")), "type": str(item.get("type", ""))})
+    return JSONResponse(status_code=422, content={"detail": "; ".join(messages), "errors": errors})
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    cause = error.__cause__
+    if error.status_code == 400 and cause is not None:  # FastAPI could not parse the body (bad UTF-8, nesting)
+        detail = f"body is not valid JSON: {type(cause).__name__}: {str(cause)[:200]}"
+        return JSONResponse(status_code=422, content={"detail": detail})
+    return JSONResponse(status_code=error.status_code, content={"detail": error.detail}, headers=error.headers)
+
+
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    logger.error("unhandled error on %s", request.url.path, exc_info=error)
+    detail = f"internal server error ({type(error).__name__}); the server log has the details"
+    return JSONResponse(status_code=500, content={"detail": detail})
+
+
+async def _client_gone(request: Request, error: Exception) -> Response:
+    return Response(status_code=499)  # nobody reads it: the connection is gone
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON with a readable `detail`."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_exception_handler(_ClientGone, _client_gone)
+
+
+def _serve_swagger_ui(app: FastAPI, static_dir: str) -> None:
+    """/docs from local Swagger UI assets, mounted under /static-docs."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static-docs", StaticFiles(directory=static_dir), name="static-docs")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/static-docs/swagger-ui-bundle.js",
+            swagger_css_url="/static-docs/swagger-ui.css",
+            swagger_favicon_url="/static-docs/favicon.png",
+        )
+
+
 def create_app(
     model_or_path: Any,
     max_batch_size: int = 64,
@@ -511,323 +927,26 @@ def create_app(
         max_call_chars: most characters per model call (each text counted up to 4 x `max_seq_length`): large
             requests are split into calls of this size and share them with the requests waiting beside them.
     """
-    max_batch_size = _positive_int("max_batch_size", max_batch_size)
-    max_text_length = _positive_int("max_text_length", max_text_length)
-    max_call_chars = _positive_int("max_call_chars", max_call_chars)
-    if not isinstance(batch_wait_ms, (int, float)) or isinstance(batch_wait_ms, bool) or not batch_wait_ms >= 0:
-        raise ValueError(f"batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
-    if max_body_bytes is None:
-        max_body_bytes = max_batch_size * (6 * max_text_length + 16) + 65_536
-    max_body_bytes = _positive_int("max_body_bytes", max_body_bytes)
-    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-        raise ValueError("api_key must be a non-empty string (or None for no authentication)")
-
-    if isinstance(model_or_path, (str, os.PathLike)):
-        from modeling_mtl import MultiTaskModel
-
-        model = MultiTaskModel.from_pretrained(model_or_path)
-        name = model_name or display_name(model_or_path)
-    else:
-        model = model_or_path
-        _check_model(model)
-        name = model_name or display_name(getattr(model.config, "name_or_path", None))
-    if model.tokenizer is None:
-        raise ValueError(f"the model {name} has no tokenizer; save one beside the weights")
-    if callable(getattr(model, "eval", None)):
-        model.eval()
-    config = model.config
-    task_types = {task["name"]: task.get("type", "classification") for task in config.tasks}
-    pair_tasks = [task for task in model.task_names if task_types.get(task) in PAIR_TASK_TYPES]
-    text_tasks = [task for task in model.task_names if task not in pair_tasks]
-    max_seq_length = int(getattr(config, "max_seq_length", None) or 512)
-    text_cost_cap = _CHARS_PER_TOKEN * max_seq_length
-
-    def call(op: str, key: Any, items: list) -> Any:
-        if op == "embed":
-            return model.encode(items, batch_size=32, normalize=key, show_progress_bar=False)
-        if op == "predict":
-            return model.predict(items, tasks=list(key) if key is not None else None, show_progress_bar=False)
-        if op == "predict_pairs":
-            tasks = list(key) if key is not None else None
-            return model.predict([tuple(pair) for pair in items], tasks=tasks, show_progress_bar=False)
-        raise ValueError(f"unknown operation {op!r}")
-
-    batcher = _MicroBatcher(
-        call, max_texts=max(max_batch_size, 64), max_chars=max_call_chars, wait_s=batch_wait_ms / 1000
-    )
-    started = time.monotonic()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        yield
-        await batcher.stop()
+    limits = _Limits.checked(max_batch_size, max_text_length, batch_wait_ms, max_body_bytes, max_call_chars)
+    _check_api_key(api_key)
+    model, name = _load_model(model_or_path, model_name)
+    routes = _Routes(model, name, limits, api_key_required=bool(api_key))
 
     static_dir = _swagger_static_dir()
     app = FastAPI(
         title="Multi-task sentence transformer",
         description=f"Sentence embeddings, task predictions and similarities from `{name}`.",
         version="0.2.0",
-        lifespan=lifespan,
+        lifespan=routes.lifespan,
         # Without local Swagger assets FastAPI's /docs loads them from a CDN, which offline machines cannot reach.
         docs_url=None if static_dir else "/docs",
     )
     if static_dir:
-        from fastapi.openapi.docs import get_swagger_ui_html
-        from fastapi.staticfiles import StaticFiles
-
-        app.mount("/static-docs", StaticFiles(directory=static_dir), name="static-docs")
-
-        @app.get("/docs", include_in_schema=False)
-        async def swagger_ui():
-            return get_swagger_ui_html(
-                openapi_url=app.openapi_url,
-                title=f"{app.title} - Swagger UI",
-                swagger_js_url="/static-docs/swagger-ui-bundle.js",
-                swagger_css_url="/static-docs/swagger-ui.css",
-                swagger_favicon_url="/static-docs/favicon.png",
-            )
-
-    app.add_middleware(_RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
+        _serve_swagger_ui(app, static_dir)
+    app.add_middleware(_RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     app.state.model = model
-    app.state.batcher = batcher
+    app.state.batcher = routes.batcher
     app.state.model_name = name
-    # The key is checked by `_RequestGuard` (before the body is read); these only declare it in the OpenAPI schema,
-    # so Swagger UI shows an "Authorize" button.
-    secured = (
-        [Security(HTTPBearer(auto_error=False)), Security(APIKeyHeader(name="X-API-Key", auto_error=False))]
-        if api_key
-        else []
-    )
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        # One readable sentence naming each field (`texts[1]`), plus the structured list without the inputs (which
-        # can be large, or bytes that JSON cannot hold).
-        messages, errors = [], []
-        for item in error.errors():
-            loc = list(item.get("loc", ()))
-            path = loc[1:] if loc[:1] == ["body"] and len(loc) > 1 else loc
-            field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
-            if item.get("type") == "missing" and not path[1:] and path[:1] == ["body"]:
-                messages.append('body is empty: send a JSON object, e.g. {"texts": ["..."]}')
-            elif item.get("type") == "json_invalid":
-                reason = (item.get("ctx") or {}).get("error", "")
-                messages.append(f"body is not valid JSON: {reason} (at character {path[-1] if path else '?'})")
-            else:
-                messages.append(f"{field or 'body'}: {item.get('msg', 'invalid')}")
-            loc = [part if isinstance(part, int) else str(part) for part in loc]
-            errors.append({"loc": loc, "msg": str(item.get("msg", "")), "type": str(item.get("type", ""))})
-        return JSONResponse(status_code=422, content={"detail": "; ".join(messages), "errors": errors})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        cause = error.__cause__
-        if error.status_code == 400 and cause is not None:  # FastAPI could not parse the body (bad UTF-8, nesting)
-            detail = f"body is not valid JSON: {type(cause).__name__}: {str(cause)[:200]}"
-            return JSONResponse(status_code=422, content={"detail": detail})
-        return JSONResponse(status_code=error.status_code, content={"detail": error.detail}, headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        logger.error("unhandled error on %s", request.url.path, exc_info=error)
-        detail = f"internal server error ({type(error).__name__}); the server log has the details"
-        return JSONResponse(status_code=500, content={"detail": detail})
-
-    def check_texts(texts: list[str], field: str) -> None:
-        if not texts:
-            raise HTTPException(422, f"{field} is empty: send at least one text")
-        if len(texts) > max_batch_size:
-            raise HTTPException(413, f"{field} has {len(texts)} texts; at most {max_batch_size} per request")
-        for index, text in enumerate(texts):
-            check_text(text, f"{field}[{index}]")
-
-    def check_text(text: str, where: str) -> None:
-        if len(text) > max_text_length:
-            raise HTTPException(422, f"{where} has {len(text)} characters; at most {max_text_length} per text")
-        bad = _SURROGATE.search(text)
-        if bad:
-            raise HTTPException(
-                422,
-                f"{where} holds a lone surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}: "
-                "not valid Unicode (UTF-8 cannot encode it); send valid text",
-            )
-
-    def cost(text: str) -> int:
-        return min(len(text), text_cost_cap) + 1
-
-    async def run(request: Request, kind: tuple, items: list, locate: Callable[[int], str], pairs: bool = False):
-        costs = [cost(a) + cost(b) for a, b in items] if pairs else [cost(text) for text in items]
-        job = batcher.submit(kind, items, costs, [2 if pairs else 1] * len(items))
-        disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
-        try:
-            await asyncio.wait({job.future, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            batcher.cancel(job)
-            raise
-        finally:
-            disconnected.cancel()
-        if not job.future.done():  # the client went away before its work was done: drop it
-            batcher.cancel(job)
-            raise _ClientGone()
-        try:
-            return job.future.result()
-        except InputError as error:
-            where = locate(error.index) if error.index is not None else locate(0).split("[")[0]
-            reason = f"{type(error.error).__name__}: {error.error}"
-            if isinstance(error.error, (ValueError, TypeError)) or not isinstance(error.error, Exception):
-                raise HTTPException(422, f"{where}: the model cannot process this input ({reason})") from None
-            logger.error("model failure on %s", where, exc_info=error.error)
-            raise HTTPException(500, f"{where}: the model failed ({reason})") from None
-
-    @app.exception_handler(_ClientGone)
-    async def client_gone(request: Request, error: Exception) -> Response:
-        return Response(status_code=499)  # nobody reads it: the connection is gone
-
-    @app.get("/health", response_model=HealthResponse, summary="Liveness check (never needs the API key)")
-    async def health() -> HealthResponse:
-        return HealthResponse(status="ok", uptime_s=round(time.monotonic() - started, 3))
-
-    @app.get(
-        "/info",
-        response_model=InfoResponse,
-        summary="Tasks (and which take pairs), labels, embedding dimension, limits",
-        dependencies=secured,
-    )
-    async def info() -> InfoResponse:
-        backbone = getattr(getattr(config, "backbone_config", None), "model_type", None)
-        return InfoResponse(
-            model=name,
-            backbone=str(backbone or "unknown"),
-            dimension=int(config.embedding_dim),
-            pooling=str(getattr(config, "pooling", "unknown")),
-            normalize=bool(getattr(config, "normalize", False)),
-            max_seq_length=max_seq_length,
-            tasks=[
-                TaskInfo(
-                    name=task["name"],
-                    type=task_types[task["name"]],
-                    labels=list(task.get("labels") or []),
-                    input="pair" if task["name"] in pair_tasks else "text",
-                )
-                for task in config.tasks
-            ],
-            max_batch_size=max_batch_size,
-            max_text_length=max_text_length,
-            max_body_bytes=max_body_bytes,
-            api_key_required=bool(api_key),
-        )
-
-    @app.post("/embed", response_model=EmbedResponse, summary="Sentence embeddings", dependencies=secured)
-    async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
-        check_texts(body.texts, "texts")
-        vectors = await run(request, ("embed", body.normalize), body.texts, _locate("texts"))
-        return EmbedResponse(embeddings=np.asarray(vectors).tolist(), dimension=int(config.embedding_dim))
-
-    @app.post(
-        "/predict",
-        response_model=PredictResponse,
-        summary="Task predictions for texts or text pairs (all tasks or a subset)",
-        dependencies=secured,
-    )
-    async def predict(body: PredictRequest, request: Request) -> PredictResponse:
-        if body.texts is not None and body.pairs is not None:
-            raise HTTPException(422, "send either texts or pairs, not both (pair tasks take pairs, the others texts)")
-        if body.texts is None and body.pairs is None:
-            raise HTTPException(422, "send texts (a list of strings) or pairs (a list of [text, text_pair] lists)")
-        pairs = body.pairs is not None
-        field, available = ("pairs", pair_tasks) if pairs else ("texts", text_tasks)
-        if pairs:
-            if not body.pairs:
-                raise HTTPException(422, "pairs is empty: send at least one [text, text_pair]")
-            if 2 * len(body.pairs) > max_batch_size:
-                raise HTTPException(
-                    413,
-                    f"pairs has {len(body.pairs)} pairs ({2 * len(body.pairs)} texts); "
-                    f"at most {max_batch_size} texts per request",
-                )
-            for index, pair in enumerate(body.pairs):
-                for side, text in enumerate(pair):
-                    check_text(text, f"pairs[{index}][{side}]")
-        else:
-            check_texts(body.texts, "texts")
-        tasks = None
-        if body.tasks is not None:
-            if not body.tasks:
-                raise HTTPException(422, "tasks is empty: leave it out for all tasks, or name at least one")
-            unknown = [task for task in body.tasks if task not in task_types]
-            if unknown:
-                raise HTTPException(422, f"unknown task(s) {unknown}; this model's tasks are {model.task_names}")
-            wrong = [task for task in body.tasks if task not in available]
-            if wrong:
-                other, needs = ("texts", "single texts") if pairs else ("pairs", "text pairs")
-                raise HTTPException(
-                    422, f"task(s) {wrong} take {needs}: send them in {other}, not {field} (see /info: input)"
-                )
-            tasks = tuple(dict.fromkeys(body.tasks))
-        elif not available:
-            raise HTTPException(
-                422,
-                f"this model has no {'pair' if pairs else 'single-text'} tasks for {field} "
-                f"(text tasks: {text_tasks}, pair tasks: {pair_tasks})",
-            )
-        if pairs:
-            items = [tuple(pair) for pair in body.pairs]
-            predictions = await run(request, ("predict_pairs", tasks), items, _locate("pairs"), pairs=True)
-        else:
-            predictions = await run(request, ("predict", tasks), body.texts, _locate("texts"))
-        return PredictResponse(predictions=predictions)
-
-    @app.post(
-        "/similarity",
-        response_model=SimilarityResponse,
-        summary="Cosine similarity matrix, or one score per pair",
-        dependencies=secured,
-    )
-    async def similarity(body: SimilarityRequest, request: Request) -> SimilarityResponse:
-        if not body.texts:
-            raise HTTPException(422, "texts is empty: send at least one text")
-        if body.texts_b is not None and not body.texts_b:
-            raise HTTPException(422, "texts_b is empty: leave it out, or send at least one text")
-        texts = list(body.texts) + list(body.texts_b or [])
-        if len(texts) > max_batch_size:
-            field = "texts + texts_b have" if body.texts_b is not None else "texts has"
-            raise HTTPException(413, f"{field} {len(texts)} texts; at most {max_batch_size} per request")
-        check_texts(body.texts, "texts")
-        if body.texts_b is not None:
-            check_texts(body.texts_b, "texts_b")
-        if body.pairwise:
-            if body.texts_b is None:
-                raise HTTPException(422, "pairwise needs texts_b: one score per (texts[i], texts_b[i])")
-            if len(body.texts_b) != len(body.texts):
-                raise HTTPException(
-                    422,
-                    f"pairwise needs texts and texts_b of the same length, got {len(body.texts)} and "
-                    f"{len(body.texts_b)}",
-                )
-        count = len(body.texts)
-
-        def locate(index: int) -> str:
-            return f"texts[{index}]" if index < count else f"texts_b[{index - count}]"
-
-        vectors = np.asarray(await run(request, ("embed", True), texts, locate))
-        a = vectors[:count]
-        b = vectors[count:] if body.texts_b is not None else a
-        if body.pairwise:
-            return SimilarityResponse(scores=np.einsum("nd,nd->n", a, b).tolist())
-        return SimilarityResponse(scores=(a @ b.T).tolist())
-
+    _add_error_handlers(app)
+    _add_routes(app, routes, _security(api_key))
     return app
-
-
-class _ClientGone(Exception):
-    """The client disconnected while its request waited: nothing to answer."""
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    # The body has been read, so the next ASGI message is `http.disconnect`, sent when the client closes the
-    # connection (or when the response is complete, by which time this task is cancelled).
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

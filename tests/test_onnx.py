@@ -335,3 +335,47 @@ def test_minilm_int8_keeps_sts_quality(minilm, shared_data):
     cosines = (reference * quantized).sum(1)
     assert cosines.mean() > 0.996 and cosines.min() > 0.98
     assert abs(spearman(quantized) - spearman(reference)) < 0.3
+
+
+def test_mtl_export_and_the_onnx_backend_from_the_command_line(tiny, tiny_bert, tmp_path, capsys):
+    from multitask_st.cli import main as mtl
+
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:1]).eval()
+    model.save_pretrained(tmp_path / "model")
+    assert mtl(["export", str(tmp_path / "model"), "-o", str(tmp_path / "onnx"), "-q"]) == 0
+    assert (tmp_path / "onnx" / MODEL_FILE).is_file()
+    texts = ["John Smith works for Acme.", "I loved it"]
+    for backend, folder in (("onnx", tmp_path / "onnx"), ("torch", tmp_path / "model")):
+        assert (
+            mtl(
+                [
+                    "encode",
+                    *texts,
+                    "--model",
+                    str(folder),
+                    "--backend",
+                    backend,
+                    "-o",
+                    str(tmp_path / f"{backend}.npy"),
+                    "-q",
+                ]
+            )
+            == 0
+        )
+    assert max_diff(np.load(tmp_path / "onnx.npy"), np.load(tmp_path / "torch.npy")) < 1e-4
+    capsys.readouterr()
+    assert mtl(
+        [
+            "encode",
+            "x",
+            "--model",
+            str(tmp_path / "onnx"),
+            "--backend",
+            "onnx",
+            "--device",
+            "cuda",
+            "-o",
+            str(tmp_path / "x.npy"),
+        ]
+    ) in (1, 2)
+    assert "--device cuda" in capsys.readouterr().err  # refused before anything loads

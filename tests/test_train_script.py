@@ -168,3 +168,17 @@ def test_bad_runs_exit_2_with_one_line_naming_the_problem(tiny_bert, tmp_path):
         assert last.startswith("error: ") and message in last, last
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "config.json").exists()  # nothing was saved as if it were a model
+
+
+def test_the_yaml_example_of_the_training_docs_runs_as_written(tiny_bert, tmp_path):
+    text = (ROOT / "docs" / "TRAINING.md").read_text()
+    example = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    for task in example["tasks"]:  # paths are relative to the project folder, as the docs say
+        task["data_files"] = {split: str(ROOT / path) for split, path in task["data_files"].items()}
+    example["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(example))
+    argv = [str(path), "--model_name_or_path", str(tiny_bert), "--max_steps", "2", "--use_cpu", "true",
+            "--num_examples_to_print", "0"]  # fmt: skip
+    assert train.main(argv) == 0
+    assert set(json.loads((tmp_path / "out" / "metrics.json").read_text())["eval"]) == {"topic", "ner"}
