@@ -21,7 +21,9 @@ TEXT_TASK_TYPES = ("classification", "multi_label_classification", "token_classi
 PAIR_TASK_TYPES = ("similarity", "pair_classification", "contrastive")
 TASK_TYPES = TEXT_TASK_TYPES + PAIR_TASK_TYPES
 EMBEDDING_TASK_TYPES = PAIR_TASK_TYPES
-HEAD_TYPES = ("linear", "mlp")
+# linear / mlp read a vector; transformer first runs a fresh transformer layer over the token states (an adapter
+# of the task's own), for token tasks and for sentence heads with their own pooling.
+HEAD_TYPES = ("linear", "mlp", "transformer")
 SIMILARITY_LOSSES = ("cosent", "cosine_mse")
 PAIR_FEATURES = ("u", "v", "|u-v|", "u*v")
 # Keys every task may have, then the keys that only some task types take.
@@ -69,7 +71,7 @@ def _normalize_head(task_name: str, head: Any, default_dropout: float) -> dict[s
         raise ValueError(f"task '{task_name}': head pooling '{pooling}' is not one of {list(HEAD_POOLINGS)}")
     if pooling != "shared":
         normalized["pooling"] = pooling
-    if head_type == "mlp":
+    if head_type in ("mlp", "transformer"):
         hidden_size = head.get("hidden_size")
         if hidden_size is not None and (
             not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0
@@ -82,7 +84,7 @@ def _normalize_head(task_name: str, head: Any, default_dropout: float) -> dict[s
             )
         normalized.update(hidden_size=hidden_size, activation=activation)
     elif "hidden_size" in head or "activation" in head:
-        raise ValueError(f"task '{task_name}': hidden_size/activation only apply to an 'mlp' head, not 'linear'")
+        raise ValueError(f"task '{task_name}': hidden_size/activation only apply to 'mlp' / 'transformer' heads")
     return normalized
 
 
@@ -165,7 +167,8 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
             names of the predicted values, default `["score"]`) and `head` (`"linear"`, `"mlp"` or a dict with
             `type`, `hidden_size`, `activation`, `dropout`, and for sentence-level tasks `pooling`: `"shared"`, the
             default, reads the sentence embedding's pooled vector; `"attention"` gives the head its own learned
-            attention pooling of the token states).
+            attention pooling of the token states). Type `"transformer"` (token tasks, or with `pooling:
+            attention`) runs a fresh transformer layer of the task's own over the token states first.
             `multi_label_classification`: `threshold` (probability above which a label is predicted, default 0.5).
             `similarity`: `loss` (`"cosent"`, default, or `"cosine_mse"`), `score_range` (`[low, high]` of the
             gold scores, default `[0, 1]`), `scale` (CoSENT's, default 20).
@@ -206,6 +209,12 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
             raise ValueError(f"task '{name}': a {task_type} task has no head (it scores the embeddings directly)")
     else:
         normalized["head"] = _normalize_head(name, task.get("head"), default_dropout)
+        reads_tokens = task_type == "token_classification" or normalized["head"].get("pooling") == "attention"
+        if normalized["head"]["type"] == "transformer" and not reads_tokens:
+            raise ValueError(
+                f"task '{name}': a transformer head reads token states: use it for token tasks, or with "
+                "pooling 'attention' for sentence-level tasks"
+            )
     normalized.update(_type_options(name, task_type, task))
     return normalized
 

@@ -115,11 +115,45 @@ class Pooling(nn.Module):
         raise ValueError(f"unknown pooling mode '{self.mode}'")
 
 
-class TaskHead(nn.Module):
-    """Dropout then a linear layer, or a one-hidden-layer MLP when the task asks for more capacity."""
+class AdapterLayer(nn.Module):
+    """A post-norm transformer layer (self-attention over the real tokens, then a GELU feed-forward), freshly
+    initialised: a task's own contextual view of the shared token states. Plain operations only, so that it exports
+    to ONNX exactly."""
 
-    def __init__(self, input_size: int, num_outputs: int, head: dict[str, Any]):
+    def __init__(self, size: int, heads: int, feed_forward: int, dropout: float):
         super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(size, size) for _ in range(3))
+        self.output = nn.Linear(size, size)
+        self.attention_norm = nn.LayerNorm(size)
+        self.feed_forward = nn.Sequential(nn.Linear(size, feed_forward), nn.GELU(), nn.Linear(feed_forward, size))
+        self.output_norm = nn.LayerNorm(size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch, seq, size = states.shape
+
+        def split(tensor: torch.Tensor) -> torch.Tensor:  # (batch, heads, seq, size / heads)
+            return tensor.view(batch, seq, self.heads, size // self.heads).transpose(1, 2)
+
+        query, key, value = split(self.query(states)), split(self.key(states)), split(self.value(states))
+        scores = query @ key.transpose(-1, -2) / (size // self.heads) ** 0.5  # (batch, heads, seq, seq)
+        scores = scores.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        context = (scores.softmax(-1) @ value).transpose(1, 2).reshape(batch, seq, size)
+        states = self.attention_norm(states + self.dropout(self.output(context)))
+        return self.output_norm(states + self.dropout(self.feed_forward(states)))
+
+
+class TaskHead(nn.Module):
+    """Dropout then a linear layer, or a one-hidden-layer MLP when the task asks for more capacity; optionally with
+    its own view of the token states: a transformer layer of its own (`adapt`) and its own attention pooling."""
+
+    def __init__(self, input_size: int, num_outputs: int, head: dict[str, Any], attention_heads: int = 1):
+        super().__init__()
+        self.adapter = None
+        if head["type"] == "transformer":
+            heads = attention_heads if input_size % attention_heads == 0 else 1
+            self.adapter = AdapterLayer(input_size, heads, head.get("hidden_size") or 2 * input_size, head["dropout"])
         # A head with its own pooling reads the token states, not the shared sentence vector.
         self.pooling = Pooling("attention", input_size) if head.get("pooling") == "attention" else None
         self.dropout = nn.Dropout(head["dropout"])
@@ -131,6 +165,12 @@ class TaskHead(nn.Module):
         else:
             self.dense = None
         self.out_proj = nn.Linear(input_size, num_outputs)
+
+    def adapt(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The token states this head reads: its own transformer layer's output, or the shared states."""
+        if self.adapter is None:
+            return token_states
+        return self.adapter(token_states, attention_mask)  # (batch, seq, hidden)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = self.dropout(features)
@@ -290,7 +330,10 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
                 input_size = len(task["pair_features"]) * config.embedding_dim
             else:
                 input_size = config.embedding_dim
-            self.heads[task["name"]] = TaskHead(input_size, len(task["labels"]), task["head"])
+            attention_heads = getattr(config.backbone_config, "num_attention_heads", None) or getattr(
+                config.backbone_config, "n_heads", 1
+            )
+            self.heads[task["name"]] = TaskHead(input_size, len(task["labels"]), task["head"], attention_heads)
         self.tokenizer = None  # attached by `from_pretrained` / `from_backbone`
         self.post_init()
 
@@ -594,11 +637,12 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         task = self.config.get_task(name)
         task_type = task["type"]
         if task_type == "token_classification":
-            return self.heads[name](token_states)  # (batch, seq, num_labels)
+            head = self.heads[name]
+            return head(head.adapt(token_states, first_mask))  # (batch, seq, num_labels)
         if task_type in ("classification", "multi_label_classification", "regression"):
             head = self.heads[name]
             if head.pooling is not None:  # the head's own view of the sentence: (batch, hidden)
-                return head(head.pooling(token_states, first_mask))
+                return head(head.pooling(head.adapt(token_states, first_mask), first_mask))
             return head(features[:, 0])  # (batch, num_labels)
         if features.shape[1] < 2:
             return None

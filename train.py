@@ -45,6 +45,10 @@ class ModelArguments:
         default=None, metadata={"help": "Truncation length in tokens (default: the checkpoint's, at most 512)."}
     )
     head_type: str = field(default="linear", metadata={"help": "Default head for tasks that set none: linear or mlp."})
+    token_head_type: str = field(
+        default="linear",
+        metadata={"help": "Default head of token tasks: linear, mlp, or transformer (a transformer layer of its own)."},
+    )
     head_pooling: str = field(
         default="shared",
         metadata={
@@ -343,8 +347,9 @@ def _load_data(model_args: ModelArguments, data_args: DataArguments, training_ar
 
     model_name = model_args.model_name_or_path or default_backbone()
     specs = parse_task_specs(data_args.tasks)
-    for spec in specs:  # the default head of sentence-level tasks that set none
-        head = {"type": model_args.head_type} if model_args.head_type != "linear" else {}
+    for spec in specs:  # the default head of tasks that set none
+        kind = model_args.token_head_type if spec.type == "token_classification" else model_args.head_type
+        head = {"type": kind} if kind != "linear" else {}
         if model_args.head_pooling != "shared" and spec.type in SENTENCE_TASKS:
             head["pooling"] = model_args.head_pooling
         if head and spec.type not in ("similarity", "contrastive") and "head" not in spec.model_options:

@@ -142,11 +142,11 @@ class _TextGraph(nn.Module):
         features = self.model.pool(token_states, attention_mask)  # (batch, embedding_dim)
         embeddings = F.normalize(features, p=2, dim=-1) if self.model.config.normalize else features
         outputs = [features, embeddings]
+        grouped = features.unsqueeze(1)  # (batch, 1, embedding_dim): the model's one-text layout
         for name in self.model.config.task_names:
-            if name in self.sequence_tasks:
-                outputs.append(self.model.heads[name](features))  # (batch, labels)
-            elif name in self.token_tasks:
-                outputs.append(self.model.heads[name](token_states))  # (batch, seq, labels)
+            if name in self.sequence_tasks or name in self.token_tasks:
+                # The model's own rule for what each head reads (shared vector, own pooling, own adapter, tokens).
+                outputs.append(self.model._task_logits(name, grouped, token_states, attention_mask))
         return tuple(outputs)
 
 

@@ -573,3 +573,29 @@ def test_compile_encoder_runs_encode_through_the_compiled_graph(tiny_bert):
     model.compile_encoder(backend="eager")  # the compile path without a C++ toolchain; inductor is the default
     np.testing.assert_allclose(model.encode(SENTENCES), expected, atol=1e-6)
     assert counters["stats"]["unique_graphs"] >= 1
+
+
+def test_heads_with_their_own_view_of_the_tokens(tiny_bert):
+    tasks = [
+        {"name": "topic", "labels": ["a", "b"], "head": {"type": "transformer", "pooling": "attention"}},
+        {"name": "sentiment", "labels": ["neg", "pos"], "head": {"pooling": "attention"}},
+        {"name": "ner", "type": "token_classification", "labels": ["O", "B", "I"], "head": "transformer"},
+    ]
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=tasks).eval()
+    assert model.heads["topic"].adapter is not None and model.heads["sentiment"].adapter is None
+    batch = batch_for(model, SENTENCES)
+    out = model(**batch)
+    # The shared embedding is untouched by the heads' own pooling; each head reads its own view.
+    np.testing.assert_allclose(out.embeddings.detach().numpy(), model.encode(SENTENCES), atol=1e-5)
+    with torch.no_grad():
+        head = model.heads["sentiment"]
+        expected = head(head.pooling(out.last_hidden_state, batch["attention_mask"]))
+        torch.testing.assert_close(out.logits["sentiment"], expected)
+    # Padding never changes a prediction (the adapters mask padded tokens).
+    alone = [model.predict(text) for text in SENTENCES]
+    for got, want in zip(model.predict(SENTENCES), alone):
+        assert got["topic"]["scores"] == pytest.approx(want["topic"]["scores"], abs=1e-5)
+        assert [w["tag"] for w in got["ner"]["words"]] == [w["tag"] for w in want["ner"]["words"]]
+    with pytest.raises(ValueError, match="a transformer head reads token states"):
+        MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": ["a", "b"], "head": "transformer"}])

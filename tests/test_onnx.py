@@ -379,3 +379,15 @@ def test_mtl_export_and_the_onnx_backend_from_the_command_line(tiny, tiny_bert, 
         ]
     ) in (1, 2)
     assert "--device cuda" in capsys.readouterr().err  # refused before anything loads
+
+
+def test_heads_with_their_own_adapter_and_pooling_export_exactly(tiny_bert, tmp_path):
+    tasks = [
+        {"name": "topic", "labels": ["a", "b"], "head": {"type": "transformer", "pooling": "attention"}},
+        {"name": "ner", "type": "token_classification", "labels": ["O", "B-PER", "I-PER"], "head": "transformer"},
+    ]
+    torch.manual_seed(0)
+    model = sharpen_heads(MultiTaskModel.from_backbone(tiny_bert, tasks=tasks).eval())
+    onnx_model = OnnxMultiTaskModel.from_pretrained(export_onnx(model, tmp_path / "export"))
+    for want, have in zip(model.predict(TEXTS), onnx_model.predict(TEXTS)):
+        assert_same_predictions(want, have)
