@@ -170,6 +170,8 @@ def run_config(args, config: str, seed: int) -> dict:
         "train_runtime_s": record["train_runtime_s"],
         "peak_rss_mib": usage.ru_maxrss / 1024,
         "trainable_parameters": trainable_parameters(folder / "train.log"),
+        "model_mib": folder_mib(model_dir, "*.safetensors"),
+        "lora_adapter_mib": folder_mib(model_dir / "lora_adapter", "*.safetensors") or None,
         "hardware": record["hardware"],
     }
     result_path.write_text(json.dumps(result, indent=2))
@@ -190,6 +192,29 @@ def stsb_spearman(model_dir: Path | str, data_dir: Path, split: str = "test") ->
         a = model.encode([row["sentence1"] for row in rows], normalize=True)
         b = model.encode([row["sentence2"] for row in rows], normalize=True)
     return float(100 * spearmanr((a * b).sum(1), [row["score"] for row in rows])[0])
+
+
+def folder_mib(folder: Path, pattern: str) -> float:
+    return sum(path.stat().st_size for path in folder.glob(pattern)) / 2**20 if folder.is_dir() else 0.0
+
+
+def base_model_scores(data_dir: Path, output_root: Path) -> dict:
+    """STS-B of the untouched all-MiniLM-L6-v2, through the same path as every trained model (saved, reloaded)."""
+    from modeling_mtl import MultiTaskModel
+    from multitask_st import default_backbone
+
+    folder = output_root / "base-model"
+    if not (folder / "config.json").is_file():
+        MultiTaskModel.from_backbone(default_backbone()).save_pretrained(folder)
+    return {
+        "seeds": [],
+        "stsb_encode": [stsb_spearman(folder, data_dir)],
+        "stsb_encode_validation": [stsb_spearman(folder, data_dir, "validation")],
+        "train_runtime_s": [],
+        "peak_rss_mib": [],
+        "cosine_to_initial": [1.0],
+        "knn_overlap": [1.0],
+    }
 
 
 def trainable_parameters(log_path: Path) -> int | None:
@@ -218,8 +243,11 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         row = {
             "seeds": [run["seed"] for run in runs],
             "stsb_encode": [run["stsb_encode"] for run in runs],
+            "stsb_encode_validation": [run.get("stsb_encode_validation") for run in runs],
             "train_runtime_s": [run["train_runtime_s"] for run in runs],
             "peak_rss_mib": [run["peak_rss_mib"] for run in runs],
+            "trainable_parameters": [run.get("trainable_parameters") for run in runs],
+            "lora_adapter_mib": [run.get("lora_adapter_mib") for run in runs],
             "cosine_to_initial": [run["embedding"].get("eval", {}).get("cosine_to_initial") for run in runs],
             "knn_overlap": [
                 next((v for k, v in run["embedding"].get("eval", {}).items() if k.startswith("knn")), None)
@@ -235,7 +263,13 @@ def summarise(results: dict[str, list[dict]]) -> dict:
 
 
 def markdown(summary: dict, command: str, hardware: str) -> str:
-    columns = ["STS-B (encode) ρ", *[title for _, title in SCORES.values()], "cos to initial", "kNN overlap"]
+    columns = [
+        "STS-B test ρ (encode)",
+        "STS-B val ρ",
+        *[title for _, title in SCORES.values()],
+        "cos to initial",
+        "kNN overlap",
+    ]
     lines = [
         f"Command: `{command}`",
         "",
@@ -245,7 +279,7 @@ def markdown(summary: dict, command: str, hardware: str) -> str:
         "|---|" + "---|" * (len(columns) + 2),
     ]
     for config, row in summary.items():
-        cells = [mean_std(row["stsb_encode"])]
+        cells = [mean_std(row["stsb_encode"]), mean_std(row.get("stsb_encode_validation", []))]
         cells += [mean_std(row.get(task, [])) for task in SCORES]
         cells += [mean_std(row["cosine_to_initial"]), mean_std(row["knn_overlap"])]
         cells += [mean_std(row["train_runtime_s"]), mean_std(row["peak_rss_mib"])]
@@ -276,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             results.setdefault(config, []).append(run_config(args, config, seed))
     summary = summarise(results)
+    base = base_model_scores(Path(args.data_dir), Path(args.output_root))
+    summary = {"base model (untrained)": base, **summary}
     hardware = next(iter(results.values()))[0]["hardware"] + f"; {platform.machine()}"
     command = "python benchmarks/bench_embedding_protection.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]

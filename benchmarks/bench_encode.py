@@ -18,7 +18,8 @@ Modes (ours):
   cut by length order only, as sentence-transformers does), to show what the batching plan buys;
 - `bfloat16`: `model.encode(..., precision="bfloat16")`: float32 weights, bfloat16 autocast;
 - `bfloat16-weights`: `model.to(torch.bfloat16).encode(...)`: bfloat16 weights (half the memory traffic);
-- `int8`: `model.quantize_dynamic().encode(...)`: int8 per-channel weights, dynamic activation quantisation (CPU).
+- `int8`: the exported graph in int8 through onnxruntime (`OnnxMultiTaskModel.from_pretrained(folder, int8=True)`,
+  docs/ONNX.md; CPU). `benchmarks/bench_onnx.py` compares the ONNX paths with sentence-transformers' own backends.
 
 On CPU, ours runs batches side by side on worker threads (`MultiTaskModel.inference_workers`); every batch,
 including the batch-size-1 ones, is still one forward pass over exactly those sentences. The latency table times
@@ -221,9 +222,14 @@ def main(argv: list[str] | None = None) -> int:
             variants[mode] = (copy.deepcopy(model).to(torch.bfloat16), None)
         elif mode == "int8":
             if args.device != "cpu":
-                print("int8: dynamic quantisation is CPU-only, skipped")
+                print("int8: onnxruntime on the CPU only, skipped")
                 continue
-            variants[mode] = (model.quantize_dynamic(), None)
+            import tempfile
+
+            from multitask_st.onnx import OnnxMultiTaskModel, export_onnx
+
+            folder = export_onnx(model, Path(tempfile.mkdtemp(prefix="bench_encode_onnx_")), int8=True)
+            variants[mode] = (OnnxMultiTaskModel.from_pretrained(folder, int8=True), None)
 
     reference = model.encode(corpus, batch_size=32)
     peer_embeddings = peer.encode(corpus, batch_size=32, convert_to_numpy=True)

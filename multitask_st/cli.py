@@ -605,7 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot be done (message on stderr), 2 bad command line, 130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    _add_encode_parser(commands)
+    _add_predict_parser(commands)
+    _add_similarity_parser(commands)
+    _add_export_parser(commands)
+    _add_delegated_parsers(commands)
+    _add_serve_parser(commands)
+    return parser
 
+
+def _add_encode_parser(commands: argparse._SubParsersAction) -> None:
     encode = commands.add_parser(
         "encode",
         help="texts -> embeddings (.npy or .jsonl)",
@@ -618,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     norm.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
     encode.set_defaults(func=cmd_encode)
 
+
+def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
         "predict",
         help="texts or text pairs -> per-task predictions (JSON)",
@@ -629,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", "-o", help="write JSON (or .jsonl) here instead of stdout")
     predict.set_defaults(func=cmd_predict)
 
+
+def _add_similarity_parser(commands: argparse._SubParsersAction) -> None:
     similarity = commands.add_parser(
         "similarity",
         help="texts -> cosine matrix (printed, heatmap); pairs -> one score per pair",
@@ -642,16 +655,22 @@ def build_parser() -> argparse.ArgumentParser:
     similarity.add_argument("--json", help="also save the scores as JSON here")
     similarity.set_defaults(func=cmd_similarity)
 
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     from .onnx_cli import EXPORT_DESCRIPTION, EXPORT_HELP, add_export_arguments, run_export
 
     export = commands.add_parser("export", help=EXPORT_HELP, description=EXPORT_DESCRIPTION)
     add_export_arguments(export)
     export.set_defaults(func=run_export)
 
+
+def _add_delegated_parsers(commands: argparse._SubParsersAction) -> None:
     # Listed for --help only: `main` hands `train` / `push` and everything after them to the scripts unparsed.
     commands.add_parser("train", help="fine-tune a model (same options as train.py)", add_help=False)
     commands.add_parser("push", help="publish a trained model (same options as push_to_hub.py)", add_help=False)
 
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve",
         help="start the HTTP service (FastAPI, Swagger UI at /docs)",
@@ -708,7 +727,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace")
     )
     serve.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -355,14 +356,31 @@ def _split_outliers(model, feeds: list[dict], factor: float, max_channels: int) 
     When `x` is the output of a fused `BiasGelu` read by this matmul only (an FFN's second matmul), the outlier
     units are silenced in the GELU itself instead (their bias set to -1e4: GELU gives exactly 0 there) and their
     GELU recomputed on the side from the pre-activation, so no extra pass over the wide activation is needed."""
-    import onnx
-    import onnxruntime
-    from onnx import helper, numpy_helper
-
     nodes, initializers = _encoder_matmuls(model)
     matmuls = [node for node in nodes if node.op_type == "MatMul"]
     if not matmuls:
         return [], {}
+    maxima = _calibrated_input_maxima(model, matmuls, feeds)
+    producers, readers = _producers_and_readers(model)
+    side_names, report = [], {}
+    for node in matmuls:
+        outliers = _outlier_channels(maxima[node.input[0]], factor, max_channels)
+        if not len(outliers):
+            continue
+        gelu = _private_bias_gelu(node.input[0], producers, readers, initializers)
+        _split_matmul(model, node, outliers, initializers, gelu)
+        side_names.append(f"{node.name}/outlier_matmul")
+        report[node.name] = [int(index) for index in outliers]
+    return side_names, report
+
+
+def _calibrated_input_maxima(model, matmuls: list[Any], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """Largest |value| per input channel of each matmul's input `x`, over the real tokens of the calibration feeds
+    (the graph run once per feed with every `x` added as an output)."""
+    import onnx
+    import onnxruntime
+    from onnx import helper
+
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     inputs = list(dict.fromkeys(node.input[0] for node in matmuls))
@@ -378,89 +396,125 @@ def _split_outliers(model, feeds: list[dict], factor: float, max_channels: int) 
         for name, value in zip(inputs, session.run(inputs, feed)):
             channel_max = np.abs(value.reshape(-1, value.shape[-1])[real]).max(axis=0)
             maxima[name] = channel_max if name not in maxima else np.maximum(maxima[name], channel_max)
+    return maxima
+
+
+def _producers_and_readers(model) -> tuple[dict[str, Any], dict[str, int]]:
+    """The node that produces each tensor, and how many node inputs read each tensor."""
     producers = {output: node for node in model.graph.node for output in node.output}
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-    side_names, report = [], {}
-    for node in matmuls:
-        channel_max = maxima[node.input[0]]
-        order = np.argsort(-channel_max)[:max_channels]
-        outliers = np.sort(order[channel_max[order] > factor * np.median(channel_max)])
-        if not len(outliers):
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
-        prefix, x, y = node.name, node.input[0], node.output[0]
-        gelu = producers.get(x)
-        via_gelu = (
-            gelu is not None
-            and gelu.op_type == "BiasGelu"
-            and len(gelu.input) == 2
-            and gelu.input[1] in initializers
-            and readers.get(x) == 1
-        )
-        new_initializers = [
-            numpy_helper.from_array(outliers.astype(np.int64), f"{prefix}/outlier_index"),
-            numpy_helper.from_array(np.ascontiguousarray(weight[outliers]), f"{prefix}/outlier_weight"),
-        ]
-        gather = helper.make_node(
-            "Gather",
-            [gelu.input[0] if via_gelu else x, f"{prefix}/outlier_index"],
-            [f"{prefix}/outlier_input"],
-            axis=-1,
-            name=f"{prefix}/gather",
-        )
-        if via_gelu:
-            bias = numpy_helper.to_array(initializers[gelu.input[1]])
-            silenced = bias.copy()
-            silenced[outliers] = -1e4
-            new_initializers += [
-                numpy_helper.from_array(silenced, f"{prefix}/silenced_bias"),
-                numpy_helper.from_array(np.ascontiguousarray(bias[outliers]), f"{prefix}/outlier_bias"),
-            ]
-            gelu.input[1] = f"{prefix}/silenced_bias"
-            before = [
-                gather,
-                helper.make_node(
-                    "BiasGelu",
-                    [f"{prefix}/outlier_input", f"{prefix}/outlier_bias"],
-                    [f"{prefix}/outliers"],
-                    name=f"{prefix}/outlier_gelu",
-                    domain="com.microsoft",
-                ),
-            ]
-        else:
-            keep = np.ones(weight.shape[0], dtype=np.float32)
-            keep[outliers] = 0.0
-            new_initializers.append(numpy_helper.from_array(keep, f"{prefix}/outlier_keep"))
-            node.input[0] = f"{prefix}/inliers"
-            gather.output[0] = f"{prefix}/outliers"
-            before = [
-                helper.make_node("Mul", [x, f"{prefix}/outlier_keep"], [f"{prefix}/inliers"], name=f"{prefix}/keep"),
-                gather,
-            ]
-        model.graph.initializer.extend(new_initializers)
-        node.output[0] = f"{prefix}/inlier_product"
-        after = [
-            helper.make_node(
-                "MatMul",
-                [f"{prefix}/outliers", f"{prefix}/outlier_weight"],
-                [f"{prefix}/outlier_product"],
-                name=f"{prefix}/outlier_matmul",
-            ),
-            helper.make_node(
-                "Add", [f"{prefix}/inlier_product", f"{prefix}/outlier_product"], [y], name=f"{prefix}/outlier_add"
-            ),
-        ]
-        position = list(model.graph.node).index(node)
-        for offset, new in enumerate(before):
-            model.graph.node.insert(position + offset, new)
-        for offset, new in enumerate(after):
-            model.graph.node.insert(position + len(before) + 1 + offset, new)
-        side_names.append(f"{prefix}/outlier_matmul")
-        report[prefix] = [int(index) for index in outliers]
-    return side_names, report
+    return producers, readers
+
+
+def _outlier_channels(channel_max: np.ndarray, factor: float, max_channels: int) -> np.ndarray:
+    """The (sorted) channels among the `max_channels` largest whose maximum exceeds `factor` times the median."""
+    order = np.argsort(-channel_max)[:max_channels]
+    return np.sort(order[channel_max[order] > factor * np.median(channel_max)])
+
+
+def _private_bias_gelu(x: str, producers: dict[str, Any], readers: dict[str, int], initializers: dict[str, Any]):
+    """The fused `BiasGelu` (with a constant bias) that produces `x` for one reader only, else `None`."""
+    gelu = producers.get(x)
+    if (
+        gelu is not None
+        and gelu.op_type == "BiasGelu"
+        and len(gelu.input) == 2
+        and gelu.input[1] in initializers
+        and readers.get(x) == 1
+    ):
+        return gelu
+    return None
+
+
+def _split_matmul(model, node, outliers: np.ndarray, initializers: dict[str, Any], gelu) -> None:
+    """Rewrite one MatMul `x @ W -> y` in place: the inlier product plus `outliers @ W[outliers]` (a float32 side
+    matmul, `<name>/outlier_matmul`), summed into `y`. The outlier inputs come from `gelu` when given."""
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.to_array(initializers[node.input[1]])
+    prefix, y = node.name, node.output[0]
+    new_initializers = [
+        numpy_helper.from_array(outliers.astype(np.int64), f"{prefix}/outlier_index"),
+        numpy_helper.from_array(np.ascontiguousarray(weight[outliers]), f"{prefix}/outlier_weight"),
+    ]
+    if gelu is not None:
+        side_initializers, before = _outliers_from_gelu(prefix, gelu, outliers, initializers)
+    else:
+        side_initializers, before = _outliers_from_input(node, outliers, weight.shape[0])
+    model.graph.initializer.extend(new_initializers + side_initializers)
+    node.output[0] = f"{prefix}/inlier_product"
+    after = [
+        helper.make_node(
+            "MatMul",
+            [f"{prefix}/outliers", f"{prefix}/outlier_weight"],
+            [f"{prefix}/outlier_product"],
+            name=f"{prefix}/outlier_matmul",
+        ),
+        helper.make_node(
+            "Add", [f"{prefix}/inlier_product", f"{prefix}/outlier_product"], [y], name=f"{prefix}/outlier_add"
+        ),
+    ]
+    position = list(model.graph.node).index(node)
+    for offset, new in enumerate(before):
+        model.graph.node.insert(position + offset, new)
+    for offset, new in enumerate(after):
+        model.graph.node.insert(position + len(before) + 1 + offset, new)
+
+
+def _outliers_from_gelu(prefix: str, gelu, outliers: np.ndarray, initializers: dict[str, Any]) -> tuple[list, list]:
+    """Silence the outlier units in `gelu` (bias -1e4) and recompute their GELU on the side from the
+    pre-activation into `<prefix>/outliers`; returns the new initializers and the nodes to put before the matmul."""
+    from onnx import helper, numpy_helper
+
+    gather = helper.make_node(
+        "Gather",
+        [gelu.input[0], f"{prefix}/outlier_index"],
+        [f"{prefix}/outlier_input"],
+        axis=-1,
+        name=f"{prefix}/gather",
+    )
+    bias = numpy_helper.to_array(initializers[gelu.input[1]])
+    silenced = bias.copy()
+    silenced[outliers] = -1e4
+    new_initializers = [
+        numpy_helper.from_array(silenced, f"{prefix}/silenced_bias"),
+        numpy_helper.from_array(np.ascontiguousarray(bias[outliers]), f"{prefix}/outlier_bias"),
+    ]
+    gelu.input[1] = f"{prefix}/silenced_bias"
+    before = [
+        gather,
+        helper.make_node(
+            "BiasGelu",
+            [f"{prefix}/outlier_input", f"{prefix}/outlier_bias"],
+            [f"{prefix}/outliers"],
+            name=f"{prefix}/outlier_gelu",
+            domain="com.microsoft",
+        ),
+    ]
+    return new_initializers, before
+
+
+def _outliers_from_input(node, outliers: np.ndarray, channels: int) -> tuple[list, list]:
+    """Make `node` read its input `x` with the outlier channels zeroed (`<name>/inliers`) and gather them into
+    `<name>/outliers`; returns the new initializers and the nodes to put before the matmul."""
+    from onnx import helper, numpy_helper
+
+    prefix, x = node.name, node.input[0]
+    gather = helper.make_node(
+        "Gather", [x, f"{prefix}/outlier_index"], [f"{prefix}/outliers"], axis=-1, name=f"{prefix}/gather"
+    )
+    keep = np.ones(channels, dtype=np.float32)
+    keep[outliers] = 0.0
+    new_initializers = [numpy_helper.from_array(keep, f"{prefix}/outlier_keep")]
+    node.input[0] = f"{prefix}/inliers"
+    before = [
+        helper.make_node("Mul", [x, f"{prefix}/outlier_keep"], [f"{prefix}/inliers"], name=f"{prefix}/keep"),
+        gather,
+    ]
+    return new_initializers, before
 
 
 def _max_output_difference(reference, rewritten, feeds: list[dict]) -> float:
@@ -613,12 +667,41 @@ def export_onnx(
     _import_onnxruntime()
     if quantization not in QUANTIZATION:
         raise ValueError(f"unknown quantization scheme {quantization!r}; choose from {sorted(QUANTIZATION)}")
+    model, source = _model_and_source(model_or_path)
+    output_dir = _prepare_output_dir(model, source, output_dir)
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        model = copy.deepcopy(model).to("cpu", torch.float32)
+    was_training = model.training
+    model.eval()
+    config = model.config
+    tasks = _task_lists(config)
+    started = time.perf_counter()
+    ids, mask = _check_inputs(model.tokenizer, _CHECK_TEXTS, config.max_seq_length)
+    try:
+        written = _write_graphs(
+            model, output_dir, ids, mask, tasks, int8, quantization, optimize, opset, tolerance, calibration_texts
+        )
+    finally:
+        model.train(was_training)
+    config.save_pretrained(output_dir)
+    model.tokenizer.save_pretrained(output_dir)
+    description = _export_description(config, written, tasks, opset, int8, quantization, source, started)
+    # Written last: its presence marks a complete export.
+    (output_dir / ONNX_CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    return output_dir
+
+
+def _model_and_source(model_or_path: Any) -> tuple[Any, str | None]:
+    """The model to export, and the path or Hub id it was loaded from (`None` for an in-memory model)."""
     model_class = _load_model_class()
     if isinstance(model_or_path, model_class):
-        model, source = model_or_path, None
-    else:
-        source = str(model_or_path)
-        model = model_class.from_pretrained(source)
+        return model_or_path, None
+    source = str(model_or_path)
+    return model_class.from_pretrained(source), source
+
+
+def _prepare_output_dir(model, source: str | None, output_dir: str | os.PathLike | None) -> Path:
+    """The export folder (default `<source folder>/onnx`), created, without its `onnx_config.json`."""
     if output_dir is None:
         if source is None or not os.path.isdir(source):
             raise ValueError("export_onnx needs output_dir for an in-memory model or a Hub id")
@@ -629,103 +712,203 @@ def export_onnx(
     output_dir.mkdir(parents=True, exist_ok=True)
     # An export in progress (or interrupted) is never taken for a complete one: the description goes first.
     (output_dir / ONNX_CONFIG_NAME).unlink(missing_ok=True)
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        model = copy.deepcopy(model).to("cpu", torch.float32)
-    was_training = model.training
-    model.eval()
-    config = model.config
-    sequence, token, pair = _task_lists(config)
-    started = time.perf_counter()
-    ids, mask = _check_inputs(model.tokenizer, _CHECK_TEXTS, config.max_seq_length)
+    return output_dir
+
+
+@dataclass
+class _WrittenGraphs:
+    """What `_write_graphs` put in the export folder, for `onnx_config.json`."""
+
+    output_names: list[str]
+    files: dict[str, str]
+    fused_nodes: dict[str, int] | None
+    diff: dict[str, float]
+    int8_check: dict[str, Any] | None
+    pair_diff: dict[str, float] | None
+
+
+def _write_graphs(
+    model,
+    output_dir: Path,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    tasks: tuple[list[str], list[str], list[str]],
+    int8: bool,
+    quantization: str,
+    optimize: bool,
+    opset: int,
+    tolerance: float,
+    calibration_texts: Sequence[str] | None,
+) -> _WrittenGraphs:
+    """Export, check against PyTorch and move into `output_dir` the text graph (fused if `optimize` and still
+    within `tolerance`), the int8 graph (if `int8`) and the pair-head graph (if the model has pair tasks); an int8
+    or pair-head graph left by an older export that this one does not write is removed."""
+    sequence, token, pair = tasks
+    reference = _reference_outputs(model, sequence, token, ids, mask)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as scratch:
+        scratch = Path(scratch)
+        output_names, diff = _export_checked_text_graph(model, scratch, opset, tasks, reference, ids, mask, tolerance)
+        chosen, fused_nodes = scratch / "plain.onnx", None
+        if optimize:
+            fused = _fuse_checked(scratch, model.config.backbone_config, reference, ids, mask, tolerance)
+            if fused is not None:
+                chosen, (fused_nodes, diff) = scratch / "fused.onnx", fused
+        os.replace(chosen, output_dir / MODEL_FILE)
+        files = {"fp32": MODEL_FILE}
+        int8_check = None
+        if int8:
+            int8_check = _write_int8_graph(
+                model, output_dir, scratch, quantization, calibration_texts, reference["features"], ids, mask
+            )
+            files["int8"] = INT8_FILE
+        elif (output_dir / INT8_FILE).exists():
+            (output_dir / INT8_FILE).unlink()  # from an older export of another model: stale
+        pair_diff = None
+        if pair:
+            pair_diff = _write_pair_graph(model, output_dir, scratch, opset, pair, reference["features"], tolerance)
+            files["pair_heads"] = PAIR_HEADS_FILE
+        elif (output_dir / PAIR_HEADS_FILE).exists():
+            (output_dir / PAIR_HEADS_FILE).unlink()
+    return _WrittenGraphs(output_names, files, fused_nodes, diff, int8_check, pair_diff)
+
+
+def _reference_outputs(
+    model, sequence: list[str], token: list[str], ids: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """PyTorch's `features`, `embeddings` and `logits.<task>` of the check batch: what every graph must match."""
+    with torch.no_grad():
+        reference = dict(zip(["features", "embeddings"], _TextGraph(model, sequence, token)(ids, mask)[:2]))
+        logits = model(input_ids=ids, attention_mask=mask, tasks=sequence + token).logits
+    reference.update({_output_name(name): value for name, value in logits.items()})
+    return reference
+
+
+def _export_checked_text_graph(
+    model,
+    scratch: Path,
+    opset: int,
+    tasks: tuple[list[str], list[str], list[str]],
+    reference: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    tolerance: float,
+) -> tuple[list[str], dict[str, float]]:
+    """Trace the text graph into `scratch/plain.onnx` and check it against PyTorch (an error beyond `tolerance`);
+    returns its output names and max abs difference per output."""
+    sequence, token, _ = tasks
+    with _eager_attention(model):
+        output_names = _export_text_graph(model, scratch / "plain.onnx", opset, sequence, token)
+    plain_diff = _max_abs_diff(reference, _run_text_graph(_session(scratch / "plain.onnx"), ids, mask), mask)
+    if max(plain_diff.values()) > tolerance:
+        raise RuntimeError(
+            f"the exported graph does not match PyTorch (max abs diff per output {plain_diff}); "
+            f"backbone type '{model.config.backbone_config.model_type}' may not export with the TorchScript exporter"
+        )
+    return output_names, plain_diff
+
+
+def _fuse_checked(
+    scratch: Path,
+    backbone_config,
+    reference: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    tolerance: float,
+) -> tuple[dict[str, int], dict[str, float]] | None:
+    """Fuse `scratch/plain.onnx` into `scratch/fused.onnx`; returns its node counts and max abs difference per
+    output, or `None` (with a warning: the plain graph is kept) if fusion failed or moved an output beyond
+    `tolerance`."""
+    # stacklevel=4: the warnings point at the caller of `export_onnx` (through `_write_graphs` and this function).
     try:
-        with torch.no_grad():
-            reference = dict(zip(["features", "embeddings"], _TextGraph(model, sequence, token)(ids, mask)[:2]))
-            logits = model(input_ids=ids, attention_mask=mask, tasks=sequence + token).logits
-        reference.update({_output_name(name): value for name, value in logits.items()})
-        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as scratch:
-            scratch = Path(scratch)
-            with _eager_attention(model):
-                output_names = _export_text_graph(model, scratch / "plain.onnx", opset, sequence, token)
-            plain_diff = _max_abs_diff(reference, _run_text_graph(_session(scratch / "plain.onnx"), ids, mask), mask)
-            if max(plain_diff.values()) > tolerance:
-                raise RuntimeError(
-                    f"the exported graph does not match PyTorch (max abs diff per output {plain_diff}); "
-                    f"backbone type '{config.backbone_config.model_type}' may not export with the TorchScript exporter"
-                )
-            chosen, fused_nodes, diff = scratch / "plain.onnx", None, plain_diff
-            if optimize:
-                try:
-                    fused_nodes = _fuse(scratch / "plain.onnx", scratch / "fused.onnx", config.backbone_config)
-                    fused_diff = _max_abs_diff(
-                        reference, _run_text_graph(_session(scratch / "fused.onnx"), ids, mask), mask
-                    )
-                    if max(fused_diff.values()) <= tolerance:
-                        chosen, diff = scratch / "fused.onnx", fused_diff
-                    else:
-                        warnings.warn(
-                            f"onnxruntime's fusion changed the outputs (max abs diff {fused_diff}); "
-                            "keeping the unfused graph",
-                            stacklevel=2,
-                        )
-                        fused_nodes = None
-                except Exception as error:  # fusion is an optimisation: any failure keeps the plain graph
-                    warnings.warn(f"onnxruntime's fusion failed ({error}); keeping the unfused graph", stacklevel=2)
-                    fused_nodes = None
-            os.replace(chosen, output_dir / MODEL_FILE)
-            files = {"fp32": MODEL_FILE}
-            int8_check = None
-            if int8:
-                calibration = calibration_feeds(
-                    model.tokenizer,
-                    list(calibration_texts) if calibration_texts is not None else default_calibration_texts(),
-                    config.max_seq_length,
-                )
-                done = quantize_int8(output_dir / MODEL_FILE, scratch / "int8.onnx", quantization, calibration)
-                int8_out = _run_text_graph(_session(scratch / "int8.onnx"), ids, mask)
-                cosines = F.cosine_similarity(torch.from_numpy(int8_out["features"]), reference["features"], dim=-1)
-                int8_check = {
-                    "quantized_nodes": done["quantized"],
-                    "outlier_channels": done["outlier_channels"],
-                    "split_max_abs_diff": done["split_max_abs_diff"],
-                    "calibration_texts": sum(len(feed["input_ids"]) for feed in calibration),
-                    "min_cosine_to_fp32": float(cosines.min()),
-                }
-                os.replace(scratch / "int8.onnx", output_dir / INT8_FILE)
-                files["int8"] = INT8_FILE
-            elif (output_dir / INT8_FILE).exists():
-                (output_dir / INT8_FILE).unlink()  # from an older export of another model: stale
-            pair_diff = None
-            if pair:
-                _export_pair_graph(model, scratch / "pair.onnx", opset, pair)
-                pair_diff = _check_pair_graph(model, scratch / "pair.onnx", reference["features"], pair)
-                if max(pair_diff.values()) > tolerance:
-                    raise RuntimeError(f"the pair-head graph does not match PyTorch (max abs diff {pair_diff})")
-                os.replace(scratch / "pair.onnx", output_dir / PAIR_HEADS_FILE)
-                files["pair_heads"] = PAIR_HEADS_FILE
-            elif (output_dir / PAIR_HEADS_FILE).exists():
-                (output_dir / PAIR_HEADS_FILE).unlink()
-    finally:
-        model.train(was_training)
-    config.save_pretrained(output_dir)
-    model.tokenizer.save_pretrained(output_dir)
+        fused_nodes = _fuse(scratch / "plain.onnx", scratch / "fused.onnx", backbone_config)
+        fused_diff = _max_abs_diff(reference, _run_text_graph(_session(scratch / "fused.onnx"), ids, mask), mask)
+        if max(fused_diff.values()) <= tolerance:
+            return fused_nodes, fused_diff
+        warnings.warn(
+            f"onnxruntime's fusion changed the outputs (max abs diff {fused_diff}); keeping the unfused graph",
+            stacklevel=4,
+        )
+    except Exception as error:  # fusion is an optimisation: any failure keeps the plain graph
+        warnings.warn(f"onnxruntime's fusion failed ({error}); keeping the unfused graph", stacklevel=4)
+    return None
+
+
+def _write_int8_graph(
+    model,
+    output_dir: Path,
+    scratch: Path,
+    quantization: str,
+    calibration_texts: Sequence[str] | None,
+    reference_features: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[str, Any]:
+    """Quantise `output_dir/model.onnx` into `output_dir/model_int8.onnx`; returns what was done and how close its
+    features stay to PyTorch's (for `onnx_config.json`)."""
+    calibration = calibration_feeds(
+        model.tokenizer,
+        list(calibration_texts) if calibration_texts is not None else default_calibration_texts(),
+        model.config.max_seq_length,
+    )
+    done = quantize_int8(output_dir / MODEL_FILE, scratch / "int8.onnx", quantization, calibration)
+    int8_out = _run_text_graph(_session(scratch / "int8.onnx"), ids, mask)
+    cosines = F.cosine_similarity(torch.from_numpy(int8_out["features"]), reference_features, dim=-1)
+    int8_check = {
+        "quantized_nodes": done["quantized"],
+        "outlier_channels": done["outlier_channels"],
+        "split_max_abs_diff": done["split_max_abs_diff"],
+        "calibration_texts": sum(len(feed["input_ids"]) for feed in calibration),
+        "min_cosine_to_fp32": float(cosines.min()),
+    }
+    os.replace(scratch / "int8.onnx", output_dir / INT8_FILE)
+    return int8_check
+
+
+def _write_pair_graph(
+    model, output_dir: Path, scratch: Path, opset: int, pair: list[str], features: torch.Tensor, tolerance: float
+) -> dict[str, float]:
+    """Export the pair heads into `output_dir/pair_heads.onnx`, checked against PyTorch on `features` (an error
+    beyond `tolerance`); returns the max abs difference per head."""
+    _export_pair_graph(model, scratch / "pair.onnx", opset, pair)
+    pair_diff = _check_pair_graph(model, scratch / "pair.onnx", features, pair)
+    if max(pair_diff.values()) > tolerance:
+        raise RuntimeError(f"the pair-head graph does not match PyTorch (max abs diff {pair_diff})")
+    os.replace(scratch / "pair.onnx", output_dir / PAIR_HEADS_FILE)
+    return pair_diff
+
+
+def _export_description(
+    config,
+    written: _WrittenGraphs,
+    tasks: tuple[list[str], list[str], list[str]],
+    opset: int,
+    int8: bool,
+    quantization: str,
+    source: str | None,
+    started: float,
+) -> dict[str, Any]:
+    """The contents of `onnx_config.json`: outputs, tasks, how the export was made and its measured parity."""
     import onnxruntime
     import transformers
 
-    description = {
+    sequence, token, pair = tasks
+    return {
         "format_version": FORMAT_VERSION,
-        "files": files,
+        "files": written.files,
         "inputs": ["input_ids", "attention_mask"],
-        "outputs": output_names,
+        "outputs": written.output_names,
         "tasks": {name: _output_name(name) for name in sequence + token + pair},
         "pair_inputs": ["u", "v"] if pair else [],
         "normalize": bool(config.normalize),
         "embedding_dim": int(config.embedding_dim),
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=False), eager attention",
-        "fused": fused_nodes is not None,
-        "fused_nodes": fused_nodes,
-        "quantization": {"scheme": quantization, **QUANTIZATION[quantization], **(int8_check or {})} if int8 else None,
-        "parity": {"max_abs_diff": diff, "pair_max_abs_diff": pair_diff, "texts": len(_CHECK_TEXTS)},
+        "fused": written.fused_nodes is not None,
+        "fused_nodes": written.fused_nodes,
+        "quantization": (
+            {"scheme": quantization, **QUANTIZATION[quantization], **(written.int8_check or {})} if int8 else None
+        ),
+        "parity": {"max_abs_diff": written.diff, "pair_max_abs_diff": written.pair_diff, "texts": len(_CHECK_TEXTS)},
         "source": {"path": source, "fingerprint": _fingerprint(source) if source else None},
         "versions": {
             "torch": torch.__version__,
@@ -734,9 +917,6 @@ def export_onnx(
         },
         "export_seconds": round(time.perf_counter() - started, 2),
     }
-    # Written last: its presence marks a complete export.
-    (output_dir / ONNX_CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    return output_dir
 
 
 def _check_pair_graph(model, path: Path, features: torch.Tensor, pair: list[str]) -> dict[str, float]:

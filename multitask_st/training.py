@@ -394,6 +394,20 @@ def format_prediction(prediction: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- continuing
 
 
+def _rows_of(data, train_tasks: list[str]) -> tuple[list[int], list[int]]:
+    """The training rows of the sources of `train_tasks` (sources are concatenated in order in `data.train`), and
+    those sources' sizes; a source that also labels another task is an error."""
+    offsets = [sum(data.source_sizes[:index]) for index in range(len(data.source_sizes))]
+    indices, sizes = [], []
+    for source, tasks in enumerate(data.source_tasks):
+        if set(tasks) & set(train_tasks):
+            if not set(tasks) <= set(train_tasks):
+                raise ValueError(f"source of {tasks} also labels tasks outside train_tasks {train_tasks}")
+            indices.extend(range(offsets[source], offsets[source] + data.source_sizes[source]))
+            sizes.append(data.source_sizes[source])
+    return indices, sizes
+
+
 def continue_training(
     base_model_dir: str | os.PathLike,
     task_dicts: list[dict[str, Any]],
@@ -444,15 +458,7 @@ def continue_training(
     unknown = sorted(set(train_tasks) - {spec.name for spec in specs})
     if unknown:
         raise ValueError(f"train_tasks {unknown} have no data spec")
-    # The training rows of the chosen sources only (sources are concatenated in order in `data.train`).
-    offsets = [sum(data.source_sizes[:index]) for index in range(len(data.source_sizes))]
-    indices, sizes = [], []
-    for source, tasks in enumerate(data.source_tasks):
-        if set(tasks) & set(train_tasks):
-            if not set(tasks) <= set(train_tasks):
-                raise ValueError(f"source of {tasks} also labels tasks outside train_tasks {train_tasks}")
-            indices.extend(range(offsets[source], offsets[source] + data.source_sizes[source]))
-            sizes.append(data.source_sizes[source])
+    indices, sizes = _rows_of(data, train_tasks)
 
     set_seed(seed)
     new_tasks = [spec.model_task() for spec in specs if spec.name not in old_tasks]
