@@ -35,7 +35,7 @@ _TYPE_KEYS = {
     "contrastive": {"scale", "gather_across_processes"},
 }
 _HEADLESS_TYPES = ("similarity", "contrastive")  # scored on the embeddings alone: no head, no labels
-_HEAD_KEYS = {"type", "hidden_size", "activation", "dropout", "pooling"}
+_HEAD_KEYS = {"type", "hidden_size", "activation", "dropout", "pooling", "layers"}
 # What a sentence-level head reads: the shared sentence vector (the embedding, before normalisation), or its own
 # learned attention pooling of the token states, which leaves the embedding to the shared pooling.
 HEAD_POOLINGS = ("shared", "attention")
@@ -66,6 +66,11 @@ def _normalize_head(task_name: str, head: Any, default_dropout: float) -> dict[s
     if not _number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"task '{task_name}': head dropout must be a number in [0, 1), got {dropout!r}")
     normalized: dict[str, Any] = {"type": head_type, "dropout": float(dropout)}
+    layers = head.get("layers", 0)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        raise ValueError(f"task '{task_name}': head layers must be an int >= 0, got {layers!r}")
+    if layers:
+        normalized["layers"] = layers
     pooling = head.get("pooling", "shared")
     if pooling not in HEAD_POOLINGS:
         raise ValueError(f"task '{task_name}': head pooling '{pooling}' is not one of {list(HEAD_POOLINGS)}")
@@ -210,10 +215,10 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
     else:
         normalized["head"] = _normalize_head(name, task.get("head"), default_dropout)
         reads_tokens = task_type == "token_classification" or normalized["head"].get("pooling") == "attention"
-        if normalized["head"]["type"] == "transformer" and not reads_tokens:
+        if (normalized["head"]["type"] == "transformer" or normalized["head"].get("layers")) and not reads_tokens:
             raise ValueError(
-                f"task '{name}': a transformer head reads token states: use it for token tasks, or with "
-                "pooling 'attention' for sentence-level tasks"
+                f"task '{name}': a transformer head, or one with layers of its own, reads token states: use it for "
+                "token tasks, or with pooling 'attention' for sentence-level tasks"
             )
     normalized.update(_type_options(name, task_type, task))
     return normalized
@@ -312,6 +317,11 @@ class MultiTaskConfig(PretrainedConfig):
                 f"default_prompt_name '{default_prompt_name}' is not one of the prompts {sorted(prompts or {})}"
             )
         normalized_tasks = [normalize_task(task, head_dropout) for task in (tasks or [])]
+        depth = getattr(backbone_config, "num_hidden_layers", None) or getattr(backbone_config, "n_layers", None)
+        for task in normalized_tasks:
+            layers = (task.get("head") or {}).get("layers", 0)
+            if depth and layers > depth:
+                raise ValueError(f"task '{task['name']}': head layers={layers} exceeds the backbone's {depth} layers")
         names = [task["name"] for task in normalized_tasks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:

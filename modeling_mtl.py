@@ -10,8 +10,11 @@ The inference engine (`encode`, `predict`, `similarity`) is in `inference_mtl.py
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,12 +147,56 @@ class AdapterLayer(nn.Module):
         return self.output_norm(states + self.dropout(self.feed_forward(states)))
 
 
+def backbone_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The backbone's stack of transformer layers: its `nn.ModuleList` of `num_hidden_layers` modules."""
+    config = backbone.config
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return module
+    raise ValueError(f"cannot find the {depth} transformer layers of a {type(backbone).__name__}")
+
+
+class LayerBranch(nn.Module):
+    """A task's own copies of the encoder's top layers (and its final norm, where the architecture has one): run on
+    the states that enter the shared copies, with the same masks and position encodings, so that the task can
+    reshape its top of the encoder while the shared one keeps serving the embedding."""
+
+    def __init__(self, backbone: nn.Module, depth: int):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in backbone_layers(backbone)[-depth:])
+        norm = getattr(backbone, "final_norm", None)
+        self.final_norm = copy.deepcopy(norm) if isinstance(norm, nn.Module) else None
+
+    def load_from(self, backbone: nn.Module) -> None:
+        for mine, theirs in zip(self.layers, backbone_layers(backbone)[-len(self.layers) :]):
+            mine.load_state_dict(theirs.state_dict())
+        if self.final_norm is not None:
+            self.final_norm.load_state_dict(backbone.final_norm.state_dict())
+
+    def forward(self, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
+        """`calls`: the positional and keyword arguments the shared copies of these layers received."""
+        states = calls[0][0][0]
+        for layer, (args, kwargs) in zip(self.layers, calls):
+            output = layer(states, *args[1:], **kwargs)
+            states = output[0] if isinstance(output, tuple) else output
+        return self.final_norm(states) if self.final_norm is not None else states
+
+
 class TaskHead(nn.Module):
     """Dropout then a linear layer, or a one-hidden-layer MLP when the task asks for more capacity; optionally with
     its own view of the token states: a transformer layer of its own (`adapt`) and its own attention pooling."""
 
-    def __init__(self, input_size: int, num_outputs: int, head: dict[str, Any], attention_heads: int = 1):
+    def __init__(
+        self,
+        input_size: int,
+        num_outputs: int,
+        head: dict[str, Any],
+        attention_heads: int = 1,
+        backbone: nn.Module | None = None,
+    ):
         super().__init__()
+        self.branch = LayerBranch(backbone, head["layers"]) if head.get("layers") else None
         self.adapter = None
         if head["type"] == "transformer":
             heads = attention_heads if input_size % attention_heads == 0 else 1
@@ -165,6 +212,10 @@ class TaskHead(nn.Module):
         else:
             self.dense = None
         self.out_proj = nn.Linear(input_size, num_outputs)
+
+    @property
+    def branch_depth(self) -> int:
+        return len(self.branch.layers) if self.branch is not None else 0
 
     def adapt(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The token states this head reads: its own transformer layer's output, or the shared states."""
@@ -333,7 +384,9 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             attention_heads = getattr(config.backbone_config, "num_attention_heads", None) or getattr(
                 config.backbone_config, "n_heads", 1
             )
-            self.heads[task["name"]] = TaskHead(input_size, len(task["labels"]), task["head"], attention_heads)
+            self.heads[task["name"]] = TaskHead(
+                input_size, len(task["labels"]), task["head"], attention_heads, self.backbone
+            )
         self.tokenizer = None  # attached by `from_pretrained` / `from_backbone`
         self.post_init()
 
@@ -412,8 +465,12 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
 
             weights = load_file(dense["weights"])
             model.projection.load_state_dict({"weight": weights["linear.weight"], "bias": weights["linear.bias"]})
-        # Swap the randomly initialised encoder for the pretrained one (same config, so same shapes).
+        # Swap the randomly initialised encoder for the pretrained one (same config, so same shapes); the heads'
+        # own top layers start as copies of the pretrained ones.
         model.backbone = backbone
+        for head in model.heads.values():
+            if head.branch is not None:
+                head.branch.load_from(backbone)
         model.to(dtype=backbone.dtype)  # heads follow the backbone's dtype (e.g. dtype=torch.bfloat16)
         model.tokenizer = tokenizer
         model.config.name_or_path = str(name_or_path)
@@ -571,11 +628,12 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
                 raise ValueError(f"labels were given for task(s) {excluded} that `tasks={list(tasks)}` excludes")
 
         texts = _TextGroups(input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids)
-        encoder_outputs, features = self._encode(texts, output_hidden_states)  # features: (batch, texts, dim)
+        branch_depth = max((self.heads[name].branch_depth for name in tasks if name in self.heads), default=0)
+        encoder_outputs, features = self._encode(texts, output_hidden_states, branch_depth)  # (batch, texts, dim)
         first_token_states = encoder_outputs.last_hidden_state[: texts.batch_size]  # (batch, seq, hidden)
 
         first_mask = texts.present_mask[: texts.batch_size]  # (batch, seq)
-        logits = {name: self._task_logits(name, features, first_token_states, first_mask) for name in tasks}
+        logits = {name: self._task_logits(name, features, first_token_states, first_mask, texts) for name in tasks}
         logits = {name: value for name, value in logits.items() if value is not None}
         loss, task_losses = None, None
         if labels:
@@ -598,11 +656,25 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _encode(self, texts: _TextGroups, output_hidden_states: bool | None = None) -> tuple[Any, torch.Tensor]:
-        """One backbone pass over the present texts; returns its outputs and the `(batch, texts, dim)` features."""
-        encoder_outputs = self.backbone(
-            **texts.backbone_inputs(), output_hidden_states=output_hidden_states, return_dict=True
-        )
+    def _encode(
+        self, texts: _TextGroups, output_hidden_states: bool | None = None, branch_depth: int = 0
+    ) -> tuple[Any, torch.Tensor]:
+        """One backbone pass over the present texts; returns its outputs and the `(batch, texts, dim)` features.
+        With `branch_depth`, the calls of the top `branch_depth` layers are recorded in `texts.layer_calls` (for the
+        heads that run their own copies of those layers)."""
+        if branch_depth and not getattr(self.backbone, "_records_layer_calls", False):
+            layers = backbone_layers(self.backbone)
+            for index, layer in enumerate(layers):
+                layer.register_forward_pre_hook(functools.partial(_record_call, index - len(layers)), with_kwargs=True)
+            self.backbone._records_layer_calls = True
+        # Thread-local: `encode`/`predict` run batches on several threads through the same layers.
+        _LAYER_CALLS.store = texts.layer_calls if branch_depth else None
+        try:
+            encoder_outputs = self.backbone(
+                **texts.backbone_inputs(), output_hidden_states=output_hidden_states, return_dict=True
+            )
+        finally:
+            _LAYER_CALLS.store = None
         token_states = encoder_outputs.last_hidden_state  # (present texts, seq, hidden), first texts first
         return encoder_outputs, texts.scatter(self.pool(token_states, texts.present_mask))
 
@@ -631,16 +703,22 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         return features
 
     def _task_logits(
-        self, name: str, features: torch.Tensor, token_states: torch.Tensor, first_mask: torch.Tensor
+        self,
+        name: str,
+        features: torch.Tensor,
+        token_states: torch.Tensor,
+        first_mask: torch.Tensor,
+        texts: _TextGroups | None = None,
     ) -> torch.Tensor | None:
         """One task's output for a batch; `None` for a pair task in a batch of single texts."""
         task = self.config.get_task(name)
         task_type = task["type"]
-        if task_type == "token_classification":
+        if task_type in ("token_classification", "classification", "multi_label_classification", "regression"):
             head = self.heads[name]
-            return head(head.adapt(token_states, first_mask))  # (batch, seq, num_labels)
-        if task_type in ("classification", "multi_label_classification", "regression"):
-            head = self.heads[name]
+            if head.branch is not None:  # the head's own top layers, on the first texts' rows
+                token_states = head.branch(texts.first_rows_calls(head.branch_depth))
+            if task_type == "token_classification":
+                return head(head.adapt(token_states, first_mask))  # (batch, seq, num_labels)
             if head.pooling is not None:  # the head's own view of the sentence: (batch, hidden)
                 return head(head.pooling(head.adapt(token_states, first_mask), first_mask))
             return head(features[:, 0])  # (batch, num_labels)
@@ -864,6 +942,7 @@ class _TextGroups:
             flat = present.transpose(0, 1).reshape(-1)  # text-major: all first texts, then all second texts, ...
             self.order = flat.nonzero().squeeze(-1)  # positions in text-major order
         self.present_mask = self._select(attention_mask)  # (present texts, seq)
+        self.layer_calls: dict[int, tuple[tuple, dict]] = {}  # filled by `MultiTaskModel._encode` when asked
 
     def _select(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         if tensor is None:
@@ -884,6 +963,11 @@ class _TextGroups:
         out = out.index_copy(0, self.order, rows)
         return out.view(self.num_texts, self.batch_size, -1).transpose(0, 1)
 
+    def first_rows_calls(self, depth: int) -> list[tuple[tuple, dict]]:
+        """The recorded calls of the top `depth` layers, cut to the rows of each row's first text."""
+        total = self.present_mask.shape[0]
+        return [_first_rows(self.layer_calls[index], self.batch_size, total) for index in range(-depth, 0)]
+
     def present_mask_grouped(self) -> torch.Tensor:
         return self._present
 
@@ -894,6 +978,28 @@ class _TextGroups:
             raise ValueError("contrastive tasks need input_ids (to recognise duplicate texts), not inputs_embeds")
         mask = self._tensors["attention_mask"]
         return text_fingerprints(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]))
+
+
+_LAYER_CALLS = threading.local()  # where this thread's forward records the layers' calls (None: it does not)
+
+
+def _record_call(key: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    store = getattr(_LAYER_CALLS, "store", None)
+    if store is not None:
+        store[key] = (args, kwargs)
+
+
+def _first_rows(value: Any, rows: int, total: int) -> Any:
+    """`value` with every tensor whose first dimension counts the encoded texts cut to the first `rows` of them."""
+    if rows == total:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[:rows] if value.dim() and value.shape[0] == total else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_rows(item, rows, total) for item in value)
+    if isinstance(value, dict):
+        return {key: _first_rows(item, rows, total) for key, item in value.items()}
+    return value
 
 
 def _gathered_offset(local_count: torch.Tensor) -> int:

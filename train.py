@@ -49,6 +49,13 @@ class ModelArguments:
         default="linear",
         metadata={"help": "Default head of token tasks: linear, mlp, or transformer (a transformer layer of its own)."},
     )
+    head_layers: int = field(
+        default=0,
+        metadata={"help": "Sentence heads with their own pooling get their own copies of the encoder's top N layers."},
+    )
+    token_head_layers: int = field(
+        default=0, metadata={"help": "Token heads get their own copies of the encoder's top N layers (0: none)."}
+    )
     head_pooling: str = field(
         default="shared",
         metadata={
@@ -348,10 +355,14 @@ def _load_data(model_args: ModelArguments, data_args: DataArguments, training_ar
     model_name = model_args.model_name_or_path or default_backbone()
     specs = parse_task_specs(data_args.tasks)
     for spec in specs:  # the default head of tasks that set none
-        kind = model_args.token_head_type if spec.type == "token_classification" else model_args.head_type
+        token = spec.type == "token_classification"
+        kind = model_args.token_head_type if token else model_args.head_type
         head = {"type": kind} if kind != "linear" else {}
         if model_args.head_pooling != "shared" and spec.type in SENTENCE_TASKS:
             head["pooling"] = model_args.head_pooling
+        layers = model_args.token_head_layers if token else model_args.head_layers
+        if layers and (token or head.get("pooling") == "attention"):
+            head["layers"] = layers
         if head and spec.type not in ("similarity", "contrastive") and "head" not in spec.model_options:
             spec.model_options["head"] = head
     tokenizer = AutoTokenizer.from_pretrained(model_name)

@@ -139,16 +139,19 @@ class _TextGraph(nn.Module):
         self.token_tasks = token_tasks
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        token_states = self.model.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        features = self.model.pool(token_states, attention_mask)  # (batch, embedding_dim)
+        from modeling_mtl import _TextGroups
+
+        # The model's own pass and its own rule for what each head reads (shared vector, own pooling, own adapter
+        # or top layers, token states).
+        texts = _TextGroups(input_ids, attention_mask, None, None, None)
+        tasks = [name for name in self.model.config.task_names if name in self.sequence_tasks + self.token_tasks]
+        depth = max((self.model.heads[name].branch_depth for name in tasks), default=0)
+        encoder_outputs, grouped = self.model._encode(texts, branch_depth=depth)  # (batch, 1, embedding_dim)
+        token_states = encoder_outputs.last_hidden_state
+        features = grouped[:, 0]
         embeddings = F.normalize(features, p=2, dim=-1) if self.model.config.normalize else features
-        outputs = [features, embeddings]
-        grouped = features.unsqueeze(1)  # (batch, 1, embedding_dim): the model's one-text layout
-        for name in self.model.config.task_names:
-            if name in self.sequence_tasks or name in self.token_tasks:
-                # The model's own rule for what each head reads (shared vector, own pooling, own adapter, tokens).
-                outputs.append(self.model._task_logits(name, grouped, token_states, attention_mask))
-        return tuple(outputs)
+        logits = [self.model._task_logits(name, grouped, token_states, attention_mask, texts) for name in tasks]
+        return (features, embeddings, *logits)
 
 
 class _PairGraph(nn.Module):

@@ -220,6 +220,9 @@ def test_predict_concurrent_batches_give_the_sequential_result(tiny_bert, two_to
         {"name": "ner", "type": "token_classification", "labels": ["O", "B-PER", "I-PER"]},
         {"name": "tags", "type": "multi_label_classification", "labels": ["x", "y"]},
         {"name": "quality", "type": "regression"},
+        # Heads with their own top layers read layer calls recorded per thread: batches side by side must not mix.
+        {"name": "ner_own", "type": "token_classification", "labels": ["O", "B-PER", "I-PER"], "head": {"layers": 1}},
+        {"name": "mood", "labels": ["a", "b"], "head": {"layers": 1, "pooling": "attention"}},
     ]
     import threading
 
@@ -243,6 +246,8 @@ def test_predict_concurrent_batches_give_the_sequential_result(tiny_bert, two_to
         )
         assert got["tags"]["scores"] == pytest.approx(expected["tags"]["scores"], abs=1e-6)
         assert got["quality"]["value"] == pytest.approx(expected["quality"]["value"], abs=1e-6)
+        assert got["mood"]["scores"] == pytest.approx(expected["mood"]["scores"], abs=1e-6)
+        assert spans(got["ner_own"]["words"]) == spans(expected["ner_own"]["words"])
     assert torch.get_num_threads() == 2
 
 

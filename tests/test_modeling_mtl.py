@@ -599,3 +599,35 @@ def test_heads_with_their_own_view_of_the_tokens(tiny_bert):
         assert [w["tag"] for w in got["ner"]["words"]] == [w["tag"] for w in want["ner"]["words"]]
     with pytest.raises(ValueError, match="a transformer head reads token states"):
         MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": ["a", "b"], "head": "transformer"}])
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "modernbert"])
+def test_heads_with_their_own_top_layers(tiny_backbones, family, tmp_path):
+    tasks = [
+        {"name": "ner", "type": "token_classification", "labels": ["O", "B", "I"], "head": {"layers": 1}},
+        {"name": "topic", "labels": ["a", "b"], "head": {"layers": 2, "pooling": "attention"}},
+    ]
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_backbone(tiny_backbones[family], tasks=tasks).eval()
+    batch = batch_for(model, SENTENCES)
+    out = model(**batch)
+    # The own layers start as copies of the pretrained top layers: at first they give the shared token states.
+    torch.testing.assert_close(out.logits["ner"], model.heads["ner"](out.last_hidden_state), atol=1e-5, rtol=1e-4)
+    model.train()
+    labels = {"ner": torch.zeros_like(batch["input_ids"]), "topic": torch.tensor([0, 1, 0])}
+    model(**batch, labels=labels).loss.backward()
+    assert all(p.grad is not None for p in model.heads["ner"].branch.parameters())
+    model.eval()
+    with torch.no_grad():  # once trained they differ, and survive save / load
+        for parameter in model.heads["ner"].branch.parameters():
+            parameter.add_(0.05)
+    model.save_pretrained(tmp_path)
+    loaded = MultiTaskModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(**batch).logits["ner"], model(**batch).logits["ner"])
+    # Pairs in the batch: the branch runs on each row's first text only.
+    pairs = model.tokenize(SENTENCES[:2] + SENTENCES[1:], return_token_type_ids=False)
+    grouped = {key: value.view(2, 2, -1).transpose(0, 1) for key, value in pairs.items()}
+    alone = model(**model.tokenize(SENTENCES[:2], return_token_type_ids=False))
+    torch.testing.assert_close(model(**grouped).logits["topic"], alone.logits["topic"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="head layers=9 exceeds the backbone's 2 layers"):
+        MultiTaskModel.from_backbone(tiny_backbones[family], tasks=[{**tasks[0], "head": {"layers": 9}}])

@@ -381,13 +381,19 @@ def test_mtl_export_and_the_onnx_backend_from_the_command_line(tiny, tiny_bert, 
     assert "--device cuda" in capsys.readouterr().err  # refused before anything loads
 
 
-def test_heads_with_their_own_adapter_and_pooling_export_exactly(tiny_bert, tmp_path):
+def test_heads_with_their_own_adapter_pooling_and_top_layers_export_exactly(tiny_bert, tmp_path):
     tasks = [
         {"name": "topic", "labels": ["a", "b"], "head": {"type": "transformer", "pooling": "attention"}},
         {"name": "ner", "type": "token_classification", "labels": ["O", "B-PER", "I-PER"], "head": "transformer"},
+        {"name": "tags", "type": "token_classification", "labels": ["O", "X"], "head": {"layers": 1}},
+        {"name": "mood", "labels": ["a", "b"], "head": {"layers": 2, "pooling": "attention"}},
     ]
     torch.manual_seed(0)
-    model = sharpen_heads(MultiTaskModel.from_backbone(tiny_bert, tasks=tasks).eval())
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=tasks).eval()
+    with torch.no_grad():  # the heads' own top layers start as copies: move them so that they differ from the shared
+        for parameter in model.heads["tags"].branch.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    sharpen_heads(model)
     onnx_model = OnnxMultiTaskModel.from_pretrained(export_onnx(model, tmp_path / "export"))
     for want, have in zip(model.predict(TEXTS), onnx_model.predict(TEXTS)):
         assert_same_predictions(want, have)
