@@ -301,10 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_root", default="outputs/bench_embedding_protection")
     parser.add_argument("--results", default=None, help="write the markdown table here")
     parser.add_argument("--results_json", default=None)
+    parser.add_argument("--score_model", default=None, help="only print STS-B test / validation of this saved model")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run")
     args = parser.parse_args(argv)
     if not (Path(args.data_dir) / "sst2").is_dir():
         parser.error(f"no real data at {args.data_dir}")
+    if args.score_model:  # e.g. the embedded default job: python train.py, then this
+        test, validation = (
+            stsb_spearman(args.score_model, Path(args.data_dir), split) for split in ("test", "validation")
+        )
+        print(
+            f"{args.score_model}: STS-B test {test:.2f}, validation {validation:.2f} (Spearman x100 of encode cosines)"
+        )
+        return 0
     results: dict[str, list[dict]] = {}
     for config in args.configs:
         for seed in args.seeds:

@@ -1,11 +1,13 @@
 """Throughput and latency of the HTTP service under concurrent clients (real uvicorn server, real HTTP).
 
 Usage:
-    python benchmarks/bench_service.py [--model DIR] [--clients 8] [--requests 25] [--texts-per-request 1]
-        [--batch-wait-ms 2] [--compare-no-batching]
+    python benchmarks/bench_service.py [--model DIR] [--clients 1 8 32] [--requests 25] [--texts-per-request 1]
+        [--batch-wait-ms 2] [--backends torch onnx onnx-int8] [--compare-no-batching]
 
-Every response is checked against `model.encode` of the same texts (atol 1e-5); the script fails if any is wrong
-or missing.
+Every response is checked against the serving backend's own `encode` of the same texts (atol 1e-5); the script
+fails if any is wrong or missing. Backends: `torch` (the `MultiTaskModel`), `onnx` / `onnx-int8` (the exported
+graph through onnxruntime, `OnnxMultiTaskModel`: what `mtl serve --backend onnx` runs). Prints one JSON line per
+run and a markdown table.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def run(model, clients: int, requests: int, per_request: int, batch_wait_ms: flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="saved model folder (default: all-MiniLM-L6-v2 with a demo head)")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, nargs="+", default=[8])
+    parser.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "onnx", "onnx-int8"])
     parser.add_argument("--requests", type=int, default=25, help="requests per client")
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
@@ -120,10 +123,36 @@ def main(argv: list[str] | None = None) -> int:
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         file=sys.stderr,
     )
+    backends = {"torch": model}
+    if {"onnx", "onnx-int8"} & set(args.backends):
+        import tempfile
+
+        from multitask_st.onnx import OnnxMultiTaskModel, export_onnx
+
+        folder = export_onnx(
+            model, Path(tempfile.mkdtemp(prefix="bench_service_onnx_")), int8="onnx-int8" in args.backends
+        )
+        for name in ("onnx", "onnx-int8"):
+            if name in args.backends:
+                backends[name] = OnnxMultiTaskModel.from_pretrained(folder, int8=name == "onnx-int8")
     settings = [None, 1] if args.compare_no_batching else [None]
-    for max_texts in settings:
-        result = run(model, args.clients, args.requests, args.texts_per_request, args.batch_wait_ms, max_texts)
-        print(json.dumps(result))
+    rows = []
+    for clients in args.clients:
+        for name in args.backends:
+            for max_texts in settings:
+                result = run(
+                    backends[name], clients, args.requests, args.texts_per_request, args.batch_wait_ms, max_texts
+                )
+                result["backend"] = name
+                print(json.dumps(result), flush=True)
+                rows.append(result)
+    print("\n| backend | clients | batching | requests/s | p50 ms | p99 ms | requests per model call |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['backend']} | {row['clients']} | {row['batching']} | {row['requests_per_s']} | {row['p50_ms']} | "
+            f"{row['p99_ms']} | {row['mean_requests_per_call']} |"
+        )
     return 0
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "multitask_st" / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "multitask_st" / "default_data"
 TOPICS = {"business", "science", "sports", "politics", "entertainment"}
 SENTIMENTS = {"positive", "negative", "neutral"}
 NER_TAGS = {"O"} | {f"{p}-{t}" for p in "BI" for t in ("PER", "ORG", "LOC")}

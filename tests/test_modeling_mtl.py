@@ -597,7 +597,7 @@ def test_heads_with_their_own_view_of_the_tokens(tiny_bert):
     for got, want in zip(model.predict(SENTENCES), alone):
         assert got["topic"]["scores"] == pytest.approx(want["topic"]["scores"], abs=1e-5)
         assert [w["tag"] for w in got["ner"]["words"]] == [w["tag"] for w in want["ner"]["words"]]
-    with pytest.raises(ValueError, match="a transformer head reads token states"):
+    with pytest.raises(ValueError, match="a transformer head, or one with layers of its own, reads token states"):
         MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": ["a", "b"], "head": "transformer"}])
 
 

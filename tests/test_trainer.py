@@ -145,7 +145,7 @@ def test_distillation_is_zero_at_the_start_and_one_minus_cosine_after(tiny_bert,
         protection.teacher.embed(batch["input_ids"], batch["attention_mask"]), dim=-1
     )
     expected = 2.0 * (1 - (current * initial).sum(-1)).mean()
-    assert float(expected) > 1e-4
+    assert float(expected.detach()) > 1e-4
     torch.testing.assert_close(protection.loss(model, batch, model(**batch).embeddings), expected)
     # Rows of a task that trains the embedding itself (similarity, pair classification) are left to it.
     pair_batch = trainer.data_collator([data.train[i] for i in range(24, 28)])
@@ -270,6 +270,22 @@ def test_layerwise_learning_rate_decay_param_groups(tiny_bert, tmp_path):
     assert lr("backbone.embeddings.word_embeddings.weight") == pytest.approx(1.25e-4)
     decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
     assert decay[id(names["backbone.encoder.layer.0.attention.self.query.bias"])] == 0.0
+
+
+def test_a_heads_own_transformer_layers_learn_at_the_head_rate(tiny_bert, tmp_path):
+    tasks = three_tasks(make_dataset(tmp_path / "data", 8, 4))
+    tasks[2]["head"] = {"layers": 1}  # NER: its own copy of the top layer
+    tasks[0]["head"] = {"type": "transformer", "pooling": "attention"}  # topic: an adapter layer of its own
+    data, model = build(tiny_bert, tasks)
+    trainer = trainer_for(model, data, tmp_path / "out", {"head_learning_rate": 1e-2}, learning_rate=1e-4)
+    trainer.create_optimizer()
+    rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    names = dict(model.named_parameters())
+    assert rates[id(names["heads.ner.branch.layers.0.attention.self.query.weight"])] == pytest.approx(1e-2)
+    assert rates[id(names["heads.topic.adapter.query.weight"])] == pytest.approx(1e-2)
+    assert rates[id(names["backbone.encoder.layer.1.attention.self.query.weight"])] == pytest.approx(1e-4)
+    assert rates[id(names["heads.ner.out_proj.weight"])] == pytest.approx(1e-2)
+    assert rates[id(names["heads.topic.pooling.attention_scorer.weight"])] == pytest.approx(1e-2)
 
 
 # ------------------------------------------------------------------------------------------------ streaming
