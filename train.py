@@ -50,14 +50,14 @@ class ModelArguments:
         metadata={"help": "Default head of token tasks: linear, mlp, or transformer (a transformer layer of its own)."},
     )
     head_layers: int = field(
-        default=0,
+        default=1,
         metadata={"help": "Sentence heads with their own pooling get their own copies of the encoder's top N layers."},
     )
     token_head_layers: int = field(
-        default=0, metadata={"help": "Token heads get their own copies of the encoder's top N layers (0: none)."}
+        default=2, metadata={"help": "Token heads get their own copies of the encoder's top N layers (0: none)."}
     )
     head_pooling: str = field(
-        default="shared",
+        default="attention",
         metadata={
             "help": "What sentence-level heads read by default: shared (the embedding's pooled vector) or attention "
             "(each head its own attention pooling of the token states)."

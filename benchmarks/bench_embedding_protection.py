@@ -12,13 +12,16 @@ from the bundled all-MiniLM-L6-v2, and is scored on the test splits:
 Results are cached per (config, seed) in `--output_root` (rerun with the same options to only add what is missing)
 and written as mean ± std over seeds to `--results` (markdown) and `--results_json`.
 
-Configs (`--configs`, default: all):
-- `heads-none`: SST-2 + TREC + WikiANN heads, `--embedding_protection none` (the behaviour before protection);
-- `heads-distillation`, `heads-l2sp`: the same with each protection (default weights);
-- `heads-lora`: the same with LoRA (rank 8) on the encoder and no other protection;
-- `heads+sts`: heads + `similarity` on STS-B train (default protection);
-- `heads+sts+mrpc`: heads + STS-B similarity + MRPC `pair_classification` + `contrastive` on MRPC's paraphrases;
-- `single-<task>`: one task alone, `--embedding_protection none`, for every task above.
+Configs (`--configs`, default: all), every one with train.py's defaults unless it says otherwise:
+- `heads-none-linear`: SST-2 + TREC + WikiANN, every head on the shared vector / token states, no protection (the
+  behaviour before this project protected the embedding);
+- `heads-distillation-linear`: the same heads with the default protection (distillation);
+- `heads-distillation`: the default recipe (distillation; sentence heads with their own attention pooling, the token
+  head with its own copy of the top layer);
+- `heads-l2sp`, `heads-lora`: the recipe's heads with L2-SP instead, or with LoRA (rank 8) and no protection;
+- `heads+sts`: the recipe + `similarity` on STS-B train;
+- `heads+sts+mrpc`: the recipe + STS-B similarity + MRPC `pair_classification` + `contrastive` on MRPC's paraphrases;
+- `single-<task>`: one task alone, the recipe's heads, no protection (nothing else to protect it from), per task.
 Model selection uses validation splits only: test splits are scored once, after training.
 """
 
@@ -102,14 +105,19 @@ SCORES = {
     "mrpc": ("accuracy", "MRPC acc"),
     "mrpc_retrieval": ("mrr", "MRPC MRR"),
 }
+# The default recipe's heads (train.py's defaults): sentence heads with their own attention pooling, token heads
+# with their own copy of the encoder's top layer. "linear heads" = every head on the shared vector / token states.
+RECIPE_HEADS: list[str] = []
+LINEAR_HEADS = ["--head_pooling", "shared", "--token_head_layers", "0"]
 CONFIGS = {
-    "heads-none": (HEADS, ["--embedding_protection", "none"]),
-    "heads-distillation": (HEADS, ["--embedding_protection", "distillation"]),
-    "heads-l2sp": (HEADS, ["--embedding_protection", "l2sp"]),
-    "heads-lora": (HEADS, ["--embedding_protection", "none", "--lora_rank", "8"]),
-    "heads+sts": ((*HEADS, "stsb"), []),
-    "heads+sts+mrpc": ((*HEADS, "stsb", "mrpc", "mrpc_retrieval"), []),
-    **{f"single-{task}": ((task,), ["--embedding_protection", "none"]) for task in TASKS},
+    "heads-none-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "none"]),
+    "heads-distillation-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "distillation"]),
+    "heads-distillation": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "distillation"]),
+    "heads-l2sp": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "l2sp"]),
+    "heads-lora": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "none", "--lora_rank", "8"]),
+    "heads+sts": ((*HEADS, "stsb"), RECIPE_HEADS),
+    "heads+sts+mrpc": ((*HEADS, "stsb", "mrpc", "mrpc_retrieval"), RECIPE_HEADS),
+    **{f"single-{task}": ((task,), [*RECIPE_HEADS, "--embedding_protection", "none"]) for task in TASKS},
 }
 
 
