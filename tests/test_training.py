@@ -245,7 +245,8 @@ def test_add_tasks_keeps_every_weight_and_adds_a_fresh_head(phase1, tmp_path):
     )
     with torch.no_grad():
         batch = model.tokenize(["John loved the match in Paris"], return_token_type_ids=False)
-        assert torch.equal(model(**batch).logits["sentiment"], extended(**batch).logits["sentiment"])
+        # The weights are equal bit for bit (above); the outputs to rounding (kernels may order sums differently).
+        torch.testing.assert_close(model(**batch).logits["sentiment"], extended(**batch).logits["sentiment"])
     with pytest.raises(ValueError, match="already exist"):
         model.add_tasks([{"name": "sentiment", "labels": ["a", "b"]}])
     extended.save_pretrained(tmp_path / "extended")
