@@ -86,7 +86,8 @@ class Pooling(nn.Module):
         super().__init__()
         self.mode = mode
         # Only the learned mode has parameters: a scoring vector that decides which tokens matter.
-        self.attention_scorer = nn.Linear(hidden_size, 1) if mode == "attention" else None
+        # No bias: softmax ignores a shift shared by every score, so a bias would only collect numerical noise.
+        self.attention_scorer = nn.Linear(hidden_size, 1, bias=False) if mode == "attention" else None
 
     def forward(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.unsqueeze(-1).to(token_states.dtype)  # (batch, seq, 1)
