@@ -18,6 +18,7 @@ Configs (`--configs`, default: all), every one with train.py's defaults unless i
 - `heads-distillation-linear`: the same heads with the default protection (distillation);
 - `heads-distillation`: the default recipe (distillation; sentence heads with their own attention pooling, the token
   head with its own copy of the top layer);
+- `heads-none`: the recipe's heads, no protection (full fine-tuning: the reference for LoRA and for the heads);
 - `heads-l2sp`, `heads-lora`: the recipe's heads with L2-SP instead, or with LoRA (rank 8) and no protection;
 - `heads+sts`: the recipe + `similarity` on STS-B train;
 - `heads+sts+mrpc`: the recipe + STS-B similarity + MRPC `pair_classification` + `contrastive` on MRPC's paraphrases;
@@ -112,6 +113,7 @@ LINEAR_HEADS = ["--head_pooling", "shared", "--token_head_layers", "0"]
 CONFIGS = {
     "heads-none-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "none"]),
     "heads-distillation-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "distillation"]),
+    "heads-none": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "none"]),
     "heads-distillation": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "distillation"]),
     "heads-l2sp": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "l2sp"]),
     "heads-lora": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "none", "--lora_rank", "8"]),
