@@ -157,15 +157,21 @@ def run_config(args, config: str, seed: int) -> dict:
         "drift_sample_size": 1000,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "job.json").write_text(json.dumps(job, indent=2))
     command = [sys.executable, str(ROOT / "train.py"), str(folder / "job.json"), *flags, *args.extra]
-    log(f"{config} seed {seed}: {shlex.join(command[1:])}")
-    with open(folder / "train.log", "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{config} seed {seed} failed (status {status}); see {folder / 'train.log'}")
     model_dir = folder / "model"
+    peak_rss_mib = None
+    # A run whose training finished but whose scoring was interrupted is scored, not trained again (its peak
+    # memory is then unknown): train.py writes metrics.json only after the model is saved.
+    finished = (model_dir / "metrics.json").is_file() and (folder / "job.json").is_file()
+    if not (finished and json.loads((folder / "job.json").read_text()) == job):
+        (folder / "job.json").write_text(json.dumps(job, indent=2))
+        log(f"{config} seed {seed}: {shlex.join(command[1:])}")
+        with open(folder / "train.log", "w") as handle:
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+            _, status, usage = os.wait4(process.pid, 0)
+        if status != 0:
+            raise RuntimeError(f"{config} seed {seed} failed (status {status}); see {folder / 'train.log'}")
+        peak_rss_mib = usage.ru_maxrss / 1024
     metrics = json.loads((model_dir / "metrics.json").read_text())
     record = json.loads((model_dir / "training_config.json").read_text())
     result = {
@@ -178,7 +184,7 @@ def run_config(args, config: str, seed: int) -> dict:
         "stsb_encode": stsb_spearman(model_dir, Path(args.data_dir)),
         "stsb_encode_validation": stsb_spearman(model_dir, Path(args.data_dir), "validation"),
         "train_runtime_s": record["train_runtime_s"],
-        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib,
         "trainable_parameters": trainable_parameters(folder / "train.log"),
         "model_mib": folder_mib(model_dir, "*.safetensors"),
         "lora_adapter_mib": folder_mib(model_dir / "lora_adapter", "*.safetensors") or None,

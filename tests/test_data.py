@@ -159,7 +159,9 @@ def test_pair_and_contrastive_sources(tiny_bert, tmp_path):
     assert row["labels"]["retrieval"] == IGNORE_INDEX  # another source's task
     assert data.train[12]["labels"]["retrieval"] == 0 and math.isnan(data.train[12]["labels"]["sts"])
     assert data.specs[1].labels == ["0", "1"] and data.num_train_examples["retrieval"] == 6
-    assert data.examples["sts"][0] == (rows[0]["sentence1"], rows[0]["sentence2"]) or isinstance(data.examples["sts"][0], tuple)
+    assert data.examples["sts"][0] == (rows[0]["sentence1"], rows[0]["sentence2"]) or isinstance(
+        data.examples["sts"][0], tuple
+    )
 
     model = MultiTaskModel.from_backbone(tiny_bert, tasks=data.model_tasks)
     batch = MultiTaskCollator(tokenizer, model.config.tasks)([data.train[i] for i in range(4)])
@@ -191,8 +193,10 @@ def test_a_mixed_batch_of_single_texts_and_pairs_pads_absent_texts(tiny_bert, tm
         (lambda rows: rows[2].update(sentence2=None), r"task.*train row 2, column 'sentence2' must hold a string"),
         (lambda rows: rows[3].update(sentence1=7), r"train row 3, column 'sentence1' must hold a string, got 7"),
         (lambda rows: rows[1].update(sentence2="  "), r"train row 1, column 'sentence2' is empty"),
-        (lambda rows: rows[4].update(score=7.5), r"task 'sts': score 7.5 in train row 4.*outside score_range \[0.0, 5.0\]"),
-        (lambda rows: rows[5].update(score="high"), r"task 'sts': train row 5, column 'score' holds 'high', not a number"),
+        (lambda rows: rows[4].update(score=7.5),
+         r"task 'sts': score 7.5 in train row 4.*outside score_range \[0.0, 5.0\]"),
+        (lambda rows: rows[5].update(score="high"),
+         r"task 'sts': train row 5, column 'score' holds 'high', not a number"),
         (lambda rows: rows[0].update(score=float("inf")), r"task 'sts': train row 0, column 'score' holds inf"),
     ],
 )  # fmt: skip
@@ -277,7 +281,8 @@ def test_a_save_to_disk_folder_with_sliced_splits(tiny_bert, tmp_path):
 @pytest.mark.parametrize(
     "write, message",
     [
-        (lambda p: p.write_text('{"text": "a", "topic": "x"}\n{"text": "b", "topic": \n'), r"train.jsonl line 2 is not valid JSON"),
+        (lambda p: p.write_text('{"text": "a", "topic": "x"}\n{"text": "b", "topic": \n'),
+         r"train.jsonl line 2 is not valid JSON"),
         (lambda p: p.write_bytes(b'{"text": "caf\xe9", "topic": "x"}\n'), r"train.jsonl line 1 is not valid UTF-8"),
         (lambda p: p.write_text(""), r"data file .*train.jsonl is empty"),
     ],

@@ -8,25 +8,17 @@ import copy
 import numpy as np
 import pytest
 import torch
+from train_helpers import SENTENCES, TEXT_TASKS
 
 from configuration_mtl import POOLING_MODES
 from inference_mtl import group_entities, plan_batches, run_concurrently
 from modeling_mtl import MultiTaskModel
 
 TASKS = [
-    {"name": "topic", "labels": ["sports", "politics", "science"], "head": {"type": "mlp", "hidden_size": 16}},
-    {"name": "tags", "type": "multi_label_classification", "labels": ["a", "b", "c"]},
-    {
-        "name": "ner",
-        "type": "token_classification",
-        "labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
-        "loss_weight": 0.5,
-    },
-    {"name": "score", "type": "regression", "loss_weight": 2.0},
+    *TEXT_TASKS,
     {"name": "sts", "type": "similarity", "score_range": [0, 5]},
     {"name": "paraphrase", "type": "pair_classification", "labels": ["no", "yes"]},
 ]
-SENTENCES = ["John Smith works for Acme Corporation in New York.", "I loved this movie!", "What is the capital?"]
 
 TEXTS = [
     "short",

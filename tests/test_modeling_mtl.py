@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_helpers import SENTENCES, TEXT_TASKS
 from transformers import AutoModel, AutoTokenizer
 
 from configuration_mtl import POOLING_MODES
@@ -23,18 +24,7 @@ from modeling_mtl import (
     resolve_max_seq_length,
 )
 
-TASKS = [
-    {"name": "topic", "labels": ["sports", "politics", "science"], "head": {"type": "mlp", "hidden_size": 16}},
-    {"name": "tags", "type": "multi_label_classification", "labels": ["a", "b", "c"]},
-    {
-        "name": "ner",
-        "type": "token_classification",
-        "labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
-        "loss_weight": 0.5,
-    },
-    {"name": "score", "type": "regression", "loss_weight": 2.0},
-]
-SENTENCES = ["John Smith works for Acme Corporation in New York.", "I loved this movie!", "What is the capital?"]
+TASKS = TEXT_TASKS
 
 
 @pytest.fixture(scope="module")

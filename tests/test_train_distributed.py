@@ -15,12 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from train_helpers import make_dataset, separate_sources, three_tasks, train_flags
 
 import train
+from modeling_mtl import MultiTaskModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,10 +203,31 @@ def test_resume_after_kill_gives_the_same_model(tiny_bert, tmp_path):
     expected = load_file(reference / "model.safetensors")
     resumed = load_file(interrupted / "model.safetensors")
     assert expected.keys() == resumed.keys()
+    # An attention key bias adds the same q.b to every score of a query's row, which softmax cancels: its true
+    # gradient is zero and what it receives is rounding noise, which Adam scales to full-size steps of random sign.
+    # So those weights may differ between two runs while the function does not; that is checked on the outputs.
+    inert = [name for name in expected if name.endswith("attention.self.key.bias")]
+    assert inert
     for name, tensor in expected.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        if name not in inert:
+            torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    sentences = ["John Smith lives in Paris .", "a wonderful day", "the market fell again"]
+    reference_model, resumed_model = (MultiTaskModel.from_pretrained(path) for path in (reference, interrupted))
+    np.testing.assert_allclose(resumed_model.encode(sentences), reference_model.encode(sentences), atol=1e-5)
+    assert _rounded(resumed_model.predict(sentences)) == _rounded(reference_model.predict(sentences))
     state = json.loads((interrupted / "trainer_state.json").read_text())
     assert state["global_step"] == 24
+
+
+def _rounded(value):
+    """Predictions with every score rounded to 4 decimals, to compare two models' outputs."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ multi-node
@@ -221,7 +244,8 @@ def test_two_nodes_of_one_process_train_like_two_processes_on_one_node(tiny_bert
     tasks = separate_sources(tmp_path / "data")
     env = _env()
     one_node = subprocess.run(
-        _torchrun(tiny_bert, tasks, tmp_path / "one_node", ["--nproc_per_node", "2", "--master_port", str(_free_port())], env),
+        _torchrun(tiny_bert, tasks, tmp_path / "one_node",
+                  ["--nproc_per_node", "2", "--master_port", str(_free_port())], env),
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert one_node.returncode == 0, one_node.stderr[-3000:]

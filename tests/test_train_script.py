@@ -132,7 +132,8 @@ def test_early_stopping_and_best_model_on_combined_score(tiny_bert, tmp_path):
 def test_the_default_job_on_the_embedded_dataset(tiny_bert, tmp_path):
     """`python train.py` = DEFAULT_JOB; here with the tiny encoder and 2 steps, given as flags alone."""
     argv = ["--model_name_or_path", str(tiny_bert), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
-            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", "--use_cpu", "true"]  # fmt: skip
+            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+            "--use_cpu", "true"]  # fmt: skip
     assert train.main(argv) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics["eval"]) == {"topic", "sentiment", "ner"}
@@ -155,10 +156,12 @@ def test_bad_runs_exit_2_with_one_line_naming_the_problem(tiny_bert, tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
     cases = [
         (["--tasks", str(tmp_path / "missing.yaml")], "--tasks file not found"),
-        (["--tasks", json.dumps([{"name": "t", "data_files": {"train": str(tmp_path / "bad.jsonl")}, "label_column": "topic"}])],
+        (["--tasks", json.dumps([{"name": "t", "data_files": {"train": str(tmp_path / "bad.jsonl")},
+                                  "label_column": "topic"}])],
          "bad.jsonl line 4 is not valid JSON"),
-        (["--tasks", json.dumps(three_tasks(files)), "--max_steps", "3", "--output_dir", str(tmp_path / "o"), "--learning_rate", "1e30",
-          "--model_name_or_path", str(tiny_bert), "--max_seq_length", "16", "--save_strategy", "no", "--eval_strategy", "no"],
+        (["--tasks", json.dumps(three_tasks(files)), "--max_steps", "3", "--output_dir", str(tmp_path / "o"),
+          "--learning_rate", "1e30", "--model_name_or_path", str(tiny_bert), "--max_seq_length", "16",
+          "--save_strategy", "no", "--eval_strategy", "no"],
          "the training loss became"),
     ]  # fmt: skip
     for args, message in cases:

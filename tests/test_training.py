@@ -208,7 +208,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_continue_training_with_frozen_heads_and_encoder_trains_only_the_new_head(phase1, tmp_path):
     before, count = weights(phase1["dir"]), TrainableCount()
     result = continue_training(phase1["dir"], phase1["tasks"], ["ner"], tmp_path / "frozen", training_arguments(),
-                               freeze_old_heads=True, freeze_backbone=True, max_seq_length=32, callbacks=[count])  # fmt: skip
+                               freeze_old_heads=True, freeze_backbone=True, max_seq_length=32,
+                               callbacks=[count])  # fmt: skip
     assert result["before"]["sentiment"] == result["after"]["sentiment"]
     assert result["old_tasks"] == ["sentiment"] and result["new_tasks"] == ["ner"]
     assert count.trainable == 32 * len(NER_TAGS) + len(NER_TAGS)  # the NER head of the tiny BERT (hidden 32)

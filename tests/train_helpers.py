@@ -129,3 +129,18 @@ def train_flags(model_dir: str | Path, tasks: list[dict], output_dir: str | Path
         "--num_examples_to_print",
         "1",
     ]
+
+
+# The text tasks (one of each type, an MLP head, loss weights) the model and inference tests build models with.
+TEXT_TASKS = [
+    {"name": "topic", "labels": ["sports", "politics", "science"], "head": {"type": "mlp", "hidden_size": 16}},
+    {"name": "tags", "type": "multi_label_classification", "labels": ["a", "b", "c"]},
+    {
+        "name": "ner",
+        "type": "token_classification",
+        "labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+        "loss_weight": 0.5,
+    },
+    {"name": "score", "type": "regression", "loss_weight": 2.0},
+]
+SENTENCES = ["John Smith works for Acme Corporation in New York.", "I loved this movie!", "What is the capital?"]
