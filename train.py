@@ -222,10 +222,19 @@ def parse_arguments(argv: list[str] | None = None):
         # Without `use_cpu`, TrainingArguments sets up a non-distributed state on a machine without GPUs, and
         # every launched process would train alone; with it, the processes join one gloo process group.
         argv += ["--use_cpu", "true"]
+    if not _has_accelerator() and "dataloader_pin_memory" not in config and "--dataloader_pin_memory" not in argv:
+        # Pinned memory only speeds up copies to an accelerator; without one, torch warns at every evaluation.
+        argv += ["--dataloader_pin_memory", "false"]
     model_args, data_args, mtl_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.output_dir is None:
         training_args.output_dir = "outputs/multitask-model"
     return model_args, data_args, mtl_args, training_args
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
 
 
 def check_launch() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from train_helpers import make_dataset, pair_files, separate_sources, three_tasks, train_flags
 
@@ -61,6 +62,10 @@ def test_defaults_are_the_recipe_and_flags_alone_change_the_default_job(tmp_path
     # With --tasks, the recipe's defaults (not the plain Trainer's) apply.
     _, _, _, training_args = train.parse_arguments(["--tasks", "[]", "--output_dir", str(tmp_path / "y")])
     assert (training_args.learning_rate, training_args.per_device_train_batch_size) == (1e-4, 32)
+    # Pinned memory only helps copies to an accelerator: off without one (torch warns otherwise), unless asked for.
+    assert training_args.dataloader_pin_memory is torch.accelerator.is_available()
+    _, _, _, training_args = train.parse_arguments(["--dataloader_pin_memory", "true", "--output_dir", "z"])
+    assert training_args.dataloader_pin_memory is True
 
 
 # ------------------------------------------------------------------------------------------------ full runs
