@@ -16,8 +16,8 @@ Configs (`--configs`, default: all), every one with train.py's defaults unless i
 - `heads-none-linear`: SST-2 + TREC + WikiANN, every head on the shared vector / token states, no protection (the
   behaviour before this project protected the embedding);
 - `heads-distillation-linear`: the same heads with the default protection (distillation);
-- `heads-distillation`: the default recipe (distillation; sentence heads with their own attention pooling, the token
-  head with its own copy of the top layer);
+- `heads-distillation`: the default recipe (distillation; sentence heads with their own attention pooling and own
+  copy of the top layer, the token head with its own copies of the top two layers);
 - `heads-none`: the recipe's heads, no protection (full fine-tuning: the reference for LoRA and for the heads);
 - `heads-l2sp`, `heads-lora`: the recipe's heads with L2-SP instead, or with LoRA (rank 8) and no protection;
 - `heads+sts`: the recipe + `similarity` on STS-B train;
@@ -106,8 +106,9 @@ SCORES = {
     "mrpc": ("accuracy", "MRPC acc"),
     "mrpc_retrieval": ("mrr", "MRPC MRR"),
 }
-# The default recipe's heads (train.py's defaults): sentence heads with their own attention pooling, token heads
-# with their own copy of the encoder's top layer. "linear heads" = every head on the shared vector / token states.
+# The default recipe's heads (train.py's defaults): sentence heads with their own attention pooling and top layer,
+# token heads with their own copies of the encoder's top two layers. "linear heads" = every head on the shared vector
+# / token states.
 RECIPE_HEADS: list[str] = []
 LINEAR_HEADS = ["--head_pooling", "shared", "--token_head_layers", "0"]
 CONFIGS = {
