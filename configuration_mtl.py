@@ -45,6 +45,11 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _RESERVED_TASK_NAMES = {"training", "forward", "type", "to", "train", "eval", "state_dict", "parameters", "embedding"}
 
 
+def backbone_depth(backbone_config: Any) -> int | None:
+    """Number of transformer layers of a backbone config (BERT-style `num_hidden_layers`, DistilBERT's `n_layers`)."""
+    return getattr(backbone_config, "num_hidden_layers", None) or getattr(backbone_config, "n_layers", None)
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -317,7 +322,7 @@ class MultiTaskConfig(PretrainedConfig):
                 f"default_prompt_name '{default_prompt_name}' is not one of the prompts {sorted(prompts or {})}"
             )
         normalized_tasks = [normalize_task(task, head_dropout) for task in (tasks or [])]
-        depth = getattr(backbone_config, "num_hidden_layers", None) or getattr(backbone_config, "n_layers", None)
+        depth = backbone_depth(backbone_config)
         for task in normalized_tasks:
             layers = (task.get("head") or {}).get("layers", 0)
             if depth and layers > depth:

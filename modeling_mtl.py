@@ -29,10 +29,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassif
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a Hub/remote-code package
-    from .configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
+    from .configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig, backbone_depth
     from .inference_mtl import MultiTaskInferenceMixin, group_entities, plan_batches, run_concurrently
 except ImportError:  # installed as top-level modules, or run from the project folder
-    from configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
+    from configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig, backbone_depth
     from inference_mtl import MultiTaskInferenceMixin, group_entities, plan_batches, run_concurrently
 
 logger = logging.get_logger(__name__)
@@ -150,8 +150,7 @@ class AdapterLayer(nn.Module):
 
 def backbone_layers(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's stack of transformer layers: its `nn.ModuleList` of `num_hidden_layers` modules."""
-    config = backbone.config
-    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+    depth = backbone_depth(backbone.config)
     for module in backbone.modules():
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return module

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging
 
@@ -222,7 +223,8 @@ def parse_arguments(argv: list[str] | None = None):
         # Without `use_cpu`, TrainingArguments sets up a non-distributed state on a machine without GPUs, and
         # every launched process would train alone; with it, the processes join one gloo process group.
         argv += ["--use_cpu", "true"]
-    if not _has_accelerator() and "dataloader_pin_memory" not in config and "--dataloader_pin_memory" not in argv:
+    pin_memory_given = "dataloader_pin_memory" in config or "--dataloader_pin_memory" in argv
+    if not torch.accelerator.is_available() and not pin_memory_given:
         # Pinned memory only speeds up copies to an accelerator; without one, torch warns at every evaluation.
         argv += ["--dataloader_pin_memory", "false"]
     model_args, data_args, mtl_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -231,18 +233,10 @@ def parse_arguments(argv: list[str] | None = None):
     return model_args, data_args, mtl_args, training_args
 
 
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.accelerator.is_available()
-
-
 def check_launch() -> None:
     """Refuse launches that would silently train differently from what was asked: `accelerate launch --cpu
     --num_processes N` without an MPI hostfile starts ONE process, and accelerate 1.x ignores an FSDP config on
     CPUs (the processes run plain DDP)."""
-    import torch
-
     from multitask_st.training import TrainingError
 
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
@@ -278,8 +272,6 @@ def _requested_processes(parent: int) -> int:
 
 
 def _cpu_only_distributed() -> bool:
-    import torch
-
     # WORLD_SIZE comes from torchrun / `accelerate launch --multi_gpu`; the others from mpirun (Open MPI, Intel MPI,
     # MVAPICH), the same list accelerate reads. `accelerate launch --cpu --mpirun_hostfile` also sets
     # ACCELERATE_USE_CPU, which TrainingArguments honours; a bare `mpirun -n 2 python train.py` needs this check.
