@@ -28,7 +28,8 @@ What is exported (docs/ONNX.md explains the choices):
   embedding: `features`, L2-normalised when `config.normalize`) and `logits.<task>` for every classification,
   multi-label, regression (`(batch, labels)`) and token-classification (`(batch, seq, labels)`) task. Exported with
   the TorchScript exporter from an eager-attention copy of the model, then fused by onnxruntime's transformer
-  optimizer (one `Attention` node per layer, fused embedding/skip layer norms, bias+GELU), exact GELU kept.
+  optimizer (one `Attention` node per layer, fused embedding layer norm), exact GELU kept; the two fusions whose
+  CPU kernels are slow (skip layer norm, bias+GELU) are undone (`CPU_DISABLED_FUSIONS`).
 - `model_int8.onnx` (with `int8=True`): the same graph with the encoder's matmuls in int8 (per-channel weights,
   activations quantised at run time), except a few calibrated outlier input channels per matmul that a thin side
   matmul keeps in float32 (`QUANTIZATION`, "outlier-split"): STS-B within 0.15 of float32 where plain dynamic
@@ -76,7 +77,7 @@ from .onnx_cli import main as export_main
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 PAIR_HEADS_FILE = "pair_heads.onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layer norms and GELU bias adds unfused for CPU (older exports are made again)
 # Single-text heads: read the pooled features (sequence tasks) or the token states (token tasks).
 SEQUENCE_TASK_TYPES = ("classification", "multi_label_classification", "regression")
 TOKEN_TASK_TYPES = ("token_classification",)
@@ -99,6 +100,12 @@ assert tuple(QUANTIZATION) == SCHEMES  # the command line (onnx_cli, which must 
 # median channel's; at most this many channels per matmul are split off.
 OUTLIER_FACTOR = 4.0
 MAX_OUTLIER_CHANNELS = 8
+
+# Two of onnxruntime's BERT fusions have CPU kernels slower than the ops they replace (onnxruntime 1.32, AVX512:
+# `SkipLayerNormalization` takes ~5x a `LayerNormalization` of the same tensor; a `BiasGelu` keeps the bias add that
+# the matmul before it can absorb). The exported graph has them undone by `_unfuse_slow_cpu_kernels`, and CPU
+# sessions are kept from fusing them back (measured in docs/ONNX.md: int8 +20-25%, fp32 +8% at batch 32).
+CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion", "BiasGeluFusion")
 
 # Sentences of varied length for the parity check at export time (real text, so the fused graph sees real tokens).
 _CHECK_TEXTS = (
@@ -219,9 +226,10 @@ def _session(
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: no "removing initializer" chatter at load time
-    return onnxruntime.InferenceSession(
-        str(path), options, providers=list(providers) if providers else ["CPUExecutionProvider"]
-    )
+    providers = list(providers) if providers else ["CPUExecutionProvider"]
+    # On CPU only: other providers have good fused kernels, and fusing back is what onnxruntime does by default.
+    disabled = list(CPU_DISABLED_FUSIONS) if providers == ["CPUExecutionProvider"] else []
+    return onnxruntime.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
 
 
 def _run_text_graph(session, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
@@ -302,11 +310,52 @@ def _fuse(source: Path, target: Path, backbone_config) -> dict[str, int]:
             optimization_options=options,
             opt_level=0,  # fusion only: no hardware-specific ORT rewrites baked into the file
         )
+    _unfuse_slow_cpu_kernels(optimized.model)
     optimized.save_model_to_file(str(target))
     counts: dict[str, int] = {}
     for node in optimized.model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def _unfuse_slow_cpu_kernels(model) -> None:
+    """Rewrite (in place) `SkipLayerNormalization(x, skip, gamma, beta, bias)` as `LayerNormalization((x + bias) +
+    skip)` and `BiasGelu(x, bias)` as `Gelu(x + bias)`: the same arithmetic, with the bias add first so that
+    onnxruntime folds it into the matmul that produces `x` (`CPU_DISABLED_FUSIONS`)."""
+    from onnx import helper
+
+    # LayerNormalization is a standard op from opset 17 (an older opset keeps the fused node).
+    has_layer_norm = any(entry.domain in ("", "ai.onnx") and entry.version >= 17 for entry in model.opset_import)
+    nodes = []
+    for node in model.graph.node:
+        outputs = list(node.output) + [""] * 4
+        if node.op_type == "SkipLayerNormalization" and has_layer_norm and not (outputs[1] or outputs[2]):
+            x, skip, gamma, beta = node.input[:4]
+            if len(node.input) > 4 and node.input[4]:
+                nodes.append(helper.make_node("Add", [x, node.input[4]], [f"{node.name}/biased"], f"{node.name}/bias"))
+                x = f"{node.name}/biased"
+            total = outputs[3] or f"{node.name}/sum"  # output 3: the sum, when a later node reads it
+            nodes.append(helper.make_node("Add", [x, skip], [total], f"{node.name}/skip"))
+            epsilon = [attribute.f for attribute in node.attribute if attribute.name == "epsilon"]
+            nodes.append(
+                helper.make_node(
+                    "LayerNormalization",
+                    [total, gamma, beta],
+                    [outputs[0]],
+                    f"{node.name}/norm",
+                    axis=-1,
+                    epsilon=epsilon[0] if epsilon else 1e-12,
+                )
+            )
+        elif node.op_type == "BiasGelu":
+            nodes.append(helper.make_node("Add", list(node.input[:2]), [f"{node.name}/biased"], f"{node.name}/bias"))
+            nodes.append(
+                helper.make_node("Gelu", [f"{node.name}/biased"], [node.output[0]], node.name, domain="com.microsoft")
+            )
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def default_calibration_texts() -> list[str]:
@@ -344,7 +393,7 @@ def _encoder_matmuls(model) -> tuple[list[Any], dict[str, Any]]:
         if node.op_type == "Attention" or (
             node.op_type == "MatMul"
             and node.name.startswith("/backbone/")
-            and not node.name.endswith("/outlier_matmul")
+            and "/outlier_" not in node.name  # the float32 side matmuls of the outlier split
             and node.input[1] in initializers
             and len(numpy_helper.to_array(initializers[node.input[1]]).shape) == 2
         ):
@@ -356,22 +405,24 @@ def _split_outliers(model, feeds: list[dict], factor: float, max_channels: int) 
     """Rewrite `x @ W` as `(x * keep) @ W + x[..., idx] @ W[idx]` for every encoder MatMul whose calibrated input
     has outlier channels `idx` (in place); returns the names of the float32 side matmuls and what was split.
 
-    When `x` is the output of a fused `BiasGelu` read by this matmul only (an FFN's second matmul), the outlier
-    units are silenced in the GELU itself instead (their bias set to -1e4: GELU gives exactly 0 there) and their
-    GELU recomputed on the side from the pre-activation, so no extra pass over the wide activation is needed."""
+    When `x` is an FFN's activation `Gelu(h @ W1 + b1)` read by this matmul only (an FFN's second matmul), the
+    outlier units are silenced in the GELU itself instead (their bias set to -1e4: GELU gives exactly 0 there) and
+    recomputed on the side from the FFN input `h`, so no extra pass over the wide activation is needed."""
     nodes, initializers = _encoder_matmuls(model)
     matmuls = [node for node in nodes if node.op_type == "MatMul"]
     if not matmuls:
         return [], {}
     maxima = _calibrated_input_maxima(model, matmuls, feeds)
     producers, readers = _producers_and_readers(model)
+    # Found before any rewrite: splitting an FFN's first matmul renames its input, and the side matmul of its second
+    # must read the original one.
+    ffns = {node.name: _ffn_gelu(node.input[0], producers, readers, initializers) for node in matmuls}
     side_names, report = [], {}
     for node in matmuls:
         outliers = _outlier_channels(maxima[node.input[0]], factor, max_channels)
         if not len(outliers):
             continue
-        gelu = _private_bias_gelu(node.input[0], producers, readers, initializers)
-        _split_matmul(model, node, outliers, initializers, gelu)
+        _split_matmul(model, node, outliers, initializers, ffns[node.name])
         side_names.append(f"{node.name}/outlier_matmul")
         report[node.name] = [int(index) for index in outliers]
     return side_names, report
@@ -418,80 +469,123 @@ def _outlier_channels(channel_max: np.ndarray, factor: float, max_channels: int)
     return np.sort(order[channel_max[order] > factor * np.median(channel_max)])
 
 
-def _private_bias_gelu(x: str, producers: dict[str, Any], readers: dict[str, int], initializers: dict[str, Any]):
-    """The fused `BiasGelu` (with a constant bias) that produces `x` for one reader only, else `None`."""
+def _ffn_gelu(x: str, producers: dict[str, Any], readers: dict[str, int], initializers: dict[str, Any]):
+    """When `x` is `Gelu(h @ W1 + b1)` (an FFN's activation, each step read by the next only, `W1` and `b1`
+    constants), `(h, W1, the Add node, the index of b1 among its inputs)`; else `None`."""
+    from onnx import numpy_helper
+
     gelu = producers.get(x)
-    if (
-        gelu is not None
-        and gelu.op_type == "BiasGelu"
-        and len(gelu.input) == 2
-        and gelu.input[1] in initializers
-        and readers.get(x) == 1
-    ):
-        return gelu
+    if gelu is None or gelu.op_type != "Gelu" or readers.get(x) != 1:
+        return None
+    add = producers.get(gelu.input[0])
+    if add is None or add.op_type != "Add" or readers.get(add.output[0]) != 1:
+        return None
+    for bias_index in (0, 1):
+        bias, pre = add.input[bias_index], add.input[1 - bias_index]
+        matmul = producers.get(pre)
+        if (
+            bias in initializers
+            and numpy_helper.to_array(initializers[bias]).ndim == 1
+            and matmul is not None
+            and matmul.op_type == "MatMul"
+            and readers.get(pre) == 1
+            and matmul.input[1] in initializers
+            and numpy_helper.to_array(initializers[matmul.input[1]]).ndim == 2
+        ):
+            return matmul.input[0], matmul.input[1], add, bias_index
     return None
 
 
-def _split_matmul(model, node, outliers: np.ndarray, initializers: dict[str, Any], gelu) -> None:
+def _split_matmul(model, node, outliers: np.ndarray, initializers: dict[str, Any], ffn) -> None:
     """Rewrite one MatMul `x @ W -> y` in place: the inlier product plus `outliers @ W[outliers]` (a float32 side
-    matmul, `<name>/outlier_matmul`), summed into `y`. The outlier inputs come from `gelu` when given."""
+    matmul, `<name>/outlier_matmul`), summed into `y`. The outlier inputs come from the FFN's first matmul when
+    `ffn` (from `_ffn_gelu`) is given."""
     from onnx import helper, numpy_helper
 
     weight = numpy_helper.to_array(initializers[node.input[1]])
     prefix, y = node.name, node.output[0]
-    new_initializers = [
-        numpy_helper.from_array(outliers.astype(np.int64), f"{prefix}/outlier_index"),
-        numpy_helper.from_array(np.ascontiguousarray(weight[outliers]), f"{prefix}/outlier_weight"),
-    ]
-    if gelu is not None:
-        side_initializers, before = _outliers_from_gelu(prefix, gelu, outliers, initializers)
+    new_initializers = [numpy_helper.from_array(np.ascontiguousarray(weight[outliers]), f"{prefix}/outlier_weight")]
+    if ffn is not None:
+        side_initializers, before = _outliers_from_ffn(prefix, ffn, outliers, initializers)
     else:
         side_initializers, before = _outliers_from_input(node, outliers, weight.shape[0])
     model.graph.initializer.extend(new_initializers + side_initializers)
     node.output[0] = f"{prefix}/inlier_product"
-    after = [
-        helper.make_node(
-            "MatMul",
-            [f"{prefix}/outliers", f"{prefix}/outlier_weight"],
-            [f"{prefix}/outlier_product"],
-            name=f"{prefix}/outlier_matmul",
-        ),
-        helper.make_node(
+    side = helper.make_node(
+        "MatMul",
+        [f"{prefix}/outliers", f"{prefix}/outlier_weight"],
+        [f"{prefix}/outlier_product"],
+        name=f"{prefix}/outlier_matmul",
+    )
+    bias_add = _sole_bias_add(model, y, initializers)
+    if bias_add is not None:
+        # Sum after the layer's bias add, which then reads the matmul directly and is folded into it by onnxruntime.
+        bias_add.input[list(bias_add.input).index(y)] = f"{prefix}/inlier_product"
+        total = bias_add.output[0]
+        bias_add.output[0] = f"{prefix}/biased_product"
+        add = helper.make_node(
+            "Add", [f"{prefix}/biased_product", f"{prefix}/outlier_product"], [total], name=f"{prefix}/outlier_add"
+        )
+    else:
+        bias_add = node
+        add = helper.make_node(
             "Add", [f"{prefix}/inlier_product", f"{prefix}/outlier_product"], [y], name=f"{prefix}/outlier_add"
-        ),
-    ]
-    position = list(model.graph.node).index(node)
+        )
+    nodes = model.graph.node
+    nodes.insert(list(nodes).index(bias_add) + 1, add)
+    nodes.insert(list(nodes).index(node) + 1, side)
+    position = list(nodes).index(node)
     for offset, new in enumerate(before):
-        model.graph.node.insert(position + offset, new)
-    for offset, new in enumerate(after):
-        model.graph.node.insert(position + len(before) + 1 + offset, new)
+        nodes.insert(position + offset, new)
 
 
-def _outliers_from_gelu(prefix: str, gelu, outliers: np.ndarray, initializers: dict[str, Any]) -> tuple[list, list]:
-    """Silence the outlier units in `gelu` (bias -1e4) and recompute their GELU on the side from the
-    pre-activation into `<prefix>/outliers`; returns the new initializers and the nodes to put before the matmul."""
+def _sole_bias_add(model, y: str, initializers: dict[str, Any]):
+    """The `Add` of a 1-D constant (a layer's bias) that is the only reader of `y`, else `None`."""
+    from onnx import numpy_helper
+
+    readers = [node for node in model.graph.node if y in node.input]
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    (other,) = [name for name in readers[0].input if name != y] or [None]
+    if other in initializers and numpy_helper.to_array(initializers[other]).ndim == 1:
+        return readers[0]
+    return None
+
+
+def _outliers_from_ffn(prefix: str, ffn, outliers: np.ndarray, initializers: dict[str, Any]) -> tuple[list, list]:
+    """Silence the outlier units of an FFN activation `Gelu(h @ W1 + b1)` (their bias set to -1e4: GELU gives
+    exactly 0) and recompute them on the side as `Gelu(h @ W1[:, outliers] + b1[outliers])` into
+    `<prefix>/outliers`, a thin float32 matmul on the FFN input; returns the new initializers and the nodes to put
+    before the matmul. The main matmul and bias add stay untouched, so onnxruntime still fuses them."""
     from onnx import helper, numpy_helper
 
-    gather = helper.make_node(
-        "Gather",
-        [gelu.input[0], f"{prefix}/outlier_index"],
-        [f"{prefix}/outlier_input"],
-        axis=-1,
-        name=f"{prefix}/gather",
-    )
-    bias = numpy_helper.to_array(initializers[gelu.input[1]])
+    h, first_weight_name, add, bias_index = ffn
+    bias = numpy_helper.to_array(initializers[add.input[bias_index]])
     silenced = bias.copy()
     silenced[outliers] = -1e4
+    first_weight = numpy_helper.to_array(initializers[first_weight_name])
     new_initializers = [
         numpy_helper.from_array(silenced, f"{prefix}/silenced_bias"),
+        numpy_helper.from_array(np.ascontiguousarray(first_weight[:, outliers]), f"{prefix}/outlier_pre_weight"),
         numpy_helper.from_array(np.ascontiguousarray(bias[outliers]), f"{prefix}/outlier_bias"),
     ]
-    gelu.input[1] = f"{prefix}/silenced_bias"
+    add.input[bias_index] = f"{prefix}/silenced_bias"
     before = [
-        gather,
         helper.make_node(
-            "BiasGelu",
-            [f"{prefix}/outlier_input", f"{prefix}/outlier_bias"],
+            "MatMul",
+            [h, f"{prefix}/outlier_pre_weight"],
+            [f"{prefix}/outlier_pre"],
+            name=f"{prefix}/outlier_pre_matmul",
+        ),
+        helper.make_node(
+            "Add",
+            [f"{prefix}/outlier_pre", f"{prefix}/outlier_bias"],
+            [f"{prefix}/outlier_biased"],
+            name=f"{prefix}/outlier_bias_add",
+        ),
+        helper.make_node(
+            "Gelu",
+            [f"{prefix}/outlier_biased"],
             [f"{prefix}/outliers"],
             name=f"{prefix}/outlier_gelu",
             domain="com.microsoft",
@@ -511,7 +605,10 @@ def _outliers_from_input(node, outliers: np.ndarray, channels: int) -> tuple[lis
     )
     keep = np.ones(channels, dtype=np.float32)
     keep[outliers] = 0.0
-    new_initializers = [numpy_helper.from_array(keep, f"{prefix}/outlier_keep")]
+    new_initializers = [
+        numpy_helper.from_array(keep, f"{prefix}/outlier_keep"),
+        numpy_helper.from_array(outliers.astype(np.int64), f"{prefix}/outlier_index"),
+    ]
     node.input[0] = f"{prefix}/inliers"
     before = [
         helper.make_node("Mul", [x, f"{prefix}/outlier_keep"], [f"{prefix}/inliers"], name=f"{prefix}/keep"),
