@@ -4,8 +4,9 @@ Usage:
     python benchmarks/bench_service.py [--model DIR] [--clients 1 8 32] [--requests 25] [--texts-per-request 1]
         [--batch-wait-ms 2] [--backends torch onnx onnx-int8] [--compare-no-batching]
 
-Every response is checked against the serving backend's own `encode` of the same texts (atol 1e-5); the script
-fails if any is wrong or missing. Backends: `torch` (the `MultiTaskModel`), `onnx` / `onnx-int8` (the exported
+Every response is checked against the serving backend's own `encode` of the same texts (atol 1e-5; cosine > 0.995
+for int8, whose embeddings depend slightly on the batch a request is merged into); the script fails if any is wrong
+or missing. Backends: `torch` (the `MultiTaskModel`), `onnx` / `onnx-int8` (the exported
 graph through onnxruntime, `OnnxMultiTaskModel`: what `mtl serve --backend onnx` runs). Prints one JSON line per
 run and a markdown table.
 """
@@ -48,6 +49,16 @@ def run(model, clients: int, requests: int, per_request: int, batch_wait_ms: flo
     words = ["music", "weather", "football", "cooking", "films", "markets", "travel", "science"]
     texts = [f"A short sentence about {words[i % 8]} number {i}, with a few more words." for i in range(512)]
     expected = dict(zip(texts, model.encode(texts)))
+    if getattr(model, "int8", False):
+        # Dynamic int8 scales activations per batch, so a text's embedding depends slightly on the requests it was
+        # merged with (docs/ONNX.md): checked by cosine to its own encode instead of elementwise.
+        def same(got: np.ndarray, want: np.ndarray) -> bool:
+            return float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.995
+    else:
+
+        def same(got: np.ndarray, want: np.ndarray) -> bool:
+            return np.allclose(got, want, atol=1e-5)
+
     latencies: list[float] = []
     errors: list[str] = []
     url = f"http://127.0.0.1:{port}"
@@ -65,9 +76,7 @@ def run(model, clients: int, requests: int, per_request: int, batch_wait_ms: flo
                     errors.append(f"HTTP {response.status_code}")
                     continue
                 got = np.array(response.json()["embeddings"])
-                if got.shape[0] != len(chunk) or not all(
-                    np.allclose(g, expected[t], atol=1e-5) for g, t in zip(got, chunk)
-                ):
+                if got.shape[0] != len(chunk) or not all(same(g, expected[t]) for g, t in zip(got, chunk)):
                     errors.append("wrong embedding")
 
     calls0, reqs0 = app.state.batcher.model_calls, app.state.batcher.requests
