@@ -227,9 +227,17 @@ def _session(
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: no "removing initializer" chatter at load time
     providers = list(providers) if providers else ["CPUExecutionProvider"]
-    # On CPU only: other providers have good fused kernels, and fusing back is what onnxruntime does by default.
-    disabled = list(CPU_DISABLED_FUSIONS) if providers == ["CPUExecutionProvider"] else []
+    disabled = _disabled_fusions(providers, onnxruntime.get_available_providers())
     return onnxruntime.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
+
+
+def _disabled_fusions(providers: Sequence[Any], available: Sequence[str]) -> list[str]:
+    """`CPU_DISABLED_FUSIONS` when the session will run on the CPU provider alone (a provider is a name or a
+    `(name, options)` pair; requested providers this onnxruntime lacks fall back to CPU), else none: other
+    providers have good fused kernels, and fusing is onnxruntime's default."""
+    names = {provider if isinstance(provider, str) else provider[0] for provider in providers}
+    accelerated = (names - {"CPUExecutionProvider"}) & set(available)
+    return [] if accelerated else list(CPU_DISABLED_FUSIONS)
 
 
 def _run_text_graph(session, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
@@ -475,7 +483,9 @@ def _ffn_gelu(x: str, producers: dict[str, Any], readers: dict[str, int], initia
     from onnx import numpy_helper
 
     gelu = producers.get(x)
-    if gelu is None or gelu.op_type != "Gelu" or readers.get(x) != 1:
+    # The exact GELU of onnxruntime's domain (what fusion and `_unfuse_slow_cpu_kernels` write): the side path
+    # recomputes the outlier units with that same op.
+    if gelu is None or gelu.op_type != "Gelu" or gelu.domain != "com.microsoft" or readers.get(x) != 1:
         return None
     add = producers.get(gelu.input[0])
     if add is None or add.op_type != "Add" or readers.get(add.output[0]) != 1:
@@ -485,14 +495,15 @@ def _ffn_gelu(x: str, producers: dict[str, Any], readers: dict[str, int], initia
         matmul = producers.get(pre)
         if (
             bias in initializers
-            and numpy_helper.to_array(initializers[bias]).ndim == 1
             and matmul is not None
             and matmul.op_type == "MatMul"
             and readers.get(pre) == 1
             and matmul.input[1] in initializers
-            and numpy_helper.to_array(initializers[matmul.input[1]]).ndim == 2
         ):
-            return matmul.input[0], matmul.input[1], add, bias_index
+            bias_shape = numpy_helper.to_array(initializers[bias]).shape
+            weight_shape = numpy_helper.to_array(initializers[matmul.input[1]]).shape
+            if len(weight_shape) == 2 and bias_shape == (weight_shape[1],):  # one bias per unit, no broadcast
+                return matmul.input[0], matmul.input[1], add, bias_index
     return None
 
 
@@ -543,6 +554,8 @@ def _sole_bias_add(model, y: str, initializers: dict[str, Any]):
     """The `Add` of a 1-D constant (a layer's bias) that is the only reader of `y`, else `None`."""
     from onnx import numpy_helper
 
+    if any(output.name == y for output in model.graph.output):  # renaming it would remove a graph output
+        return None
     readers = [node for node in model.graph.node if y in node.input]
     if len(readers) != 1 or readers[0].op_type != "Add":
         return None

@@ -119,7 +119,7 @@ def test_export_folder_holds_one_graph_with_every_single_text_head(tiny):
     # The two fusions with slow CPU kernels are undone: plain layer norms and GELUs, whose bias adds read a matmul.
     assert "SkipLayerNormalization" not in ops and "BiasGelu" not in ops
     assert ops.count("LayerNormalization") == 2 * model.config.backbone_config.num_hidden_layers
-    assert ops.count("Gelu") >= model.config.backbone_config.num_hidden_layers
+    assert ops.count("Gelu") >= model.config.backbone_config.num_hidden_layers  # + the MLP head's own
     for graph_input in graph.input:  # batch and sequence axes are symbolic
         assert [dim.dim_param for dim in graph_input.type.tensor_type.shape.dim] == ["batch", "sequence"]
     for name in ("config.json", "tokenizer.json"):
@@ -207,6 +207,29 @@ def test_int8_graph_is_quantized_and_close(tiny):
     assert np.isfinite(embeddings).all() and cosines.min() > 0.95
     predictions = int8.predict(PAIRS)
     assert {result["nli"]["label"] for result in predictions} <= {"e", "n", "c"}
+
+
+def test_cpu_sessions_keep_the_slow_fusions_apart(tiny, tmp_path):
+    import onnxruntime
+
+    from multitask_st.onnx import CPU_DISABLED_FUSIONS, _disabled_fusions
+
+    cpu, both = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert _disabled_fusions(cpu, both) == list(CPU_DISABLED_FUSIONS)
+    assert _disabled_fusions([("CPUExecutionProvider", {})], both) == list(CPU_DISABLED_FUSIONS)
+    assert _disabled_fusions(both, both) == []  # an accelerator keeps onnxruntime's fused kernels
+    assert _disabled_fusions(both, cpu) == list(CPU_DISABLED_FUSIONS)  # ... unless it falls back to CPU
+
+    def optimized_ops(disabled: list[str]) -> set[str]:
+        options = onnxruntime.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        options.log_severity_level = 3
+        onnxruntime.InferenceSession(str(tiny[2] / MODEL_FILE), options, providers=cpu, disabled_optimizers=disabled)
+        return {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+    assert "SkipLayerNormalization" in optimized_ops([])  # onnxruntime's default fuses them back at load time
+    assert "SkipLayerNormalization" not in optimized_ops(_disabled_fusions(cpu, cpu))
+    assert "LayerNormalization" in optimized_ops(_disabled_fusions(cpu, cpu))
 
 
 def test_runtime_options_and_errors(tiny):
@@ -341,6 +364,8 @@ def test_minilm_int8_keeps_sts_quality(minilm, shared_data):
     producers = {output: node for node in nodes for output in node.output}
     sums = [node for node in nodes if node.name.endswith("/outlier_add")]
     assert len(sums) == len(quantization["outlier_channels"])
+    # FFN second matmuls took their outliers from the FFN input (silenced GELU units recomputed on the side).
+    assert any(node.name.endswith("/outlier_pre_matmul") for node in nodes)
     for node in sums:
         bias_add = producers[node.input[0]]
         assert bias_add.op_type == "Add" and bias_add.input[0].endswith("/inlier_product")
