@@ -22,29 +22,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_encode import load_corpus  # noqa: E402
-
-
-def batches(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
-    """Length-sorted batches, padded to their longest sentence, as `encode` feeds the graph."""
-    ordered = sorted(sentences, key=len)
-    feeds = []
-    for start in range(0, len(ordered), batch_size):
-        encoded = tokenizer(
-            ordered[start : start + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-        )
-        feeds.append({name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask")})
-    return feeds
 
 
 def session(path: Path, threads: int, keep_apart: bool, profile_dir: str | None = None):
@@ -94,11 +76,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from configuration_mtl import MultiTaskConfig
+    from multitask_st.onnx import calibration_feeds
 
     threads = args.threads or torch.get_num_threads()
     config = MultiTaskConfig.from_pretrained(args.export_dir)  # as OnnxMultiTaskModel loads the folder
     tokenizer = AutoTokenizer.from_pretrained(args.export_dir, config=config.backbone_config)
-    feeds = batches(tokenizer, load_corpus(args.data_dir)[: args.num_sentences], args.batch_size, config.max_seq_length)
+    sentences = sorted(load_corpus(args.data_dir)[: args.num_sentences], key=len)  # length-sorted, as `encode` batches
+    feeds = calibration_feeds(tokenizer, sentences, config.max_seq_length, args.batch_size)
     count = sum(len(feed["input_ids"]) for feed in feeds)
     print(f"{count} sentences, batch size {args.batch_size}, {threads} threads, export {args.export_dir}")
 
