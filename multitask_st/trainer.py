@@ -369,6 +369,7 @@ class MultiTaskTrainer(Trainer):
         self._reset_task_logs()
         self._eval_sums: dict[str, float] = {}
         self._eval_counts: dict[str, float] = {}
+        self._idle_tasks: list[str] = []
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint, and a checkpoint
@@ -420,6 +421,7 @@ class MultiTaskTrainer(Trainer):
         if self.is_in_train:
             for index, name in enumerate(self.task_names):
                 self._task_log_steps[name] += int(counts[index] > 0)
+            self._idle_tasks = [name for index, name in enumerate(self.task_names) if counts[index] == 0]
         return dict(zip(self.task_names, counts))
 
     # ------------------------------------------------------------------------------------------- loss
@@ -554,8 +556,33 @@ class MultiTaskTrainer(Trainer):
     # ------------------------------------------------------------------------------------------- optimizer
 
     def create_optimizer(self, model=None):
-        if self.optimizer is not None or (self.head_learning_rate is None and self.layerwise_lr_decay in (None, 1.0)):
-            return super().create_optimizer(model)
+        if self.optimizer is not None:
+            return self.optimizer
+        if self.head_learning_rate is None and self.layerwise_lr_decay in (None, 1.0):
+            optimizer = super().create_optimizer(model)
+        else:
+            optimizer = self._grouped_optimizer(model)
+        optimizer.register_step_pre_hook(self._skip_idle_heads)
+        return optimizer
+
+    def _skip_idle_heads(self, optimizer, args, kwargs) -> None:
+        """Leave the heads of tasks that had no labelled row in this optimizer step (on any process) untouched.
+
+        Their gradient is an exact zero (`task_loss` keeps every head in the graph, for DDP), and Adam would still
+        move them: along the stale momentum, with a second moment that decays between the task's batches, so with
+        3 tasks a head's effective step is ~1.7x what it would be alone, plus weight decay on steps it has no data
+        for. Dropping the gradient (`None`) makes the optimizer skip those parameters, so each head sees the same
+        update sequence as when trained alone.
+        """
+        if not self._idle_tasks:
+            return
+        heads = getattr(unwrap(self.accelerator.unwrap_model(self.model)), "heads", None)
+        for name in self._idle_tasks:
+            if heads is not None and name in heads:
+                for parameter in heads[name].parameters():
+                    parameter.grad = None
+
+    def _grouped_optimizer(self, model=None):
         opt_model = self.model if model is None else model
         decay_names = set(self.get_decay_parameter_names(opt_model))
         groups: dict[tuple[float, float], list[nn.Parameter]] = {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from train_helpers import make_dataset, pair_files, separate_sources, three_tasks
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from modeling_mtl import MultiTaskModel
 from multitask_st.data import build_datasets, parse_task_specs
@@ -286,6 +286,35 @@ def test_a_heads_own_transformer_layers_learn_at_the_head_rate(tiny_bert, tmp_pa
     assert rates[id(names["backbone.encoder.layer.1.attention.self.query.weight"])] == pytest.approx(1e-4)
     assert rates[id(names["heads.ner.out_proj.weight"])] == pytest.approx(1e-2)
     assert rates[id(names["heads.topic.pooling.attention_scorer.weight"])] == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize("head_learning_rate", [None, 1e-2])  # the Trainer's optimizer, and the grouped one
+def test_a_heads_parameters_stay_put_on_steps_without_its_task(tiny_bert, tmp_path, head_learning_rate):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    options = {"task_sampling": "round_robin", "embedding_protection": "none", "head_learning_rate": head_learning_rate}
+    trainer = trainer_for(model, data, tmp_path / "out", options, max_steps=4, per_device_train_batch_size=8,
+                          learning_rate=1e-2, weight_decay=0.1, save_strategy="no")  # fmt: skip
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append({name: p.detach().clone() for name, p in model.heads.named_parameters()})
+
+    trainer.add_callback(Snapshot())
+    trainer.train()  # round robin over one batch per source: topic, sentiment, ner, topic
+
+    def moved(step, task):
+        before = snapshots[step - 1]
+        return any(not torch.equal(before[n], p) for n, p in snapshots[step].items() if n.startswith(f"{task}."))
+
+    # The third step trains `ner` only: the classification heads (with a momentum and weight decay that would move
+    # them) stay exactly where they are, the token head moves; the fourth trains `topic` only.
+    assert moved(2, "ner")
+    assert not moved(2, "topic") and not moved(2, "sentiment")
+    assert moved(3, "topic") and not moved(3, "ner")
+    # Skipped steps leave no optimizer step count behind: topic's head was updated twice in 4 steps.
+    topic_weight = model.heads["topic"].out_proj.weight
+    assert int(trainer.optimizer.state[topic_weight]["step"]) == 2
 
 
 # ------------------------------------------------------------------------------------------------ streaming
