@@ -12,6 +12,10 @@ from the bundled all-MiniLM-L6-v2, and is scored on the test splits:
 Results are cached per (config, seed) in `--output_root` (rerun with the same options to only add what is missing)
 and written as mean ± std over seeds to `--results` (markdown) and `--results_json`.
 
+Budget: `--steps_per_task N` gives a run of n tasks n x N optimizer steps (batches of one task each, drawn by
+temperature sampling over equal-size subsets), so every task sees about N batches, as in its single-task run of N
+steps; `--steps S` instead gives every multi-task run S steps and single-task runs S x `--single_fraction`.
+
 Configs (`--configs`, default: all), every one with train.py's defaults unless it says otherwise:
 - `heads-none-linear`: SST-2 + TREC + WikiANN, every head on the shared vector / token states, no protection (the
   behaviour before this project protected the embedding);
@@ -138,13 +142,19 @@ def run_config(args, config: str, seed: int) -> dict:
     """Train one (config, seed) in a subprocess, or return its cached result."""
     folder = Path(args.output_root) / f"{config}-seed{seed}"
     result_path = folder / "bench_result.json"
-    settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra}
-    if result_path.is_file():
-        cached = json.loads(result_path.read_text())
-        if cached.get("settings") == settings:
-            return cached
     names, flags = CONFIGS[config]
-    steps = args.steps if len(names) > 1 else max(1, round(args.steps * args.single_fraction))
+    if args.steps_per_task:
+        steps = args.steps_per_task * len(names)
+    else:
+        steps = args.steps if len(names) > 1 else max(1, round(args.steps * args.single_fraction))
+    settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra}
+    if args.steps_per_task:
+        settings["steps_per_task"] = args.steps_per_task
+    if result_path.is_file():  # the same run whichever way its steps were asked for
+        cached = json.loads(result_path.read_text())
+        same = {key: cached.get("settings", {}).get(key) for key in ("train_samples", "extra")}
+        if cached.get("steps") == steps and same == {"train_samples": args.train_samples, "extra": args.extra}:
+            return cached
     job = {
         "tasks": task_dicts(Path(args.data_dir), names, args.train_samples),
         "output_dir": str(folder / "model"),
@@ -312,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=900, help="optimizer steps of a multi-task run")
     parser.add_argument(
         "--single_fraction", type=float, default=1 / 3, help="steps of a single-task run, as a fraction of --steps"
+    )
+    parser.add_argument(
+        "--steps_per_task",
+        type=int,
+        default=None,
+        help="instead of --steps / --single_fraction: a run of n tasks trains n x this many steps, so that every task "
+        "sees about as many batches as in its single-task run (equal-size tasks, temperature sampling)",
     )
     parser.add_argument("--train_samples", type=int, default=4000, help="training rows per task (seeded subset)")
     parser.add_argument("--max_seq_length", type=int, default=64)
