@@ -154,6 +154,11 @@ def run_config(args, config: str, seed: int) -> dict:
         cached = json.loads(result_path.read_text())
         same = {key: cached.get("settings", {}).get(key) for key in ("train_samples", "extra")}
         if cached.get("steps") == steps and same == {"train_samples": args.train_samples, "extra": args.extra}:
+            if (
+                "validation" not in cached and (folder / "model" / "metrics.json").is_file()
+            ):  # cached before it was kept
+                cached["validation"] = json.loads((folder / "model" / "metrics.json").read_text()).get("eval", {})
+                result_path.write_text(json.dumps(cached, indent=2))
             return cached
     job = {
         "tasks": task_dicts(Path(args.data_dir), names, args.train_samples),
@@ -191,6 +196,7 @@ def run_config(args, config: str, seed: int) -> dict:
         "seed": seed,
         "steps": steps,
         "test": metrics.get("test", {}),
+        "validation": metrics.get("eval", {}),
         "embedding": metrics.get("embedding", {}),
         "stsb_encode": stsb_spearman(model_dir, Path(args.data_dir)),
         "stsb_encode_validation": stsb_spearman(model_dir, Path(args.data_dir), "validation"),
@@ -282,9 +288,10 @@ def summarise(results: dict[str, list[dict]]) -> dict:
             ],
         }
         for task, (metric, _) in SCORES.items():
-            values = [100 * run["test"][task][metric] for run in runs if task in run["test"]]
-            if values:
-                row[task] = values
+            for split, key in (("test", task), ("validation", f"{task}_validation")):
+                values = [100 * run[split][task][metric] for run in runs if task in run.get(split, {})]
+                if values:
+                    row[key] = values
         summary[config] = row
     return summary
 
@@ -310,6 +317,18 @@ def markdown(summary: dict, command: str, hardware: str) -> str:
         cells += [mean_std(row.get(task, [])) for task in SCORES]
         cells += [mean_std(row["cosine_to_initial"]), mean_std(row["knn_overlap"])]
         cells += [mean_std(row["train_runtime_s"]), mean_std(row["peak_rss_mib"])]
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    # The validation splits: what every choice was made on (the heads' scores above are the test splits').
+    lines += [
+        "",
+        "Validation splits:",
+        "",
+        "| config | STS-B val ρ (encode) | " + " | ".join(title for _, title in SCORES.values()) + " |",
+        "|---|" + "---|" * (len(SCORES) + 1),
+    ]
+    for config, row in summary.items():
+        cells = [mean_std(row.get("stsb_encode_validation", []))]
+        cells += [mean_std(row.get(f"{task}_validation", [])) for task in SCORES]
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
