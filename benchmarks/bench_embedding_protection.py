@@ -152,12 +152,11 @@ def run_config(args, config: str, seed: int) -> dict:
         settings["steps_per_task"] = args.steps_per_task
     if result_path.is_file():  # the same run whichever way its steps were asked for
         cached = json.loads(result_path.read_text())
-        same = {key: cached.get("settings", {}).get(key) for key in ("train_samples", "extra")}
-        if cached.get("steps") == steps and same == {"train_samples": args.train_samples, "extra": args.extra}:
-            if (
-                "validation" not in cached and (folder / "model" / "metrics.json").is_file()
-            ):  # cached before it was kept
-                cached["validation"] = json.loads((folder / "model" / "metrics.json").read_text()).get("eval", {})
+        same = all(cached.get("settings", {}).get(key) == settings[key] for key in ("train_samples", "extra"))
+        if cached.get("steps") == steps and same:
+            metrics_path = folder / "model" / "metrics.json"
+            if "validation" not in cached and metrics_path.is_file():  # cached before validation scores were kept
+                cached["validation"] = json.loads(metrics_path.read_text()).get("eval", {})
                 result_path.write_text(json.dumps(cached, indent=2))
             return cached
     job = {

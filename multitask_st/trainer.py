@@ -575,11 +575,11 @@ class MultiTaskTrainer(Trainer):
         for. Dropping the gradient (`None`) makes the optimizer skip those parameters, so each head sees the same
         update sequence as when trained alone.
         """
-        if not self._idle_tasks:
-            return
         heads = getattr(unwrap(self.accelerator.unwrap_model(self.model)), "heads", None)
+        if not self._idle_tasks or heads is None:
+            return
         for name in self._idle_tasks:
-            if heads is not None and name in heads:
+            if name in heads:
                 for parameter in heads[name].parameters():
                     parameter.grad = None
 
