@@ -242,6 +242,14 @@ def pair_features(u: torch.Tensor, v: torch.Tensor, combination: Sequence[str]) 
 # count (of this batch, or of the whole accumulated step when the trainer passes `num_items_in_batch`).
 
 
+def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """`tensor` in the forward pass; `scale` times its gradient in the backward pass (0: detached)."""
+    if scale == 0.0:
+        return tensor.detach()
+    detached = tensor.detach()
+    return detached + (tensor - detached) * scale  # exactly `tensor` forward: x - x is 0
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over class or tag ids; `(batch, num_labels)` or `(batch, seq, num_labels)` logits."""
     per_item = F.cross_entropy(
@@ -596,6 +604,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         num_items_in_batch: dict[str, int | torch.Tensor] | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        head_gradient_scale: float = 1.0,
     ) -> MultiTaskModelOutput | tuple:
         r"""
         Args:
@@ -615,6 +624,11 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             num_items_in_batch (`dict[str, int]`, *optional*):
                 Per task, the number of labelled items in the whole gradient-accumulation step; each task's
                 loss is then `sum / num_items` so accumulation gives the same gradient as one large batch.
+            head_gradient_scale (`float`, defaults to 1): the fraction of their gradients that the heads of single-text
+                tasks (classification, multi-label, token classification, regression) pass back into the shared
+                encoder. 0: their losses train only their own layers, pooling and linear layers, and the shared
+                encoder learns from the tasks that train the embedding (similarity, pair classification,
+                contrastive). The forward pass is the same whatever the value.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None and inputs_embeds is None:
@@ -633,7 +647,10 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         first_token_states = encoder_outputs.last_hidden_state[: texts.batch_size]  # (batch, seq, hidden)
 
         first_mask = texts.present_mask[: texts.batch_size]  # (batch, seq)
-        logits = {name: self._task_logits(name, features, first_token_states, first_mask, texts) for name in tasks}
+        logits = {
+            name: self._task_logits(name, features, first_token_states, first_mask, texts, head_gradient_scale)
+            for name in tasks
+        }
         logits = {name: value for name, value in logits.items() if value is not None}
         loss, task_losses = None, None
         if labels:
@@ -709,14 +726,25 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         token_states: torch.Tensor,
         first_mask: torch.Tensor,
         texts: _TextGroups | None = None,
+        gradient_scale: float = 1.0,
     ) -> torch.Tensor | None:
-        """One task's output for a batch; `None` for a pair task in a batch of single texts."""
+        """One task's output for a batch; `None` for a pair task in a batch of single texts. `gradient_scale`: see
+        `forward`'s `head_gradient_scale`."""
         task = self.config.get_task(name)
         task_type = task["type"]
         if task_type in ("token_classification", "classification", "multi_label_classification", "regression"):
             head = self.heads[name]
+            if gradient_scale != 1.0:
+                features, token_states = (
+                    scale_gradient(features, gradient_scale),
+                    scale_gradient(token_states, gradient_scale),
+                )
             if head.branch is not None:  # the head's own top layers, on the first texts' rows
-                token_states = head.branch(texts.first_rows_calls(head.branch_depth))
+                calls = texts.first_rows_calls(head.branch_depth)
+                if gradient_scale != 1.0:  # the states entering the branch (masks and positions have no gradient)
+                    (states, *rest), kwargs = calls[0]
+                    calls = [((scale_gradient(states, gradient_scale), *rest), kwargs), *calls[1:]]
+                token_states = head.branch(calls)
             if task_type == "token_classification":
                 return head(head.adapt(token_states, first_mask))  # (batch, seq, num_labels)
             if head.pooling is not None:  # the head's own view of the sentence: (batch, hidden)

@@ -100,17 +100,28 @@ class MultiTaskArguments:
         default=None, metadata={"help": "Per-layer learning-rate decay factor down the encoder (e.g. 0.9)."}
     )
     embedding_protection: str = field(
-        default="distillation",
-        metadata={"help": "Keep the sentence embedding while heads train: distillation, l2sp or none."},
+        default="auto",
+        metadata={
+            "help": "Keep the sentence embedding while heads train: distillation, isolation, l2sp, none, or auto "
+            "(isolation when a task trains the embedding, distillation otherwise)."
+        },
     )
     protection_weight: float | None = field(
-        default=None, metadata={"help": "Factor of the protection term (default: the measured default per method)."}
+        default=None,
+        metadata={
+            "help": "Factor of the protection term (default: the measured default per method); for isolation, the "
+            "share of the heads' gradients kept out of the shared encoder (0 to 1, default 1)."
+        },
     )
     drift_sample_size: int = field(
         default=1000, metadata={"help": "Eval texts on which each evaluation measures the embedding's drift (0: off)."}
     )
     drift_warning_cosine: float = field(
-        default=0.9, metadata={"help": "Warn when the mean cosine to the initial embedding falls below this."}
+        default=0.9,
+        metadata={
+            "help": "Warn when the mean cosine to the initial embedding falls below this (in runs without a task "
+            "that trains the embedding)."
+        },
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the whole encoder (train heads only)."})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Freeze the encoder's embeddings."})

@@ -24,7 +24,10 @@ Configs (`--configs`, default: all), every one with train.py's defaults unless i
   copy of the top layer, the token head with its own copies of the top two layers);
 - `heads-none`: the recipe's heads, no protection (full fine-tuning: the reference for LoRA and for the heads);
 - `heads-l2sp`, `heads-lora`: the recipe's heads with L2-SP instead, or with LoRA (rank 8) and no protection;
-- `heads+sts`: the recipe + `similarity` on STS-B train;
+- `heads-isolation`: the recipe's heads, each training only its own layers (the shared encoder frozen);
+- `heads+sts`: the recipe + `similarity` on STS-B train (the default protection then: isolation, weight 0.9);
+- `heads+sts-distillation`: the same with distillation (the default before isolation);
+- `heads+sts-isolation`: the same with full isolation (the shared encoder learns from STS-B only);
 - `heads+sts+mrpc`: the recipe + STS-B similarity + MRPC `pair_classification` + `contrastive` on MRPC's paraphrases;
 - `single-<task>`: one task alone, the recipe's heads, no protection (nothing else to protect it from), per task.
 Model selection uses validation splits only: test splits are scored once, after training.
@@ -115,6 +118,7 @@ SCORES = {
 # / token states.
 RECIPE_HEADS: list[str] = []
 LINEAR_HEADS = ["--head_pooling", "shared", "--token_head_layers", "0"]
+FULL_ISOLATION = ["--embedding_protection", "isolation", "--protection_weight", "1"]  # heads' gradients all kept out
 CONFIGS = {
     "heads-none-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "none"]),
     "heads-distillation-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "distillation"]),
@@ -122,7 +126,10 @@ CONFIGS = {
     "heads-distillation": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "distillation"]),
     "heads-l2sp": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "l2sp"]),
     "heads-lora": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "none", "--lora_rank", "8"]),
+    "heads-isolation": (HEADS, [*RECIPE_HEADS, *FULL_ISOLATION]),
     "heads+sts": ((*HEADS, "stsb"), RECIPE_HEADS),
+    "heads+sts-distillation": ((*HEADS, "stsb"), [*RECIPE_HEADS, "--embedding_protection", "distillation"]),
+    "heads+sts-isolation": ((*HEADS, "stsb"), [*RECIPE_HEADS, *FULL_ISOLATION]),
     "heads+sts+mrpc": ((*HEADS, "stsb", "mrpc", "mrpc_retrieval"), RECIPE_HEADS),
     **{f"single-{task}": ((task,), [*RECIPE_HEADS, "--embedding_protection", "none"]) for task in TASKS},
 }

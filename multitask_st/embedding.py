@@ -13,6 +13,12 @@ their losses asks the pooled vector to keep meaning what it meant, so `encode` q
 - `l2sp`: L2-SP (Li et al., 2018), `weight/2 * ||θ - θ0||²` over the encoder's trainable weights: a pull toward the
   initial *weights*, wherever the change shows up.
 
+- `isolation`: the heads of single-text tasks train only their own layers (their copies of the encoder's top
+  layers, pooling, linear layers): their gradients stop where they read the shared encoder's states
+  (`MultiTaskModel.forward(head_gradient_scale=0)`). The shared encoder then learns only from the tasks that train
+  the embedding (similarity, pair classification, contrastive), or, in a run without any, not at all (it is
+  frozen). A weight below 1 lets `1 - weight` of the heads' gradients through.
+
 `none` trains as before. LoRA (`train.py --lora_rank`) is a third option that limits how far the encoder can move.
 """
 
@@ -33,7 +39,15 @@ from modeling_mtl import labelled_mask
 
 logger = logging.get_logger(__name__)
 
-PROTECTIONS = ("distillation", "l2sp", "none")
+PROTECTIONS = ("auto", "distillation", "isolation", "l2sp", "none")
+
+
+def resolve_protection(method: str, tasks: list[dict[str, Any]]) -> str:
+    """`auto` (the default): `isolation` when a task of the run trains the embedding (similarity, pair
+    classification, contrastive), `distillation` otherwise; the choice is measured in docs/RESULTS.md."""
+    if method != "auto":
+        return method
+    return "isolation" if any(task["type"] in EMBEDDING_TASK_TYPES for task in tasks) else "distillation"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -58,18 +72,22 @@ class EmbeddingProtection:
 
     Args:
         model: the model at the start of training (unwrapped from DDP; a PEFT model is fine).
-        method: one of `PROTECTIONS`.
+        method: one of `PROTECTIONS` (`auto` is resolved with `resolve_protection`).
         weight: factor of the term in the loss.
     """
 
     def __init__(self, model: nn.Module, method: str, weight: float):
         if method not in PROTECTIONS:
             raise ValueError(f"embedding_protection '{method}' is not one of {list(PROTECTIONS)}")
+        tasks = unwrap(model).config.tasks
+        method = resolve_protection(method, tasks)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
             raise ValueError(f"protection_weight must be a number >= 0, got {weight!r}")
+        if method == "isolation" and weight > 1:
+            raise ValueError(f"protection_weight of isolation is the share of the heads' gradient kept out of the "
+                             f"encoder, between 0 and 1; got {weight!r}")  # fmt: skip
         self.method = method if weight > 0 else "none"
         self.weight = float(weight)
-        tasks = unwrap(model).config.tasks
         self.embedding_tasks = [task["name"] for task in tasks if task["type"] in EMBEDDING_TASK_TYPES]
         self.teacher = frozen_embedding_copy(unwrap(model)) if self.method == "distillation" else None
         self.initial = None
@@ -83,6 +101,16 @@ class EmbeddingProtection:
     @property
     def name(self) -> str:
         return {"distillation": "embedding_distillation", "l2sp": "l2sp"}.get(self.method, "none")
+
+    @property
+    def head_gradient_scale(self) -> float:
+        """The share of the heads' gradients that reaches the shared encoder."""
+        return 1.0 - self.weight if self.method == "isolation" else 1.0
+
+    @property
+    def isolates(self) -> bool:
+        """Whether the shared encoder learns from the embedding tasks alone."""
+        return self.head_gradient_scale == 0.0
 
     def to(self, device: torch.device) -> EmbeddingProtection:
         if self.teacher is not None:

@@ -33,7 +33,7 @@ from transformers.utils import logging
 from modeling_mtl import labelled_mask
 
 from .data import MultiTaskCollator, StreamedSources
-from .embedding import EmbeddingDrift, EmbeddingProtection, drift_sample, unwrap
+from .embedding import EmbeddingDrift, EmbeddingProtection, drift_sample, resolve_protection, unwrap
 from .metrics import build_compute_metrics, metric_key
 
 logger = logging.get_logger(__name__)
@@ -43,7 +43,9 @@ SAMPLING_STRATEGIES = ("temperature", "proportional", "uniform", "round_robin")
 # with SST-2 + TREC + WikiANN heads, weight 1 let the embedding drift to a mean cosine of 0.86 to where it started,
 # weight 10 kept it at 0.98-0.99 and STS-B validation within 0.1 of the base model. With STS-B similarity in the mix,
 # weight 1 did not lift STS-B validation either (86.51 against 86.48 at weight 10): the heads then pull the space.
-DEFAULT_PROTECTION_WEIGHT = {"distillation": 10.0, "l2sp": 0.01, "none": 0.0}
+# Isolation: the share of the heads' gradient kept out of the shared encoder; with STS-B similarity in the mix, 0.9
+# kept the heads' validation scores within ~2 points of the distilled mix where 1.0 cost them 3-5 (docs/RESULTS.md).
+DEFAULT_PROTECTION_WEIGHT = {"distillation": 10.0, "isolation": 0.9, "l2sp": 0.01, "none": 0.0}
 LOSS_WEIGHTINGS = ("static", "uncertainty")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.")
 
@@ -286,10 +288,11 @@ class MultiTaskTrainer(Trainer):
             `learning_rate`).
         layerwise_lr_decay (`float`, *optional*): multiply the learning rate by this factor per layer going down
             the encoder (top layer `lr·d`, embeddings `lr·d^(L+1)`); `None` or 1.0 disables it.
-        embedding_protection (`str`, defaults to `"distillation"`): how the embedding is kept while heads train:
-            `"distillation"`, `"l2sp"` or `"none"` (`multitask_st.embedding`; measured in docs/RESULTS.md).
+        embedding_protection (`str`, defaults to `"auto"`): how the embedding is kept while heads train:
+            `"distillation"`, `"isolation"`, `"l2sp"` or `"none"` (`multitask_st.embedding`; measured in
+            docs/RESULTS.md); `"auto"`: isolation when a task trains the embedding, distillation otherwise.
         protection_weight (`float`, defaults to `DEFAULT_PROTECTION_WEIGHT[embedding_protection]`): its factor in
-            the loss.
+            the loss; for isolation, the share of the heads' gradients kept out of the shared encoder (0 to 1).
         drift_sample_size (`int`, defaults to 1000): texts of the eval split on which every evaluation measures the
             embedding's drift from its initial state (`eval_embedding/cosine_to_initial`, `.../knn_overlap@10`);
             0 turns it off.
@@ -309,7 +312,7 @@ class MultiTaskTrainer(Trainer):
         loss_weighting: str = "static",
         head_learning_rate: float | None = None,
         layerwise_lr_decay: float | None = None,
-        embedding_protection: str = "distillation",
+        embedding_protection: str = "auto",
         protection_weight: float | None = None,
         drift_sample_size: int = 1000,
         drift_warning_cosine: float = 0.9,
@@ -338,10 +341,13 @@ class MultiTaskTrainer(Trainer):
             # `detach_loss_weighting` removes it before the final save.
             base.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
         # The protection and the drift reference are taken from the model as it is handed over: before training.
-        weight = (
-            DEFAULT_PROTECTION_WEIGHT.get(embedding_protection, 0.0) if protection_weight is None else protection_weight
-        )
+        resolved = resolve_protection(embedding_protection, self.task_configs)
+        weight = DEFAULT_PROTECTION_WEIGHT.get(resolved, 0.0) if protection_weight is None else protection_weight
         self.protection = EmbeddingProtection(model, embedding_protection, weight)
+        if self.protection.isolates and not self.protection.embedding_tasks:
+            # No task would ever send the shared encoder a gradient: freeze it (no optimizer state, no backward).
+            for parameter in shared_parameters(base):
+                parameter.requires_grad_(False)
         eval_dataset = kwargs.get("eval_dataset")
         self.drift = None
         if drift_sample_size and isinstance(eval_dataset, Dataset) and len(eval_dataset):
@@ -428,7 +434,9 @@ class MultiTaskTrainer(Trainer):
     # ------------------------------------------------------------------------------------------- loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        outputs = model(
+            **inputs, num_items_in_batch=num_items_in_batch, head_gradient_scale=self.protection.head_gradient_scale
+        )
         task_losses = outputs.task_losses or {}
         # With counts summed over processes each process holds sum_local / count_global; DDP averages
         # gradients over processes, so multiply back to get the gradient of the global mean.
@@ -545,7 +553,8 @@ class MultiTaskTrainer(Trainer):
 
     def _measure_drift(self, prefix: str) -> dict[str, float]:
         drift = self.drift.measure(self.accelerator.unwrap_model(self.model))
-        if drift["cosine_to_initial"] < self.drift_warning_cosine:
+        # A run with a task that trains the embedding moves it on purpose: its similarity scores say how well.
+        if drift["cosine_to_initial"] < self.drift_warning_cosine and not self.protection.embedding_tasks:
             logger.warning(
                 f"the sentence embedding has drifted: mean cosine to the initial embedding "
                 f"{drift['cosine_to_initial']:.3f} < {self.drift_warning_cosine} (nearest-neighbour overlap "
@@ -575,13 +584,19 @@ class MultiTaskTrainer(Trainer):
         for. Dropping the gradient (`None`) makes the optimizer skip those parameters, so each head sees the same
         update sequence as when trained alone.
         """
-        heads = getattr(unwrap(self.accelerator.unwrap_model(self.model)), "heads", None)
+        base = unwrap(self.accelerator.unwrap_model(self.model))
+        heads = getattr(base, "heads", None)
         if not self._idle_tasks or heads is None:
             return
         for name in self._idle_tasks:
             if name in heads:
                 for parameter in heads[name].parameters():
                     parameter.grad = None
+        # Under isolation the shared encoder learns from the embedding tasks only: idle when they all are.
+        embedding_tasks = self.protection.embedding_tasks
+        if self.protection.isolates and embedding_tasks and set(embedding_tasks) <= set(self._idle_tasks):
+            for parameter in shared_parameters(base):
+                parameter.grad = None
 
     def _grouped_optimizer(self, model=None):
         opt_model = self.model if model is None else model
@@ -615,6 +630,14 @@ class MultiTaskTrainer(Trainer):
         else:
             depth = num_layers - layer
         return base * decay**depth
+
+
+def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters every task shares: the encoder, pooling and projection (not the heads, with their own layers,
+    nor a learned loss weighting)."""
+    return [
+        parameter for name, parameter in model.named_parameters() if not name.startswith(("heads.", "loss_weighting."))
+    ]
 
 
 def detach_loss_weighting(model: nn.Module) -> dict[str, float] | None:

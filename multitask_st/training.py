@@ -419,7 +419,7 @@ def continue_training(
     max_seq_length: int | None = None,
     head_learning_rate: float | None = None,
     evaluate_before: bool = True,
-    embedding_protection: str = "distillation",
+    embedding_protection: str = "auto",
     callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Continue training a saved `MultiTaskModel` on some tasks only, adding heads for tasks it does not have.

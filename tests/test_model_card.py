@@ -209,3 +209,23 @@ def test_missing_or_foreign_config_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="not a multi-task model config"):
         write_model_card(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "weight, expected",
+    [
+        (1.0, "the other tasks' heads trained their own layers only, without moving the shared encoder (isolation)"),
+        (
+            0.9,
+            "the other tasks' heads trained their own layers, with 10% of their gradient reaching the shared encoder",
+        ),
+    ],
+)
+def test_the_card_says_how_isolation_kept_the_embedding(saved_model, tiny_bert, tmp_path, weight, expected):
+    folder = _with_records(saved_model, tmp_path / "run", str(tiny_bert))
+    record = json.loads((folder / "training_config.json").read_text())
+    record["embedding_protection"] = {"method": "isolation", "weight": weight}
+    (folder / "training_config.json").write_text(json.dumps(record))
+    text = write_model_card(folder, figure=False).read_text()
+    assert f'Trained directly by "sts"; {expected}' in text
+    assert "kept close to the base model's embedding" not in text

@@ -54,7 +54,7 @@ def test_defaults_are_the_recipe_and_flags_alone_change_the_default_job(tmp_path
     assert training_args.metric_for_best_model == "combined_score"
     assert (training_args.learning_rate, mtl_args.head_learning_rate) == (1e-4, 2e-3)
     assert (training_args.warmup_steps, training_args.weight_decay) == (0.1, 0.01)
-    assert mtl_args.embedding_protection == "distillation"
+    assert mtl_args.embedding_protection == "auto"
     # Flags without --tasks apply to the embedded default job.
     _, data_args, _, training_args = train.parse_arguments(["--output_dir", str(tmp_path / "x"), "--seed", "3"])
     assert [spec.name for spec in parse_task_specs(data_args.tasks)] == ["topic", "sentiment", "ner"]
@@ -78,7 +78,8 @@ def test_a_run_logs_every_task_and_writes_the_output_contract(tiny_bert, tmp_pat
         {"name": "sts", "type": "similarity", "data_files": files, "label_column": "score", "score_range": [0, 5]}
     )
     state = run(tiny_bert, tasks, tmp_path / "out", "--max_steps", "8", "--logging_steps", "4", "--eval_strategy",
-                "steps", "--eval_steps", "4", "--save_strategy", "no", "--task_sampling", "round_robin")  # fmt: skip
+                "steps", "--eval_steps", "4", "--save_strategy", "no", "--task_sampling", "round_robin",
+                "--embedding_protection", "distillation")  # fmt: skip
     history = state["log_history"]
     train_logs = [entry for entry in history if "loss" in entry]
     for entry in train_logs:  # round robin over 4 sources, 4 steps per log window: every task in every window

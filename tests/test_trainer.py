@@ -197,13 +197,98 @@ def test_drift_is_measured_at_every_evaluation_and_warns(tiny_bert, tmp_path, ca
     assert "the sentence embedding has drifted" in caplog.text
 
 
+def isolation_tasks(tmp_path, with_similarity: bool) -> list[dict]:
+    tasks = separate_sources(tmp_path / "data", sizes=(8, 8, 8))
+    tasks[0]["head"] = {"layers": 1, "pooling": "attention"}  # topic: its own top layer and pooling
+    tasks[2]["head"] = {"layers": 1}  # ner: its own top layer
+    return tasks + pair_tasks(tmp_path / "pairs")[:1] if with_similarity else tasks
+
+
+def test_auto_protection_isolates_heads_with_an_embedding_task_and_distils_without(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    protection = trainer_for(model, data, tmp_path / "out").protection
+    assert (protection.method, protection.weight) == ("isolation", 0.9)
+    assert protection.head_gradient_scale == pytest.approx(0.1)
+    assert protection.teacher is None and any(p.requires_grad for p in model.backbone.parameters())
+    data, model = build(tiny_bert, isolation_tasks(tmp_path / "heads", with_similarity=False))
+    protection = trainer_for(model, data, tmp_path / "out2").protection
+    assert (protection.method, protection.weight, protection.head_gradient_scale) == ("distillation", 10.0, 1.0)
+
+
+def test_isolation_keeps_head_gradients_out_of_the_shared_encoder(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    model.eval()  # no dropout: passes with and without isolation compute the same function
+    trainer = trainer_for(model, data, tmp_path / "out", {"embedding_protection": "isolation", "protection_weight": 1})
+    assert trainer.protection.loss(model, trainer.data_collator([data.train[0]]), None) is None  # no loss term
+
+    def gradients(rows, protection, weight=1.0):
+        trainer.protection.method, trainer.protection.weight = protection, weight
+        _, grads = accumulated_gradients(trainer, model, [trainer.data_collator([data.train[i] for i in rows])])
+        return grads
+
+    for rows in (range(0, 4), range(16, 20)):  # topic rows (own layer + pooling), ner rows (own layer)
+        isolated = gradients(rows, "isolation")
+        assert any(
+            name.startswith("heads.") and name.endswith("branch.layers.0.output.dense.weight") for name in isolated
+        )
+        assert not any(name.startswith("backbone.") and grad.abs().sum() > 0 for name, grad in isolated.items())
+        plain = gradients(rows, "none")  # the same rows without isolation reach the encoder
+        assert plain["backbone.encoder.layer.0.output.dense.weight"].abs().sum() > 0
+        for name, grad in isolated.items():  # and give the heads the same gradients
+            if name.startswith("heads."):
+                torch.testing.assert_close(grad, plain[name], msg=name)
+        partial = gradients(rows, "isolation", 0.75)  # a quarter of the heads' gradient gets through
+        for name, grad in plain.items():
+            if name.startswith("backbone.") and grad.abs().sum() > 0:
+                torch.testing.assert_close(partial[name], 0.25 * grad, msg=name)
+    similarity = gradients(range(24, 28), "isolation")  # the embedding task trains the encoder
+    assert similarity["backbone.encoder.layer.0.output.dense.weight"].abs().sum() > 0
+
+
+def test_isolation_steps_move_the_encoder_only_for_embedding_tasks(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    options = {"task_sampling": "round_robin", "embedding_protection": "isolation", "protection_weight": 1.0,
+               "head_learning_rate": 1e-2}  # fmt: skip
+    trainer = trainer_for(model, data, tmp_path / "out", options, max_steps=4, per_device_train_batch_size=8,
+                          learning_rate=1e-2, weight_decay=0.1, save_strategy="no")  # fmt: skip
+    snapshots = [{name: p.detach().clone() for name, p in model.backbone.named_parameters()}]
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append({name: p.detach().clone() for name, p in model.backbone.named_parameters()})
+
+    trainer.add_callback(Snapshot())
+    trainer.train()  # round robin: topic, sentiment, ner, sts
+
+    def moved(step):
+        return any(not torch.equal(snapshots[step][n], p) for n, p in snapshots[step + 1].items())
+
+    assert not moved(0) and not moved(1) and not moved(2)  # no momentum or weight decay moves it on head steps
+    assert moved(3)
+
+
+def test_isolation_without_an_embedding_task_freezes_the_encoder_and_keeps_encode_exact(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=False))
+    texts = ["Maria visited Paris", "a short one", "John went home to Berlin today"]
+    before = model.encode(texts)
+    heads_before = {name: p.detach().clone() for name, p in model.heads.named_parameters()}
+    options = {"embedding_protection": "isolation", "protection_weight": 1.0}
+    trainer = trainer_for(model, data, tmp_path / "out", options, max_steps=6,
+                          per_device_train_batch_size=8, learning_rate=1e-2, save_strategy="no")  # fmt: skip
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    trainer.train()
+    np.testing.assert_array_equal(model.encode(texts), before)
+    assert any(not torch.equal(heads_before[n], p) for n, p in model.heads.named_parameters())
+
+
 # ------------------------------------------------------------------------------------------------ logging, weights
 
 
 def test_per_task_and_protection_losses_are_logged(tiny_bert, tmp_path):
     data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)) + pair_tasks(tmp_path / "pairs"))
-    trainer = trainer_for(model, data, tmp_path / "out", {"task_sampling": "round_robin"}, max_steps=10,
-                          logging_steps=5, per_device_train_batch_size=4, save_strategy="no")  # fmt: skip
+    options = {"task_sampling": "round_robin", "embedding_protection": "distillation"}
+    trainer = trainer_for(model, data, tmp_path / "out", options, max_steps=10, logging_steps=5,
+                          per_device_train_batch_size=4, save_strategy="no")  # fmt: skip
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     # round robin over 4 sources, 5 steps per window: every task and the distillation term appear
