@@ -242,12 +242,23 @@ def pair_features(u: torch.Tensor, v: torch.Tensor, combination: Sequence[str]) 
 # count (of this batch, or of the whole accumulated step when the trainer passes `num_items_in_batch`).
 
 
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
 def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
-    """`tensor` in the forward pass; `scale` times its gradient in the backward pass (0: detached)."""
-    if scale == 0.0:
-        return tensor.detach()
-    detached = tensor.detach()
-    return detached + (tensor - detached) * scale  # exactly `tensor` forward: x - x is 0
+    """`tensor` unchanged in the forward pass; `scale` times its gradient in the backward pass. At 0 the gradient is
+    an exact zero but the graph is kept, so distributed training still sees every parameter take part."""
+    if scale == 1.0 or not tensor.requires_grad:
+        return tensor
+    return _ScaleGradient.apply(tensor, scale)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -661,6 +672,9 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             }
             if task_losses:
                 loss = sum(self.config.get_task(name)["loss_weight"] * value for name, value in task_losses.items())
+                # Heads with their own top layers skip the shared ones: an exact zero keeps the whole shared
+                # encoder in the graph, so distributed training sees every parameter take part in every step.
+                loss = loss + features.sum() * 0.0
 
         embeddings = F.normalize(features, p=2, dim=-1) if self.config.normalize else features
         output = MultiTaskModelOutput(
@@ -734,17 +748,14 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         task_type = task["type"]
         if task_type in ("token_classification", "classification", "multi_label_classification", "regression"):
             head = self.heads[name]
-            if gradient_scale != 1.0:
-                features, token_states = (
-                    scale_gradient(features, gradient_scale),
-                    scale_gradient(token_states, gradient_scale),
-                )
+            features = scale_gradient(features, gradient_scale)
             if head.branch is not None:  # the head's own top layers, on the first texts' rows
                 calls = texts.first_rows_calls(head.branch_depth)
-                if gradient_scale != 1.0:  # the states entering the branch (masks and positions have no gradient)
-                    (states, *rest), kwargs = calls[0]
-                    calls = [((scale_gradient(states, gradient_scale), *rest), kwargs), *calls[1:]]
-                token_states = head.branch(calls)
+                # Every input of the branch that carries a gradient: the states, and whatever else a backbone
+                # hands its layers from shared weights (e.g. DeBERTa's relative position embeddings).
+                token_states = head.branch(_scale_gradients(calls, gradient_scale))
+            else:
+                token_states = scale_gradient(token_states, gradient_scale)
             if task_type == "token_classification":
                 return head(head.adapt(token_states, first_mask))  # (batch, seq, num_labels)
             if head.pooling is not None:  # the head's own view of the sentence: (batch, hidden)
@@ -1015,6 +1026,19 @@ def _record_call(key: int, module: nn.Module, args: tuple, kwargs: dict) -> None
     store = getattr(_LAYER_CALLS, "store", None)
     if store is not None:
         store[key] = (args, kwargs)
+
+
+def _scale_gradients(value: Any, scale: float) -> Any:
+    """`value` with `scale_gradient` applied to every tensor in it (through tuples, lists and dicts)."""
+    if scale == 1.0:
+        return value
+    if isinstance(value, torch.Tensor):
+        return scale_gradient(value, scale)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_scale_gradients(item, scale) for item in value)
+    if isinstance(value, dict):
+        return {key: _scale_gradients(item, scale) for key, item in value.items()}
+    return value
 
 
 def _first_rows(value: Any, rows: int, total: int) -> Any:

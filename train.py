@@ -110,7 +110,7 @@ class MultiTaskArguments:
         default=None,
         metadata={
             "help": "Factor of the protection term (default: the measured default per method); for isolation, the "
-            "share of the heads' gradients kept out of the shared encoder (0 to 1, default 1)."
+            "share of the heads' gradients kept out of the shared encoder (0 to 1, default 0.9)."
         },
     )
     drift_sample_size: int = field(

@@ -145,6 +145,19 @@ def task_dicts(data_dir: Path, names, train_samples: int) -> list[dict]:
     return specs
 
 
+def expected_protection(names, flags: list[str]) -> str:
+    """The embedding protection train.py resolves for these tasks and flags (the last flag wins, as in argparse)."""
+    from multitask_st.embedding import resolve_protection
+
+    asked = "auto"
+    for index, flag in enumerate(flags[:-1]):
+        if flag == "--embedding_protection":
+            asked = flags[index + 1]
+    tasks = [{"type": TASKS[name].get("type", "classification")} for name in names]
+    weights = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--protection_weight"]
+    return "none" if weights and float(weights[-1]) == 0 else resolve_protection(asked, tasks)
+
+
 def run_config(args, config: str, seed: int) -> dict:
     """Train one (config, seed) in a subprocess, or return its cached result."""
     folder = Path(args.output_root) / f"{config}-seed{seed}"
@@ -154,12 +167,19 @@ def run_config(args, config: str, seed: int) -> dict:
         steps = args.steps_per_task * len(names)
     else:
         steps = args.steps if len(names) > 1 else max(1, round(args.steps * args.single_fraction))
-    settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra}
+    settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra, "flags": flags}
     if args.steps_per_task:
         settings["steps_per_task"] = args.steps_per_task
     if result_path.is_file():  # the same run whichever way its steps were asked for
         cached = json.loads(result_path.read_text())
         same = all(cached.get("settings", {}).get(key) == settings[key] for key in ("train_samples", "extra"))
+        if "flags" in cached.get("settings", {}):
+            same = same and cached["settings"]["flags"] == flags
+        else:  # recorded before the flags were: at least the protection must be the one these flags ask for
+            record = json.loads((folder / "model" / "training_config.json").read_text())
+            same = same and record.get("embedding_protection", {}).get("method") == expected_protection(
+                names, [*flags, *args.extra]
+            )
         if cached.get("steps") == steps and same:
             metrics_path = folder / "model" / "metrics.json"
             if "validation" not in cached and metrics_path.is_file():  # cached before validation scores were kept

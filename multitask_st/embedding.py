@@ -3,9 +3,10 @@ evaluation.
 
 Heads for classification, tagging or regression pull the shared encoder toward whatever their labels need; nothing in
 their losses asks the pooled vector to keep meaning what it meant, so `encode` quietly gets worse (STS-B Spearman 82 ->
-42-64 in the measurements of docs/RESULTS.md). Two protections, measured there:
+42-64 in the measurements of docs/RESULTS.md). The protections, measured there (`auto`, the default: isolation when a
+task of the run trains the embedding, distillation otherwise):
 
-- `distillation` (default): every batch of a task that does not itself train the embedding also pulls each of its
+- `distillation`: every batch of a task that does not itself train the embedding also pulls each of its
   sentences' current embedding toward the embedding the *initial* encoder gives it, `1 - cos(current, initial)`,
   from a frozen copy of the initial encoder run on the same batch (one extra forward pass, no backward). The heads
   stay free to reshape the token states and the directions they read, as long as the embedding of real sentences
@@ -80,12 +81,15 @@ class EmbeddingProtection:
         if method not in PROTECTIONS:
             raise ValueError(f"embedding_protection '{method}' is not one of {list(PROTECTIONS)}")
         tasks = unwrap(model).config.tasks
-        method = resolve_protection(method, tasks)
+        requested, method = method, resolve_protection(method, tasks)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
             raise ValueError(f"protection_weight must be a number >= 0, got {weight!r}")
         if method == "isolation" and weight > 1:
-            raise ValueError(f"protection_weight of isolation is the share of the heads' gradient kept out of the "
-                             f"encoder, between 0 and 1; got {weight!r}")  # fmt: skip
+            raise ValueError(
+                f"protection_weight {weight!r} is out of range for isolation (the embedding protection in use"
+                + (", chosen by 'auto' because a task trains the embedding" if requested == "auto" else "")
+                + "): it is the share of the heads' gradients kept out of the shared encoder, between 0 and 1"
+            )
         self.method = method if weight > 0 else "none"
         self.weight = float(weight)
         self.embedding_tasks = [task["name"] for task in tasks if task["type"] in EMBEDDING_TASK_TYPES]

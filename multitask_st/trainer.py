@@ -17,10 +17,12 @@ Everything else (checkpointing, resuming, DDP via accelerate, mixed precision, c
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -297,7 +299,7 @@ class MultiTaskTrainer(Trainer):
             embedding's drift from its initial state (`eval_embedding/cosine_to_initial`, `.../knn_overlap@10`);
             0 turns it off.
         drift_warning_cosine (`float`, defaults to 0.9): warn when the mean cosine to the initial embedding drops
-            below this.
+            below this, in a run without a task that trains the embedding (one with it moves it on purpose).
         All other arguments are those of `transformers.Trainer`.
     """
 
@@ -342,6 +344,8 @@ class MultiTaskTrainer(Trainer):
             base.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
         # The protection and the drift reference are taken from the model as it is handed over: before training.
         resolved = resolve_protection(embedding_protection, self.task_configs)
+        if resolved != embedding_protection:
+            logger.info(f"embedding_protection 'auto' -> '{resolved}' (see multitask_st.embedding.resolve_protection)")
         weight = DEFAULT_PROTECTION_WEIGHT.get(resolved, 0.0) if protection_weight is None else protection_weight
         self.protection = EmbeddingProtection(model, embedding_protection, weight)
         if self.protection.isolates and not self.protection.embedding_tasks:
@@ -386,18 +390,28 @@ class MultiTaskTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, str):
-            check_resumable(resume_from_checkpoint, self.model, self.loss_weighting)
+            check_resumable(resume_from_checkpoint, self.model, self.loss_weighting, self._protection_record())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """The Trainer's save; a LoRA checkpoint also records the model config (tasks, labels), which resuming
-        checks (`multitask_st.training.check_resumable`)."""
-        super()._save(output_dir, state_dict)
-        model = self.accelerator.unwrap_model(self.model)
-        if hasattr(model, "get_base_model") and self.args.should_save:
-            from .training import LORA_CONFIG_FILE
+    def _protection_record(self) -> dict[str, Any]:
+        return {"method": self.protection.method, "weight": self.protection.weight}
 
-            unwrap(model).config.to_json_file(os.path.join(output_dir or self.args.output_dir, LORA_CONFIG_FILE))
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The Trainer's save; a LoRA checkpoint also records the model config (tasks, labels), and every checkpoint
+        the embedding protection (which decides what the optimizer holds), which resuming checks
+        (`multitask_st.training.check_resumable`)."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if not self.args.should_save:
+            return
+        from .training import LORA_CONFIG_FILE, PROTECTION_FILE
+
+        if hasattr(model, "get_base_model"):
+            unwrap(model).config.to_json_file(os.path.join(output_dir, LORA_CONFIG_FILE))
+        if os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-"):
+            with open(os.path.join(output_dir, PROTECTION_FILE), "w", encoding="utf-8") as handle:
+                json.dump(self._protection_record(), handle)
 
     # ------------------------------------------------------------------------------------------- data
 
@@ -434,9 +448,11 @@ class MultiTaskTrainer(Trainer):
     # ------------------------------------------------------------------------------------------- loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(
-            **inputs, num_items_in_batch=num_items_in_batch, head_gradient_scale=self.protection.head_gradient_scale
-        )
+        # Passed only when it does something: a model saved by an older version of this package (loaded with its
+        # own modeling_mtl.py) does not know the argument.
+        head_scale = self.protection.head_gradient_scale
+        extra = {"head_gradient_scale": head_scale} if head_scale != 1 else {}
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch, **extra)
         task_losses = outputs.task_losses or {}
         # With counts summed over processes each process holds sum_local / count_global; DDP averages
         # gradients over processes, so multiply back to get the gradient of the global mean.

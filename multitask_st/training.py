@@ -28,6 +28,7 @@ logger = logging.get_logger(__name__)
 MODEL_COMMIT_FILE = "config.json"
 STAGING_DIR = ".final-model-staging"
 LORA_CONFIG_FILE = "multitask_config.json"  # the MultiTaskConfig beside a LoRA adapter (adapter_config.json is PEFT's)
+PROTECTION_FILE = "embedding_protection.json"  # in every checkpoint: the protection the run trained with
 
 
 class TrainingError(RuntimeError):
@@ -117,9 +118,15 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
     raise TrainingError(f"--resume_from_checkpoint true: no complete checkpoint in {folder}")
 
 
-def check_resumable(checkpoint: str | os.PathLike, model: torch.nn.Module, loss_weighting: str) -> None:
-    """Refuse to resume a checkpoint trained with other tasks, labels, heads or loss weighting: its head weights
-    would silently mean something else. The message names every difference."""
+def check_resumable(
+    checkpoint: str | os.PathLike,
+    model: torch.nn.Module,
+    loss_weighting: str,
+    protection: dict[str, Any] | None = None,
+) -> None:
+    """Refuse to resume a checkpoint trained with other tasks, labels, heads, loss weighting or embedding protection:
+    its head weights would silently mean something else, or its optimizer state would not fit (the protection decides
+    which parameters train). The message names every difference."""
     from .embedding import unwrap
 
     config_path = Path(checkpoint) / "config.json"
@@ -149,6 +156,14 @@ def check_resumable(checkpoint: str | os.PathLike, model: torch.nn.Module, loss_
         if had_weighting != (loss_weighting == "uncertainty"):
             was = "uncertainty" if had_weighting else "static"
             differences.append(f"loss_weighting was '{was}', is '{loss_weighting}'")
+    saved_protection = Path(checkpoint) / PROTECTION_FILE
+    if protection is not None and saved_protection.is_file():  # older checkpoints do not record it
+        before = json.loads(saved_protection.read_text(encoding="utf-8"))
+        if before != protection:
+            differences.append(
+                f"embedding_protection was {before['method']} (weight {before['weight']}), "
+                f"is {protection['method']} (weight {protection['weight']})"
+            )
     if differences:
         raise TrainingError(
             f"cannot resume from {checkpoint}: the run differs from the checkpoint ("
@@ -442,6 +457,7 @@ def continue_training(
     from transformers import set_seed
 
     from .data import build_datasets, parse_task_specs
+    from .embedding import resolve_protection
     from .metrics import nest_metrics
     from .trainer import MultiTaskTrainer, apply_freezing
 
@@ -471,7 +487,10 @@ def continue_training(
         callbacks=callbacks,
         source_sizes=sizes,
         head_learning_rate=head_learning_rate,
-        embedding_protection=embedding_protection,
+        # `auto` looks at the tasks that train now, not at every task the model has.
+        embedding_protection=resolve_protection(
+            embedding_protection, [task for task in model.config.tasks if task["name"] in train_tasks]
+        ),
     )
     result: dict[str, Any] = {
         "old_tasks": old_tasks,

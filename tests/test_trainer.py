@@ -4,6 +4,7 @@ measured at every evaluation. Tiny random BERT (`tiny_bert`) and generated rows;
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -215,6 +216,22 @@ def test_auto_protection_isolates_heads_with_an_embedding_task_and_distils_witho
     assert (protection.method, protection.weight, protection.head_gradient_scale) == ("distillation", 10.0, 1.0)
 
 
+def test_isolation_keeps_every_encoder_parameter_in_the_graph_for_ddp(tiny_bert, tmp_path):
+    tasks = isolation_tasks(tmp_path, with_similarity=False)[:1] + pair_tasks(tmp_path / "pairs")[1:]
+    data, model = build(tiny_bert, tasks)  # topic (own top layer) + paraphrase (a pair head: no zero loss via features)
+    trainer = trainer_for(model, data, tmp_path / "out", {"embedding_protection": "isolation", "protection_weight": 1})
+    _, grads = accumulated_gradients(trainer, model, [trainer.data_collator([data.train[i] for i in range(4)])])
+    encoder = {name for name, p in model.named_parameters() if name.startswith("backbone.") and p.requires_grad}
+    assert encoder and encoder <= set(grads)  # a gradient for every parameter (DDP needs it) ...
+    assert all(grads[name].abs().sum() == 0 for name in encoder)  # ... and it is zero: nothing of the head's
+
+
+def test_a_weight_out_of_range_names_the_protection_auto_chose(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    with pytest.raises(ValueError, match=r"protection_weight 10 is out of range for isolation .*chosen by 'auto'"):
+        trainer_for(model, data, tmp_path / "out", {"protection_weight": 10})
+
+
 def test_isolation_keeps_head_gradients_out_of_the_shared_encoder(tiny_bert, tmp_path):
     data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
     model.eval()  # no dropout: passes with and without isolation compute the same function
@@ -279,6 +296,20 @@ def test_isolation_without_an_embedding_task_freezes_the_encoder_and_keeps_encod
     trainer.train()
     np.testing.assert_array_equal(model.encode(texts), before)
     assert any(not torch.equal(heads_before[n], p) for n, p in model.heads.named_parameters())
+
+
+def test_a_checkpoint_records_its_protection_and_resuming_with_another_is_refused(tiny_bert, tmp_path):
+    from multitask_st.training import TrainingError
+
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    arguments = {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 4}
+    trainer_for(model, data, tmp_path / "out", **arguments).train()  # auto: isolation, weight 0.9
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert json.loads((checkpoint / "embedding_protection.json").read_text()) == {"method": "isolation", "weight": 0.9}
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    other = trainer_for(model, data, tmp_path / "out", {"embedding_protection": "distillation"}, **arguments)
+    with pytest.raises(TrainingError, match=r"embedding_protection was isolation \(weight 0.9\), is distillation"):
+        other.train(resume_from_checkpoint=str(checkpoint))
 
 
 # ------------------------------------------------------------------------------------------------ logging, weights
