@@ -15,7 +15,7 @@ import functools
 import json
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -753,7 +753,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
                 calls = texts.first_rows_calls(head.branch_depth)
                 # Every input of the branch that carries a gradient: the states, and whatever else a backbone
                 # hands its layers from shared weights (e.g. DeBERTa's relative position embeddings).
-                token_states = head.branch(_scale_gradients(calls, gradient_scale))
+                token_states = head.branch(_map_tensors(calls, lambda tensor: scale_gradient(tensor, gradient_scale)))
             else:
                 token_states = scale_gradient(token_states, gradient_scale)
             if task_type == "token_classification":
@@ -1028,16 +1028,14 @@ def _record_call(key: int, module: nn.Module, args: tuple, kwargs: dict) -> None
         store[key] = (args, kwargs)
 
 
-def _scale_gradients(value: Any, scale: float) -> Any:
-    """`value` with `scale_gradient` applied to every tensor in it (through tuples, lists and dicts)."""
-    if scale == 1.0:
-        return value
+def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with `function` applied to every tensor in it (through tuples, lists and dicts)."""
     if isinstance(value, torch.Tensor):
-        return scale_gradient(value, scale)
+        return function(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_scale_gradients(item, scale) for item in value)
+        return type(value)(_map_tensors(item, function) for item in value)
     if isinstance(value, dict):
-        return {key: _scale_gradients(item, scale) for key, item in value.items()}
+        return {key: _map_tensors(item, function) for key, item in value.items()}
     return value
 
 
@@ -1045,13 +1043,7 @@ def _first_rows(value: Any, rows: int, total: int) -> Any:
     """`value` with every tensor whose first dimension counts the encoded texts cut to the first `rows` of them."""
     if rows == total:
         return value
-    if isinstance(value, torch.Tensor):
-        return value[:rows] if value.dim() and value.shape[0] == total else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_first_rows(item, rows, total) for item in value)
-    if isinstance(value, dict):
-        return {key: _first_rows(item, rows, total) for key, item in value.items()}
-    return value
+    return _map_tensors(value, lambda tensor: tensor[:rows] if tensor.dim() and tensor.shape[0] == total else tensor)
 
 
 def _gathered_offset(local_count: torch.Tensor) -> int:

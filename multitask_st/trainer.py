@@ -35,19 +35,12 @@ from transformers.utils import logging
 from modeling_mtl import labelled_mask
 
 from .data import MultiTaskCollator, StreamedSources
-from .embedding import EmbeddingDrift, EmbeddingProtection, drift_sample, resolve_protection, unwrap
+from .embedding import EmbeddingDrift, EmbeddingProtection, drift_sample, unwrap
 from .metrics import build_compute_metrics, metric_key
 
 logger = logging.get_logger(__name__)
 
 SAMPLING_STRATEGIES = ("temperature", "proportional", "uniform", "round_robin")
-# The factor of each embedding protection in the loss. Distillation: chosen on validation data (docs/RESULTS.md):
-# with SST-2 + TREC + WikiANN heads, weight 1 let the embedding drift to a mean cosine of 0.86 to where it started,
-# weight 10 kept it at 0.98-0.99 and STS-B validation within 0.1 of the base model. With STS-B similarity in the mix,
-# weight 1 did not lift STS-B validation either (86.51 against 86.48 at weight 10): the heads then pull the space.
-# Isolation: the share of the heads' gradient kept out of the shared encoder; with STS-B similarity in the mix, 0.9
-# kept the heads' validation scores within ~2 points of the distilled mix where 1.0 cost them 3-5 (docs/RESULTS.md).
-DEFAULT_PROTECTION_WEIGHT = {"distillation": 10.0, "isolation": 0.9, "l2sp": 0.01, "none": 0.0}
 LOSS_WEIGHTINGS = ("static", "uncertainty")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.")
 
@@ -293,8 +286,9 @@ class MultiTaskTrainer(Trainer):
         embedding_protection (`str`, defaults to `"auto"`): how the embedding is kept while heads train:
             `"distillation"`, `"isolation"`, `"l2sp"` or `"none"` (`multitask_st.embedding`; measured in
             docs/RESULTS.md); `"auto"`: isolation when a task trains the embedding, distillation otherwise.
-        protection_weight (`float`, defaults to `DEFAULT_PROTECTION_WEIGHT[embedding_protection]`): its factor in
-            the loss; for isolation, the share of the heads' gradients kept out of the shared encoder (0 to 1).
+        protection_weight (`float`, defaults to `embedding.DEFAULT_PROTECTION_WEIGHT` of the protection used): its
+            factor in the loss; for isolation, the share of the heads' gradients kept out of the shared encoder (0 to
+            1).
         drift_sample_size (`int`, defaults to 1000): texts of the eval split on which every evaluation measures the
             embedding's drift from its initial state (`eval_embedding/cosine_to_initial`, `.../knn_overlap@10`);
             0 turns it off.
@@ -343,11 +337,7 @@ class MultiTaskTrainer(Trainer):
             # `detach_loss_weighting` removes it before the final save.
             base.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
         # The protection and the drift reference are taken from the model as it is handed over: before training.
-        resolved = resolve_protection(embedding_protection, self.task_configs)
-        if resolved != embedding_protection:
-            logger.info(f"embedding_protection 'auto' -> '{resolved}' (see multitask_st.embedding.resolve_protection)")
-        weight = DEFAULT_PROTECTION_WEIGHT.get(resolved, 0.0) if protection_weight is None else protection_weight
-        self.protection = EmbeddingProtection(model, embedding_protection, weight)
+        self.protection = EmbeddingProtection(model, embedding_protection, protection_weight)
         if self.protection.isolates and not self.protection.embedding_tasks:
             # No task would ever send the shared encoder a gradient: freeze it (no optimizer state, no backward).
             for parameter in shared_parameters(base):
@@ -401,10 +391,10 @@ class MultiTaskTrainer(Trainer):
         the embedding protection (which decides what the optimizer holds), which resuming checks
         (`multitask_st.training.check_resumable`)."""
         super()._save(output_dir, state_dict)
-        output_dir = output_dir or self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
         if not self.args.should_save:
             return
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
         from .training import LORA_CONFIG_FILE, PROTECTION_FILE
 
         if hasattr(model, "get_base_model"):
