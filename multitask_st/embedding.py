@@ -103,6 +103,15 @@ class EmbeddingProtection:
         self.method = method if weight > 0 else "none"
         self.weight = float(weight)
         self.embedding_tasks = [task["name"] for task in tasks if task["type"] in EMBEDDING_TASK_TYPES]
+        if self.method == "isolation" and weight < 1 and not self.embedding_tasks:
+            # Adam divides each parameter's step by the size of its own gradients, so scaling every gradient the
+            # shared encoder gets by the same factor changes (almost) nothing: the factor only bites against the
+            # gradients of an embedding task (tests/test_trainer.py measures it).
+            logger.warning(
+                f"embedding_protection 'isolation' with protection_weight {weight!r} and no task that trains the "
+                "embedding protects (almost) nothing: the optimizer (Adam) rescales the heads' scaled-down gradients "
+                "back to full-size steps. Use protection_weight 1 (a frozen shared encoder) or 'distillation'."
+            )
         self.teacher = frozen_embedding_copy(unwrap(model)) if self.method == "distillation" else None
         self.initial = None
         if self.method == "l2sp":

@@ -298,6 +298,30 @@ def test_isolation_without_an_embedding_task_freezes_the_encoder_and_keeps_encod
     assert any(not torch.equal(heads_before[n], p) for n, p in model.heads.named_parameters())
 
 
+def test_partial_isolation_without_an_embedding_task_warns_because_adam_undoes_it(tiny_bert, tmp_path, caplog):
+    def encoder_after_training(options, folder):
+        data, model = build(tiny_bert, isolation_tasks(tmp_path / folder, with_similarity=False))
+        # The tiny random encoder's gradients are ~1e-8, all-MiniLM-L6-v2's on SST-2 ~1e-5 (median, a tenth of
+        # them): a tiny epsilon puts the tiny model where the real one is, far above Adam's default 1e-8.
+        trainer = trainer_for(model, data, tmp_path / folder / "out", options, max_steps=4, max_grad_norm=0,
+                              adam_epsilon=1e-15, per_device_train_batch_size=8, learning_rate=1e-3,
+                              save_strategy="no")  # fmt: skip
+        trainer.train()
+        return {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
+
+    _, start = build(tiny_bert, isolation_tasks(tmp_path / "start", with_similarity=False))
+    with caplog.at_level(logging.WARNING):
+        scaled = encoder_after_training({"embedding_protection": "isolation", "protection_weight": 0.9}, "scaled")
+    assert "protects (almost) nothing" in caplog.text
+    plain = encoder_after_training({"embedding_protection": "none"}, "plain")
+    # The claim of the warning: a tenth of the gradient gives the same Adam steps as all of it.
+    moved = max((plain[n] - p).abs().max().item() for n, p in start.backbone.named_parameters())
+    assert moved > 1e-3  # four steps at 1e-3 really moved it ...
+    for name, parameter in plain.items():  # ... and the scaled gradients moved it the same way
+        if not name.endswith("attention.self.key.bias"):  # its true gradient is 0: Adam amplifies rounding noise
+            torch.testing.assert_close(scaled[name], parameter, atol=2e-6, rtol=0, msg=name)
+
+
 def test_a_checkpoint_records_its_protection_and_resuming_with_another_is_refused(tiny_bert, tmp_path):
     from multitask_st.training import TrainingError
 
