@@ -145,17 +145,19 @@ def task_dicts(data_dir: Path, names, train_samples: int) -> list[dict]:
     return specs
 
 
-def expected_protection(names, flags: list[str]) -> str:
-    """The embedding protection train.py resolves for these tasks and flags (the last flag wins, as in argparse)."""
-    from multitask_st.embedding import resolve_protection
+def expected_protection(names, flags: list[str]) -> dict:
+    """The embedding protection (method, weight) train.py resolves for these tasks and flags (the last flag wins, as
+    in argparse): what its training record must say for a cached run to count as this one."""
+    from multitask_st.embedding import DEFAULT_PROTECTION_WEIGHT, resolve_protection
 
-    asked = "auto"
-    for index, flag in enumerate(flags[:-1]):
-        if flag == "--embedding_protection":
-            asked = flags[index + 1]
+    def last(option, default):
+        values = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == option]
+        return values[-1] if values else default
+
     tasks = [{"type": TASKS[name].get("type", "classification")} for name in names]
-    weights = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--protection_weight"]
-    return "none" if weights and float(weights[-1]) == 0 else resolve_protection(asked, tasks)
+    method = resolve_protection(last("--embedding_protection", "auto"), tasks)
+    weight = float(last("--protection_weight", DEFAULT_PROTECTION_WEIGHT[method]))
+    return {"method": method if weight > 0 else "none", "weight": weight}
 
 
 def run_config(args, config: str, seed: int) -> dict:
@@ -175,11 +177,9 @@ def run_config(args, config: str, seed: int) -> dict:
         same = all(cached.get("settings", {}).get(key) == settings[key] for key in ("train_samples", "extra"))
         if "flags" in cached.get("settings", {}):
             same = same and cached["settings"]["flags"] == flags
-        else:  # recorded before the flags were: at least the protection must be the one these flags ask for
-            record = json.loads((folder / "model" / "training_config.json").read_text())
-            same = same and record.get("embedding_protection", {}).get("method") == expected_protection(
-                names, [*flags, *args.extra]
-            )
+        # and the protection it trained with (a changed default weight changes the run behind the same flags)
+        record = json.loads((folder / "model" / "training_config.json").read_text())
+        same = same and record.get("embedding_protection") == expected_protection(names, [*flags, *args.extra])
         if cached.get("steps") == steps and same:
             metrics_path = folder / "model" / "metrics.json"
             if "validation" not in cached and metrics_path.is_file():  # cached before validation scores were kept
