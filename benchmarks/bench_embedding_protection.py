@@ -19,14 +19,15 @@ steps; `--steps S` instead gives every multi-task run S steps and single-task ru
 Configs (`--configs`, default: all), every one with train.py's defaults unless it says otherwise:
 - `heads-none-linear`: SST-2 + TREC + WikiANN, every head on the shared vector / token states, no protection (the
   behaviour before this project protected the embedding);
-- `heads-distillation-linear`: the same heads with the default protection (distillation);
-- `heads-distillation`: the default recipe (distillation; sentence heads with their own attention pooling and own
-  copy of the top layer, the token head with its own copies of the top two layers);
+- `heads-distillation-linear`: the same heads with distillation at weight 10 (the protection measured first);
+- `heads-distillation`: the default recipe (distillation at its default weight, 3; sentence heads with their own
+  attention pooling and own copy of the top layer, the token head with its own copies of the top two layers);
+- `heads-distillation-w10`: the same at weight 10 (the default weight before 3);
 - `heads-none`: the recipe's heads, no protection (full fine-tuning: the reference for LoRA and for the heads);
 - `heads-l2sp`, `heads-lora`: the recipe's heads with L2-SP instead, or with LoRA (rank 8) and no protection;
 - `heads-isolation`: the recipe's heads, each training only its own layers (the shared encoder frozen);
 - `heads+sts`: the recipe + `similarity` on STS-B train (the default protection then: isolation, weight 0.9);
-- `heads+sts-distillation`: the same with distillation (the default before isolation);
+- `heads+sts-distillation`: the same with distillation at weight 10 (the default before isolation);
 - `heads+sts-isolation`: the same with full isolation (the shared encoder learns from STS-B only);
 - `heads+sts+mrpc`: the recipe + STS-B similarity + MRPC `pair_classification` + `contrastive` on MRPC's paraphrases;
 - `single-<task>`: one task alone, the recipe's heads, no protection (nothing else to protect it from), per task.
@@ -119,16 +120,18 @@ SCORES = {
 RECIPE_HEADS: list[str] = []
 LINEAR_HEADS = ["--head_pooling", "shared", "--token_head_layers", "0"]
 FULL_ISOLATION = ["--embedding_protection", "isolation", "--protection_weight", "1"]  # heads' gradients all kept out
+DISTILLATION_W10 = ["--embedding_protection", "distillation", "--protection_weight", "10"]  # the default before 3
 CONFIGS = {
     "heads-none-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "none"]),
-    "heads-distillation-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "distillation"]),
+    "heads-distillation-linear": (HEADS, [*LINEAR_HEADS, *DISTILLATION_W10]),
     "heads-none": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "none"]),
     "heads-distillation": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "distillation"]),
+    "heads-distillation-w10": (HEADS, [*RECIPE_HEADS, *DISTILLATION_W10]),
     "heads-l2sp": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "l2sp"]),
     "heads-lora": (HEADS, [*RECIPE_HEADS, "--embedding_protection", "none", "--lora_rank", "8"]),
     "heads-isolation": (HEADS, [*RECIPE_HEADS, *FULL_ISOLATION]),
     "heads+sts": ((*HEADS, "stsb"), RECIPE_HEADS),
-    "heads+sts-distillation": ((*HEADS, "stsb"), [*RECIPE_HEADS, "--embedding_protection", "distillation"]),
+    "heads+sts-distillation": ((*HEADS, "stsb"), [*RECIPE_HEADS, *DISTILLATION_W10]),
     "heads+sts-isolation": ((*HEADS, "stsb"), [*RECIPE_HEADS, *FULL_ISOLATION]),
     "heads+sts+mrpc": ((*HEADS, "stsb", "mrpc", "mrpc_retrieval"), RECIPE_HEADS),
     **{f"single-{task}": ((task,), [*RECIPE_HEADS, "--embedding_protection", "none"]) for task in TASKS},

@@ -213,7 +213,7 @@ def test_auto_protection_isolates_heads_with_an_embedding_task_and_distils_witho
     assert protection.teacher is None and any(p.requires_grad for p in model.backbone.parameters())
     data, model = build(tiny_bert, isolation_tasks(tmp_path / "heads", with_similarity=False))
     protection = trainer_for(model, data, tmp_path / "out2").protection
-    assert (protection.method, protection.weight, protection.head_gradient_scale) == ("distillation", 10.0, 1.0)
+    assert (protection.method, protection.weight, protection.head_gradient_scale) == ("distillation", 3.0, 1.0)
 
 
 def test_isolation_keeps_every_encoder_parameter_in_the_graph_for_ddp(tiny_bert, tmp_path):
