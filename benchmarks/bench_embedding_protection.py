@@ -175,14 +175,22 @@ def run_config(args, config: str, seed: int) -> dict:
     settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra, "flags": flags}
     if args.steps_per_task:
         settings["steps_per_task"] = args.steps_per_task
+    # The protection a run trained with is part of what it is: a changed default (distillation's weight went from 10
+    # to 3) changes the run behind the same flags, so a folder that holds a finished run trained with another one is
+    # neither reused nor written over.
+    expected = expected_protection(names, [*flags, *args.extra])
+    record_path = folder / "model" / "training_config.json"
+    recorded = json.loads(record_path.read_text()).get("embedding_protection") if record_path.is_file() else None
+    if recorded is not None and recorded != expected:
+        raise RuntimeError(
+            f"{folder} holds a run trained with embedding protection {recorded}, but {config} with these flags now "
+            f"trains with {expected}: use another --output_root, or delete the folder to train it again"
+        )
     if result_path.is_file():  # the same run whichever way its steps were asked for
         cached = json.loads(result_path.read_text())
         same = all(cached.get("settings", {}).get(key) == settings[key] for key in ("train_samples", "extra"))
         if "flags" in cached.get("settings", {}):
             same = same and cached["settings"]["flags"] == flags
-        # and the protection it trained with (a changed default weight changes the run behind the same flags)
-        record = json.loads((folder / "model" / "training_config.json").read_text())
-        same = same and record.get("embedding_protection") == expected_protection(names, [*flags, *args.extra])
         if cached.get("steps") == steps and same:
             metrics_path = folder / "model" / "metrics.json"
             if "validation" not in cached and metrics_path.is_file():  # cached before validation scores were kept

@@ -606,10 +606,12 @@ def _embedding_limitation(tasks: list[dict], metrics: dict[str, Any], training: 
     )
     if trained:
         return f"The embedding was trained by {', '.join(f'`{t}`' for t in trained)}{moved}: it is tuned to those data."
-    protection = (training.get("embedding_protection") or {}).get("method")
+    record = training.get("embedding_protection") or {}
+    protection = record.get("method")
     if protection is None:
         return f"No training record says how the embedding was treated{moved}."
-    if protection == "none":
+    partial_isolation = protection == "isolation" and not (_is_number(record.get("weight")) and record["weight"] >= 1)
+    if protection == "none" or partial_isolation:  # Adam undoes a scaled-down gradient when nothing else trains it
         return (
             f"The embedding was left unprotected while the heads trained{moved}: similarity quality may be below "
             "the base model's."

@@ -229,3 +229,21 @@ def test_the_card_says_how_isolation_kept_the_embedding(saved_model, tiny_bert, 
     text = write_model_card(folder, figure=False).read_text()
     assert f'Trained directly by "sts"; {expected}' in text
     assert "kept close to the base model's embedding" not in text
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.9])
+def test_without_an_embedding_task_only_full_isolation_counts_as_keeping_it(tiny_bert, tmp_path, weight):
+    heads_only = tmp_path / "heads-only"
+    MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:2]).save_pretrained(heads_only)
+    folder = _with_records(heads_only, tmp_path / "run", str(tiny_bert))
+    record = json.loads((folder / "training_config.json").read_text())
+    record["embedding_protection"] = {"method": "isolation", "weight": weight}
+    (folder / "training_config.json").write_text(json.dumps(record))
+    text = write_model_card(folder, figure=False).read_text()
+    if weight == 1.0:
+        assert "the shared encoder was frozen and the heads trained only their own layers (isolation)" in text
+        assert "The heads trained with the embedding protected (isolation)" in text
+    else:  # a tenth of the heads' gradient moves the encoder under Adam about as far as all of it
+        assert "No task trains the embedding, and it was not protected: the heads passed 10% of their gradient" in text
+        assert "The embedding was left unprotected while the heads trained" in text
+        assert "protected (isolation" not in text
