@@ -151,16 +151,18 @@ def task_dicts(data_dir: Path, names, train_samples: int) -> list[dict]:
 def expected_protection(names, flags: list[str]) -> dict:
     """The embedding protection (method, weight) train.py resolves for these tasks and flags (the last flag wins, as
     in argparse): what its training record must say for a cached run to count as this one."""
-    from multitask_st.embedding import DEFAULT_PROTECTION_WEIGHT, resolve_protection
+    from multitask_st.embedding import protection_setting
 
     def last(option, default):
         values = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == option]
         return values[-1] if values else default
 
     tasks = [{"type": TASKS[name].get("type", "classification")} for name in names]
-    method = resolve_protection(last("--embedding_protection", "auto"), tasks)
-    weight = float(last("--protection_weight", DEFAULT_PROTECTION_WEIGHT[method]))
-    return {"method": method if weight > 0 else "none", "weight": weight}
+    weight = last("--protection_weight", None)
+    method, weight = protection_setting(
+        last("--embedding_protection", "auto"), None if weight is None else float(weight), tasks
+    )
+    return {"method": method, "weight": weight}
 
 
 def run_config(args, config: str, seed: int) -> dict:

@@ -59,6 +59,24 @@ def resolve_protection(method: str, tasks: list[dict[str, Any]]) -> str:
     return "isolation" if any(task["type"] in EMBEDDING_TASK_TYPES for task in tasks) else "distillation"
 
 
+def protection_setting(method: str, weight: float | None, tasks: list[dict[str, Any]]) -> tuple[str, float]:
+    """The protection a run trains with, `(method, weight)`, as its training record states it: `auto` resolved,
+    the weight defaulted (`DEFAULT_PROTECTION_WEIGHT`) and checked, weight 0 meaning `none`."""
+    if method not in PROTECTIONS:
+        raise ValueError(f"embedding_protection '{method}' is not one of {list(PROTECTIONS)}")
+    resolved = resolve_protection(method, tasks)
+    weight = DEFAULT_PROTECTION_WEIGHT[resolved] if weight is None else weight
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
+        raise ValueError(f"protection_weight must be a number >= 0, got {weight!r}")
+    if resolved == "isolation" and weight > 1:
+        raise ValueError(
+            f"protection_weight {weight!r} is out of range for isolation (the embedding protection in use"
+            + (", chosen by 'auto' because a task trains the embedding" if method == "auto" else "")
+            + "): it is the share of the heads' gradients kept out of the shared encoder, between 0 and 1"
+        )
+    return (resolved if weight > 0 else "none"), float(weight)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The `MultiTaskModel` inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -86,30 +104,17 @@ class EmbeddingProtection:
     """
 
     def __init__(self, model: nn.Module, method: str, weight: float | None = None):
-        if method not in PROTECTIONS:
-            raise ValueError(f"embedding_protection '{method}' is not one of {list(PROTECTIONS)}")
         tasks = unwrap(model).config.tasks
-        requested, method = method, resolve_protection(method, tasks)
-        if requested != method:
-            logger.info(f"embedding_protection 'auto' -> '{method}' (see multitask_st.embedding.resolve_protection)")
-        weight = DEFAULT_PROTECTION_WEIGHT[method] if weight is None else weight
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
-            raise ValueError(f"protection_weight must be a number >= 0, got {weight!r}")
-        if method == "isolation" and weight > 1:
-            raise ValueError(
-                f"protection_weight {weight!r} is out of range for isolation (the embedding protection in use"
-                + (", chosen by 'auto' because a task trains the embedding" if requested == "auto" else "")
-                + "): it is the share of the heads' gradients kept out of the shared encoder, between 0 and 1"
-            )
-        self.method = method if weight > 0 else "none"
-        self.weight = float(weight)
+        self.method, self.weight = protection_setting(method, weight, tasks)
+        if method == "auto":
+            logger.info(f"embedding_protection 'auto' -> '{self.method}' (multitask_st.embedding.resolve_protection)")
         self.embedding_tasks = [task["name"] for task in tasks if task["type"] in EMBEDDING_TASK_TYPES]
-        if self.method == "isolation" and weight < 1 and not self.embedding_tasks:
+        if self.method == "isolation" and self.weight < 1 and not self.embedding_tasks:
             # Adam divides each parameter's step by the size of its own gradients, so scaling every gradient the
             # shared encoder gets by the same factor changes (almost) nothing: the factor only bites against the
             # gradients of an embedding task (tests/test_trainer.py measures it).
             logger.warning(
-                f"embedding_protection 'isolation' with protection_weight {weight!r} and no task that trains the "
+                f"embedding_protection 'isolation' with protection_weight {self.weight} and no task that trains the "
                 "embedding protects (almost) nothing: the optimizer (Adam) rescales the heads' scaled-down gradients "
                 "back to full-size steps. Use protection_weight 1 (a frozen shared encoder) or 'distillation'."
             )
