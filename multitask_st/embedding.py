@@ -101,10 +101,20 @@ class EmbeddingProtection:
         model: the model at the start of training (unwrapped from DDP; a PEFT model is fine).
         method: one of `PROTECTIONS` (`auto` is resolved with `resolve_protection`).
         weight: factor of the term in the loss (default: `DEFAULT_PROTECTION_WEIGHT` of the resolved method).
+        train_tasks: the names of the tasks that train in this run (default: every task of the model). `auto`,
+            the rows left to an embedding task and the warnings look at these: a model's similarity head that gets
+            no data in this run (`continue_training`) trains nothing.
     """
 
-    def __init__(self, model: nn.Module, method: str, weight: float | None = None):
+    def __init__(
+        self, model: nn.Module, method: str, weight: float | None = None, train_tasks: list[str] | None = None
+    ):
         tasks = unwrap(model).config.tasks
+        if train_tasks is not None:
+            unknown = sorted(set(train_tasks) - {task["name"] for task in tasks})
+            if unknown:
+                raise ValueError(f"train_tasks {unknown} are not tasks of the model ({[t['name'] for t in tasks]})")
+            tasks = [task for task in tasks if task["name"] in train_tasks]
         self.method, self.weight = protection_setting(method, weight, tasks)
         if method == "auto":
             logger.info(f"embedding_protection 'auto' -> '{self.method}' (multitask_st.embedding.resolve_protection)")

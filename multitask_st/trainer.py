@@ -290,6 +290,8 @@ class MultiTaskTrainer(Trainer):
             factor in the loss (distillation 3, l2sp 0.01); for isolation, the share of the heads' gradients kept out of
             the shared encoder (0 to 1, default 0.9; below 1 it only bites beside a task that trains the embedding:
             Adam rescales a gradient that is scaled down alone).
+        train_tasks (`list[str]`, *optional*): the tasks that have training rows in this run, when not all of the
+            model's have (`continue_training`); what `auto` and the protection's warnings go by.
         drift_sample_size (`int`, defaults to 1000): texts of the eval split on which every evaluation measures the
             embedding's drift from its initial state (`eval_embedding/cosine_to_initial`, `.../knn_overlap@10`);
             0 turns it off.
@@ -311,6 +313,7 @@ class MultiTaskTrainer(Trainer):
         layerwise_lr_decay: float | None = None,
         embedding_protection: str = "auto",
         protection_weight: float | None = None,
+        train_tasks: list[str] | None = None,
         drift_sample_size: int = 1000,
         drift_warning_cosine: float = 0.9,
         **kwargs,
@@ -338,7 +341,7 @@ class MultiTaskTrainer(Trainer):
             # `detach_loss_weighting` removes it before the final save.
             base.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
         # The protection and the drift reference are taken from the model as it is handed over: before training.
-        self.protection = EmbeddingProtection(model, embedding_protection, protection_weight)
+        self.protection = EmbeddingProtection(model, embedding_protection, protection_weight, train_tasks)
         if self.protection.isolates and not self.protection.embedding_tasks:
             # No task would ever send the shared encoder a gradient: freeze it (no optimizer state, no backward).
             for parameter in shared_parameters(base):

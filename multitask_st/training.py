@@ -457,7 +457,6 @@ def continue_training(
     from transformers import set_seed
 
     from .data import build_datasets, parse_task_specs
-    from .embedding import resolve_protection
     from .metrics import nest_metrics
     from .trainer import MultiTaskTrainer, apply_freezing
 
@@ -487,10 +486,8 @@ def continue_training(
         callbacks=callbacks,
         source_sizes=sizes,
         head_learning_rate=head_learning_rate,
-        # `auto` looks at the tasks that train now, not at every task the model has.
-        embedding_protection=resolve_protection(
-            embedding_protection, [task for task in model.config.tasks if task["name"] in train_tasks]
-        ),
+        embedding_protection=embedding_protection,
+        train_tasks=train_tasks,  # `auto` looks at the tasks that train now, not at every task the model has
     )
     result: dict[str, Any] = {
         "old_tasks": old_tasks,

@@ -333,6 +333,22 @@ def test_the_partial_isolation_warning_stays_quiet_where_isolation_works(tiny_be
     assert "protects (almost) nothing" not in caplog.text
 
 
+def test_the_protection_goes_by_the_tasks_that_train_not_every_task_of_the_model(tiny_bert, tmp_path, caplog):
+    # A model with a similarity head, continued on its heads alone (`continue_training`): nothing trains the
+    # embedding, so `auto` distils and explicit isolation below 1 warns.
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    heads = ["topic", "sentiment", "ner"]
+    protection = trainer_for(model, data, tmp_path / "a", {"train_tasks": heads}).protection
+    assert (protection.method, protection.weight, protection.embedding_tasks) == ("distillation", 3.0, [])
+    with caplog.at_level(logging.WARNING):
+        trainer_for(model, data, tmp_path / "b", {"train_tasks": heads, "embedding_protection": "isolation"})
+    assert "protects (almost) nothing" in caplog.text
+    protection = trainer_for(model, data, tmp_path / "c", {"train_tasks": [*heads, "sts"]}).protection
+    assert (protection.method, protection.embedding_tasks) == ("isolation", ["sts"])
+    with pytest.raises(ValueError, match=r"train_tasks \['topics'\] are not tasks of the model"):
+        trainer_for(model, data, tmp_path / "d", {"train_tasks": ["topics"]})
+
+
 def test_a_checkpoint_records_its_protection_and_resuming_with_another_is_refused(tiny_bert, tmp_path):
     from multitask_st.training import TrainingError
 
