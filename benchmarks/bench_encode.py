@@ -18,6 +18,9 @@ Modes (ours):
   cut by length order only, as sentence-transformers does), to show what the batching plan buys;
 - `bfloat16`: `model.encode(..., precision="bfloat16")`: float32 weights, bfloat16 autocast;
 - `bfloat16-weights`: `model.to(torch.bfloat16).encode(...)`: bfloat16 weights (half the memory traffic);
+- `float16-weights`: `model.to(torch.float16).encode(...)`: float16 weights (the usual GPU half-precision mode);
+- `peer-float16-weights`: sentence-transformers' own model in float16 (`SentenceTransformer(...).half()`), the
+  peer a GPU user would compare float16 against;
 - `int8`: the exported graph in int8 through onnxruntime (`OnnxMultiTaskModel.from_pretrained(folder, int8=True)`,
   docs/ONNX.md; CPU). `benchmarks/bench_onnx.py` compares the ONNX paths with sentence-transformers' own backends.
 
@@ -47,7 +50,16 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES = ("float32", "float32-1worker", "float32-sorted", "bfloat16", "bfloat16-weights", "int8")
+MODES = (
+    "float32",
+    "float32-1worker",
+    "float32-sorted",
+    "bfloat16",
+    "bfloat16-weights",
+    "float16-weights",
+    "peer-float16-weights",
+    "int8",
+)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -89,6 +101,16 @@ def interleaved(contenders: dict, repeats: int) -> dict[str, float]:
             run()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class PeerEncoder:
+    """sentence-transformers' `encode` behind the call ours has (`precision` here means ours' autocast)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, texts, batch_size: int = 32, precision: str | None = None):
+        return self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
 
 
 def cpu_name() -> str:
@@ -168,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_sentences", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32, 128])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=MODES,
+        help="default: all but the float16 ones on a CPU, all but int8 on a GPU",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--skip_quality", action="store_true", help="skip the STS-B Spearman of each mode")
@@ -180,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only profile ours (float32, cProfile, top functions by own time) at this batch size, then exit",
     )
     args = parser.parse_args(argv)
+    if args.modes is None:
+        on_cpu = args.device == "cpu"
+        args.modes = [mode for mode in MODES if ("float16" not in mode if on_cpu else mode != "int8")]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -220,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             variants[mode] = (model, "bfloat16")
         elif mode == "bfloat16-weights":
             variants[mode] = (copy.deepcopy(model).to(torch.bfloat16), None)
+        elif mode == "float16-weights":
+            variants[mode] = (copy.deepcopy(model).to(torch.float16), None)
+        elif mode == "peer-float16-weights":
+            variants[mode] = (PeerEncoder(copy.deepcopy(peer).half()), None)
         elif mode == "int8":
             if args.device != "cpu":
                 print("int8: onnxruntime on the CPU only, skipped")
@@ -312,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         medians = interleaved(contenders, 3)
         print(f"| {batch_size} | " + " | ".join(f"{len(corpus) / medians[t]:.1f}" for t in tolerances) + " |")
 
+    if args.device != "cpu":  # the cost model below compares against this CPU's GEMM peak
+        return 0
     print("\n## Cost model\n")
     config = model.config.backbone_config
     mean_length = float(lengths.mean())
