@@ -110,7 +110,8 @@ class PeerEncoder:
         self.model = model
 
     def encode(self, texts, batch_size: int = 32, precision: str | None = None):
-        return self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
+        # float32 out, as ours: the quality table's norms and cosines are not to be computed in float16
+        return np.asarray(self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True), dtype=np.float32)
 
 
 def cpu_name() -> str:
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.modes is None:
         on_cpu = args.device == "cpu"
-        args.modes = [mode for mode in MODES if ("float16" not in mode if on_cpu else mode != "int8")]
+        gpu_only = ("float16-weights", "peer-float16-weights")  # float16 matmuls are slow on CPUs
+        args.modes = [mode for mode in MODES if (mode not in gpu_only if on_cpu else mode != "int8")]
     if args.threads:
         torch.set_num_threads(args.threads)
 

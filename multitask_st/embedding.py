@@ -110,6 +110,8 @@ class EmbeddingProtection:
         self, model: nn.Module, method: str, weight: float | None = None, train_tasks: list[str] | None = None
     ):
         tasks = unwrap(model).config.tasks
+        if isinstance(train_tasks, str):
+            raise ValueError(f"train_tasks must be a list of task names, got the string {train_tasks!r}")
         if train_tasks is not None:
             unknown = sorted(set(train_tasks) - {task["name"] for task in tasks})
             if unknown:

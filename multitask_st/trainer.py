@@ -342,6 +342,7 @@ class MultiTaskTrainer(Trainer):
             base.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
         # The protection and the drift reference are taken from the model as it is handed over: before training.
         self.protection = EmbeddingProtection(model, embedding_protection, protection_weight, train_tasks)
+        self.train_tasks = None if train_tasks is None else list(train_tasks)
         if self.protection.isolates and not self.protection.embedding_tasks:
             # No task would ever send the shared encoder a gradient: freeze it (no optimizer state, no backward).
             for parameter in shared_parameters(base):
@@ -388,7 +389,10 @@ class MultiTaskTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _protection_record(self) -> dict[str, Any]:
-        return {"method": self.protection.method, "weight": self.protection.weight}
+        # Whether the shared encoder is frozen decides what the optimizer state holds, and with `train_tasks` it is
+        # not implied by method and weight alone (isolation 1 freezes it only when no embedding task trains).
+        frozen = self.protection.isolates and not self.protection.embedding_tasks
+        return {"method": self.protection.method, "weight": self.protection.weight, "frozen_encoder": frozen}
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """The Trainer's save; a LoRA checkpoint also records the model config (tasks, labels), and every checkpoint
@@ -434,6 +438,12 @@ class MultiTaskTrainer(Trainer):
         if self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         if self.is_in_train:
+            outside = [n for i, n in enumerate(self.task_names) if counts[i] > 0 and n not in (self.train_tasks or [n])]
+            if outside:  # the protection was chosen for train_tasks: rows of other tasks would train unprotected
+                raise ValueError(
+                    f"the training data has labelled rows for task(s) {outside}, which are not in train_tasks "
+                    f"{self.train_tasks}: add them to train_tasks or leave their rows out"
+                )
             for index, name in enumerate(self.task_names):
                 self._task_log_steps[name] += int(counts[index] > 0)
             self._idle_tasks = [name for index, name in enumerate(self.task_names) if counts[index] == 0]

@@ -159,11 +159,17 @@ def check_resumable(
     saved_protection = Path(checkpoint) / PROTECTION_FILE
     if protection is not None and saved_protection.is_file():  # older checkpoints do not record it
         before = json.loads(saved_protection.read_text(encoding="utf-8"))
-        if before != protection:
+        if any(before[key] != protection[key] for key in ("method", "weight")):
             differences.append(
                 f"embedding_protection was {before['method']} (weight {before['weight']}), "
                 f"is {protection['method']} (weight {protection['weight']})"
             )
+        elif before.get("frozen_encoder", protection["frozen_encoder"]) != protection["frozen_encoder"]:
+            # older checkpoints do not record it
+            was, now = (
+                "frozen" if flag else "trained" for flag in (before["frozen_encoder"], protection["frozen_encoder"])
+            )
+            differences.append(f"the shared encoder was {was} (by the protection), is {now}")
     if differences:
         raise TrainingError(
             f"cannot resume from {checkpoint}: the run differs from the checkpoint ("

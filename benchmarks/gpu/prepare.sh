@@ -12,7 +12,6 @@ mkdir -p .gpu/data/sst2 .gpu/data/stsb .whl
 head -5000 "$DATA/sst2/train.jsonl" > .gpu/data/sst2/train.jsonl
 cp "$DATA/sst2/validation.jsonl" .gpu/data/sst2/
 cp "$DATA/stsb/test.jsonl" "$DATA/stsb/validation.jsonl" .gpu/data/stsb/
-cp benchmarks/gpu/make_backbone.py .gpu/
 python - <<'PY'
 import shutil
 from pathlib import Path
@@ -32,5 +31,5 @@ pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementa
   transformers==5.24.0 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 \
   sentence-transformers==6.2.0
 pip download -q --no-deps --no-binary=:all: -d /tmp/seqeval-src seqeval==1.2.2  # an sdist only: build its wheel
-pip wheel -q --no-deps --no-build-isolation /tmp/seqeval-src/seqeval-1.2.2.tar.gz -w .whl
+pip wheel -q --no-deps /tmp/seqeval-src/seqeval-1.2.2.tar.gz -w .whl
 du -cb .gpu .whl | tail -1

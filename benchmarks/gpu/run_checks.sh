@@ -15,7 +15,7 @@ start=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - start )) s] $*"; }
 if [ "$QUICK" = 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl || exit 1
-  python3 .gpu/make_backbone.py $SITE || exit 1
+  python3 benchmarks/gpu/make_backbone.py .gpu/minilm16 $SITE || exit 1
 fi
 export PYTHONPATH=$SITE:$PWD
 export DEV=${DEV:-cuda}
