@@ -560,3 +560,24 @@ def test_a_stream_of_millions_of_rows_trains_with_the_sampling_strategy_and_neve
     assert len(produced) < 10_000  # drawn lazily: a shuffle buffer and a map batch, never the 2 million rows
     with pytest.raises(ValueError, match="weighs sources by size, and a streamed source has no known size"):
         trainer_for(model, data, tmp_path / "out2", {"task_sampling": "temperature"}, max_steps=2)
+
+
+def test_the_filler_predictions_of_a_pair_task_are_made_on_the_batchs_device():
+    # The Trainer concatenates the batches' predictions on the device before moving them to the CPU: a filler made
+    # on the CPU stopped the evaluation of every GPU run that mixed pair and single-text tasks (found on an H100).
+    from types import SimpleNamespace
+
+    meta = torch.device("meta")
+    outputs = SimpleNamespace(
+        logits={"sst2": torch.zeros(4, 2, device=meta)}, embeddings=torch.zeros(4, 8, device=meta)
+    )
+    tasks = [
+        {"name": "sts", "type": "similarity"},
+        {"name": "mrpc", "type": "pair_classification", "labels": ["no", "yes"]},
+        {"name": "sst2", "type": "classification", "labels": ["neg", "pos"]},
+    ]
+    shapes = {"sts": (4,), "mrpc": (4, 2), "sst2": (4, 2)}
+    for task in tasks:
+        predictions = MultiTaskTrainer._task_predictions(task, outputs, 4, meta)
+        assert predictions.device == meta, task["name"]
+        assert tuple(predictions.shape) == shapes[task["name"]]

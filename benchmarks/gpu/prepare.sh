@@ -4,6 +4,7 @@
 #   .gpu/minilm16/  all-MiniLM-L6-v2 with its weights rounded to float16 (44 MB: the fp32 file, 87 MB, is over the
 #                   device tool's 64 MiB transfer limit; make_backbone.py turns it back into float32 there)
 #   .gpu/data/      the SST-2 / STS-B rows the benchmarks read (a subset of ../shared/data; never committed)
+#   .gpu/data.tar.xz  every real-data folder, xz-packed (2.2 MB), for run_protection.sh
 #   .whl/           the wheels the device image lacks or holds in other versions (Python 3.12)
 # Both folders are git-ignored. Then: device run `bash benchmarks/gpu/run_checks.sh`, carry [".gpu", ".whl"].
 set -euo pipefail
@@ -32,4 +33,6 @@ pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementa
   sentence-transformers==6.2.0
 pip download -q --no-deps --no-binary=:all: -d /tmp/seqeval-src seqeval==1.2.2  # an sdist only: build its wheel
 pip wheel -q --no-deps /tmp/seqeval-src/seqeval-1.2.2.tar.gz -w .whl
+# Every real-data folder, for run_protection.sh (the full train files: the bench draws its seeded subsets from them)
+tar -C "$DATA/.." -cJf .gpu/data.tar.xz "$(basename "$DATA")"/{sst2,trec,wikiann-en,stsb,mrpc}
 du -cb .gpu .whl | tail -1
