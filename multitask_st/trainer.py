@@ -529,13 +529,12 @@ class MultiTaskTrainer(Trainer):
         if prediction_loss_only:
             return loss, None, None
         rows = inputs["input_ids"].shape[0]
-        device = inputs["input_ids"].device
-        predictions = tuple(self._task_predictions(task, outputs, rows, device) for task in self.task_configs)
+        predictions = tuple(self._task_predictions(task, outputs, rows) for task in self.task_configs)
         references = tuple(labels.get(task["name"]) for task in self.task_configs)
         return loss, predictions, references
 
     @staticmethod
-    def _task_predictions(task: dict, outputs, rows: int, device: torch.device) -> torch.Tensor:
+    def _task_predictions(task: dict, outputs, rows: int) -> torch.Tensor:
         """What `compute_metrics` needs of one task for one batch, with the same shape (and device: the Trainer
         concatenates the batches before moving them to the CPU) in every batch."""
         logits = outputs.logits.get(task["name"])
@@ -549,7 +548,8 @@ class MultiTaskTrainer(Trainer):
             return embeddings.new_zeros((rows, 2, embeddings.shape[-1]), dtype=torch.float32)
         if logits is None:  # a pair task in a batch of single texts: filler, its references are all missing
             width = () if task_type == "similarity" else (len(task["labels"]),)
-            return torch.full((rows, *width), float("nan") if task_type == "similarity" else 0.0, device=device)
+            filler = float("nan") if task_type == "similarity" else 0.0
+            return outputs.embeddings.new_full((rows, *width), filler, dtype=torch.float32)
         return logits.detach().float()
 
     def evaluation_loop(

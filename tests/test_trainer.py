@@ -578,6 +578,6 @@ def test_the_filler_predictions_of_a_pair_task_are_made_on_the_batchs_device():
     ]
     shapes = {"sts": (4,), "mrpc": (4, 2), "sst2": (4, 2)}
     for task in tasks:
-        predictions = MultiTaskTrainer._task_predictions(task, outputs, 4, meta)
+        predictions = MultiTaskTrainer._task_predictions(task, outputs, 4)
         assert predictions.device == meta, task["name"]
         assert tuple(predictions.shape) == shapes[task["name"]]

@@ -5,12 +5,12 @@
 #   here:   bash benchmarks/gpu/prepare.sh          (packs ../shared/data into .gpu/data.tar.xz, never committed)
 #   device: bash benchmarks/gpu/run_protection.sh "<arm> <config> <seed> [train.py flags...]" ...
 #           carry [".gpu", ".whl"]
-# Each spec is one (config, seed) run with its own output root and datasets cache (concurrent runs share nothing); <arm> names the variant (the
-# flags after the seed go to every train.py of it via the bench's --extra). Everything comes back in one archive,
-# $OUT/results.tgz: <arm>/<config>-seed<seed>/bench_result.json and logs/. Unpacked under a local --output_root
-# (one per arm), the bench reads the results as
-# cached runs and prints the tables (python benchmarks/bench_embedding_protection.py --configs <config> --seeds ...
-# --steps_per_task 200 --output_root <that folder> [--extra <the same flags>]).
+# Each spec is one (config, seed) run with its own output root and datasets cache (concurrent runs share nothing);
+# <arm> names the variant, and the flags after the seed go to its train.py through the bench's --extra. Everything
+# comes back in one archive, $OUT/results.tgz: <arm>/<config>-seed<seed>/bench_result.json and logs/. Unpacked
+# under a local --output_root (one per arm), the bench reads the results as cached runs and prints the tables
+# (python benchmarks/bench_embedding_protection.py --configs <config> --seeds ... --steps_per_task 200
+# --output_root <that folder> [--extra <the same flags>]).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,13 +28,15 @@ for spec in "$@"; do
   arm=${words[0]} config=${words[1]} seed=${words[2]}
   extra=(); [ ${#words[@]} -gt 3 ] && extra=(--extra "${words[@]:3}")
   (
-    HF_DATASETS_CACHE=/tmp/ds/$arm-$config-$seed timeout "${RUN_TIMEOUT:-480}" python3 benchmarks/bench_embedding_protection.py \
-      --data_dir $DATA --configs "$config" --seeds "$seed" --steps_per_task "${STEPS_PER_TASK:-200}" \
-      --output_root "$RUNS/$arm-$config-$seed" "${extra[@]}" > "$RESULTS/logs/$arm-$config-seed$seed.log" 2>&1
+    root=$RUNS/$arm-$config-$seed run=$config-seed$seed
+    HF_DATASETS_CACHE=/tmp/ds/$arm-$config-$seed timeout "${RUN_TIMEOUT:-480}" \
+      python3 benchmarks/bench_embedding_protection.py --data_dir $DATA --configs "$config" --seeds "$seed" \
+      --steps_per_task "${STEPS_PER_TASK:-200}" --output_root "$root" "${extra[@]}" > "$RESULTS/logs/$arm-$run.log" 2>&1
     rc=$?
-    result=$RUNS/$arm-$config-$seed/$config-seed$seed/bench_result.json
-    if [ -f "$result" ]; then mkdir -p "$RESULTS/$arm/$config-seed$seed" && cp "$result" "$RESULTS/$arm/$config-seed$seed/"; fi
-    cp "$RUNS/$arm-$config-$seed/$config-seed$seed/train.log" "$RESULTS/logs/$arm-$config-seed$seed.train.log" 2>/dev/null
+    if [ -f "$root/$run/bench_result.json" ]; then
+      mkdir -p "$RESULTS/$arm/$run" && cp "$root/$run/bench_result.json" "$RESULTS/$arm/$run/"
+    fi
+    cp "$root/$run/train.log" "$RESULTS/logs/$arm-$run.train.log" 2>/dev/null
     echo "$(date +%T) $arm $config seed $seed: rc $rc"
   ) &
 done
