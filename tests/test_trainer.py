@@ -95,6 +95,9 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_bert, tmp_path, kind
         rows = [data.train[i] for i in range(8)]
         for row in rows[:3]:
             row["labels"]["paraphrase"] = -100  # unevenly labelled micro-batches
+        with torch.no_grad():  # confident logits: per-pair losses far apart, so a wrong weighting shows
+            for parameter in model.heads["paraphrase"].parameters():
+                parameter.mul_(30)
     model.eval()  # no dropout, so both passes see the same function
     trainer = trainer_for(
         model, data, tmp_path / "out", {"embedding_protection": "none"}, per_device_train_batch_size=4
