@@ -128,6 +128,13 @@ class MultiTaskArguments:
     freeze_embeddings: bool = field(default=False, metadata={"help": "Freeze the encoder's embeddings."})
     freeze_layers: int = field(default=0, metadata={"help": "Freeze the embeddings and the lowest N layers."})
     freeze_heads: list[str] | None = field(default=None, metadata={"help": "Task heads to keep frozen."})
+    freeze_encoder_steps: float = field(
+        default=0,
+        metadata={
+            "help": "Train only the heads for the first N optimizer steps (below 1: that share of the steps), then "
+            "everything: linear probing then fine-tuning (LP-FT)."
+        },
+    )
     lora_rank: int = field(default=0, metadata={"help": "Train LoRA adapters of this rank on the encoder (0: off)."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA adapters' input."})
@@ -449,6 +456,7 @@ def _build_trainer(model, training_args: TrainingArguments, mtl_args: MultiTaskA
         layerwise_lr_decay=mtl_args.layerwise_lr_decay,
         embedding_protection=mtl_args.embedding_protection,
         protection_weight=mtl_args.protection_weight,
+        freeze_encoder_steps=mtl_args.freeze_encoder_steps,
         drift_sample_size=mtl_args.drift_sample_size,
         drift_warning_cosine=mtl_args.drift_warning_cosine,
     )

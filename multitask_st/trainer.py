@@ -290,6 +290,10 @@ class MultiTaskTrainer(Trainer):
             factor in the loss (distillation 3, l2sp 0.01); for isolation, the share of the heads' gradients kept out of
             the shared encoder (0 to 1, default 0.9; below 1 it only bites beside a task that trains the embedding:
             Adam rescales a gradient that is scaled down alone).
+        freeze_encoder_steps (`float`, defaults to 0): keep the shared encoder (with pooling and projection) fixed
+            for the first N optimizer steps while the heads train, then train everything: linear probing then
+            fine-tuning (LP-FT, Kumar et al. 2022), so that the encoder is not pushed around by the gradients of
+            untrained heads. A value below 1 is a share of the run's steps (as `warmup_steps`).
         train_tasks (`list[str]`, *optional*): the tasks that have training rows in this run, when not all of the
             model's have (`continue_training`); what `auto` and the protection's warnings go by.
         drift_sample_size (`int`, defaults to 1000): texts of the eval split on which every evaluation measures the
@@ -313,6 +317,7 @@ class MultiTaskTrainer(Trainer):
         layerwise_lr_decay: float | None = None,
         embedding_protection: str = "auto",
         protection_weight: float | None = None,
+        freeze_encoder_steps: float = 0,
         train_tasks: list[str] | None = None,
         drift_sample_size: int = 1000,
         drift_warning_cosine: float = 0.9,
@@ -324,6 +329,11 @@ class MultiTaskTrainer(Trainer):
             raise ValueError(f"task_sampling '{task_sampling}' is not one of {list(SAMPLING_STRATEGIES)}")
         if layerwise_lr_decay is not None and not 0.0 < layerwise_lr_decay <= 1.0:
             raise ValueError(f"layerwise_lr_decay must be in (0, 1], got {layerwise_lr_decay}")
+        if freeze_encoder_steps < 0 or (freeze_encoder_steps > 1 and freeze_encoder_steps != int(freeze_encoder_steps)):
+            raise ValueError(
+                f"freeze_encoder_steps must be a whole number of steps or a share of them below 1, "
+                f"got {freeze_encoder_steps}"
+            )
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("MultiTaskTrainer needs a `model`")
@@ -371,6 +381,7 @@ class MultiTaskTrainer(Trainer):
         self.loss_weighting = loss_weighting
         self.head_learning_rate = head_learning_rate
         self.layerwise_lr_decay = layerwise_lr_decay
+        self.freeze_encoder_steps = freeze_encoder_steps
         self._log_names = [*self.task_names, self.protection.name]
         self._reset_task_logs()
         self._eval_sums: dict[str, float] = {}
@@ -595,7 +606,26 @@ class MultiTaskTrainer(Trainer):
         else:
             optimizer = self._grouped_optimizer(model)
         optimizer.register_step_pre_hook(self._skip_idle_heads)
+        if self.freeze_encoder_steps:
+            optimizer.register_step_pre_hook(self._hold_encoder)
         return optimizer
+
+    def encoder_frozen_steps(self) -> int:
+        """How many of the first optimizer steps leave the shared encoder fixed (`freeze_encoder_steps`)."""
+        steps = self.freeze_encoder_steps
+        return math.ceil(steps * self.state.max_steps) if 0 < steps < 1 else int(steps)
+
+    def _hold_encoder(self, optimizer, args, kwargs) -> None:
+        """During the first `encoder_frozen_steps()` steps drop the shared encoder's gradients, so that the
+        optimizer skips it (no update, no weight decay, no Adam state: its first real step starts Adam afresh).
+        Gradients rather than `requires_grad`: the optimizer and DDP were built with every parameter."""
+        frozen_steps = self.encoder_frozen_steps()
+        if self.state.global_step >= frozen_steps:
+            return
+        for parameter in shared_parameters(unwrap(self.accelerator.unwrap_model(self.model))):
+            parameter.grad = None
+        if self.state.global_step == frozen_steps - 1:
+            logger.info(f"the shared encoder trains from step {frozen_steps + 1} on (freeze_encoder_steps)")
 
     def _skip_idle_heads(self, optimizer, args, kwargs) -> None:
         """Leave the heads of tasks that had no labelled row in this optimizer step (on any process) untouched.

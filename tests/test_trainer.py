@@ -519,6 +519,42 @@ def test_a_heads_parameters_stay_put_on_steps_without_its_task(tiny_bert, tmp_pa
     assert int(trainer.optimizer.state[topic_weight]["step"]) == 2
 
 
+@pytest.mark.parametrize("steps", [2, 0.5])  # a number of steps, and a share of the run's 4
+def test_freeze_encoder_steps_trains_the_heads_alone_first_then_everything(tiny_bert, tmp_path, steps):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    options = {"task_sampling": "round_robin", "embedding_protection": "none", "freeze_encoder_steps": steps}
+    trainer = trainer_for(model, data, tmp_path / "out", options, max_steps=4, per_device_train_batch_size=8,
+                          learning_rate=1e-2, weight_decay=0.1, save_strategy="no")  # fmt: skip
+    snapshots = [{name: p.detach().clone() for name, p in model.named_parameters()}]
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append({name: p.detach().clone() for name, p in model.named_parameters()})
+
+    trainer.add_callback(Snapshot())
+    trainer.train()  # round robin: topic, sentiment, ner, topic
+
+    def moved(step, prefix):
+        before, after = snapshots[step], snapshots[step + 1]
+        return any(not torch.equal(before[n], after[n]) for n in after if n.startswith(prefix))
+
+    assert trainer.encoder_frozen_steps() == 2
+    # Two steps of heads only (weight decay 0.1 would move a skipped encoder), then the encoder trains too.
+    assert moved(0, "heads.topic.") and moved(1, "heads.sentiment.")
+    assert not moved(0, "backbone.") and not moved(1, "backbone.")
+    assert moved(2, "backbone.") and moved(3, "backbone.")
+    # Adam starts on the encoder at its first real step: two updates in four steps.
+    encoder_weight = model.backbone.embeddings.word_embeddings.weight
+    assert int(trainer.optimizer.state[encoder_weight]["step"]) == 2
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5])
+def test_freeze_encoder_steps_must_be_whole_steps_or_a_share(tiny_bert, tmp_path, steps):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    with pytest.raises(ValueError, match=f"freeze_encoder_steps .*got {steps}"):
+        trainer_for(model, data, tmp_path / "out", {"freeze_encoder_steps": steps})
+
+
 # ------------------------------------------------------------------------------------------------ streaming
 
 
