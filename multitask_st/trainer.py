@@ -605,9 +605,7 @@ class MultiTaskTrainer(Trainer):
             optimizer = super().create_optimizer(model)
         else:
             optimizer = self._grouped_optimizer(model)
-        optimizer.register_step_pre_hook(self._skip_idle_heads)
-        if self.freeze_encoder_steps:
-            optimizer.register_step_pre_hook(self._hold_encoder)
+        optimizer.register_step_pre_hook(self._skip_idle_parameters)
         return optimizer
 
     def encoder_frozen_steps(self) -> int:
@@ -615,40 +613,34 @@ class MultiTaskTrainer(Trainer):
         steps = self.freeze_encoder_steps
         return math.ceil(steps * self.state.max_steps) if 0 < steps < 1 else int(steps)
 
-    def _hold_encoder(self, optimizer, args, kwargs) -> None:
-        """During the first `encoder_frozen_steps()` steps drop the shared encoder's gradients, so that the
-        optimizer skips it (no update, no weight decay, no Adam state: its first real step starts Adam afresh).
-        Gradients rather than `requires_grad`: the optimizer and DDP were built with every parameter."""
-        frozen_steps = self.encoder_frozen_steps()
-        if self.state.global_step >= frozen_steps:
-            return
-        for parameter in shared_parameters(unwrap(self.accelerator.unwrap_model(self.model))):
-            parameter.grad = None
-        if self.state.global_step == frozen_steps - 1:
-            logger.info(f"the shared encoder trains from step {frozen_steps + 1} on (freeze_encoder_steps)")
+    def _skip_idle_parameters(self, optimizer, args, kwargs) -> None:
+        """Leave the heads of tasks that had no labelled row in this optimizer step (on any process) untouched, and
+        the shared encoder on steps it must not learn from.
 
-    def _skip_idle_heads(self, optimizer, args, kwargs) -> None:
-        """Leave the heads of tasks that had no labelled row in this optimizer step (on any process) untouched.
-
-        Their gradient is an exact zero (`task_loss` keeps every head in the graph, for DDP), and Adam would still
-        move them: along the stale momentum, with a second moment that decays between the task's batches, so with
+        An idle head's gradient is an exact zero (`task_loss` keeps every head in the graph, for DDP), and Adam would
+        still move it: along the stale momentum, with a second moment that decays between the task's batches, so with
         3 tasks a head's effective step is ~1.7x what it would be alone, plus weight decay on steps it has no data
-        for. Dropping the gradient (`None`) makes the optimizer skip those parameters, so each head sees the same
-        update sequence as when trained alone.
+        for. Dropping the gradient (`None`) makes the optimizer skip those parameters (no update, no weight decay, no
+        Adam step), so each head sees the same update sequence as when trained alone. Gradients rather than
+        `requires_grad`: the optimizer and DDP were built with every parameter.
         """
         base = unwrap(self.accelerator.unwrap_model(self.model))
         heads = getattr(base, "heads", None)
-        if not self._idle_tasks or heads is None:
-            return
-        for name in self._idle_tasks:
+        for name in self._idle_tasks if heads is not None else ():
             if name in heads:
                 for parameter in heads[name].parameters():
                     parameter.grad = None
-        # Under isolation the shared encoder learns from the embedding tasks only: idle when they all are.
-        embedding_tasks = self.protection.embedding_tasks
-        if self.protection.isolates and embedding_tasks and set(embedding_tasks) <= set(self._idle_tasks):
+        if self._encoder_idle():
             for parameter in shared_parameters(base):
                 parameter.grad = None
+
+    def _encoder_idle(self) -> bool:
+        # The first `freeze_encoder_steps` train the heads alone (LP-FT); its first real step starts Adam afresh.
+        if self.state.global_step < self.encoder_frozen_steps():
+            return True
+        # Under isolation the shared encoder learns from the embedding tasks only: idle when they all are.
+        embedding_tasks = self.protection.embedding_tasks
+        return self.protection.isolates and bool(embedding_tasks) and set(embedding_tasks) <= set(self._idle_tasks)
 
     def _grouped_optimizer(self, model=None):
         opt_model = self.model if model is None else model
