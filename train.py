@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from multitask_st.training import non_default_hyperparameters
+from multitask_st.training import HEAD_SETTINGS, default_head, non_default_hyperparameters
 
 logger = logging.get_logger("train")
 
@@ -51,7 +51,7 @@ class ModelArguments:
         metadata={"help": "Default head of token tasks: linear, mlp, or transformer (a transformer layer of its own)."},
     )
     head_layers: int = field(
-        default=1,
+        default=2,
         metadata={"help": "Sentence heads with their own pooling get their own copies of the encoder's top N layers."},
     )
     token_head_layers: int = field(
@@ -198,7 +198,6 @@ DEFAULT_JOB: dict[str, Any] = {
 }
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments)
-SENTENCE_TASKS = ("classification", "multi_label_classification", "regression")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -375,15 +374,8 @@ def _load_data(model_args: ModelArguments, data_args: DataArguments, training_ar
     model_name = model_args.model_name_or_path or default_backbone()
     specs = parse_task_specs(data_args.tasks)
     for spec in specs:  # the default head of tasks that set none
-        token = spec.type == "token_classification"
-        kind = model_args.token_head_type if token else model_args.head_type
-        head = {"type": kind} if kind != "linear" else {}
-        if model_args.head_pooling != "shared" and spec.type in SENTENCE_TASKS:
-            head["pooling"] = model_args.head_pooling
-        layers = model_args.token_head_layers if token else model_args.head_layers
-        if layers and (token or head.get("pooling") == "attention"):
-            head["layers"] = layers
-        if head and spec.type not in ("similarity", "contrastive") and "head" not in spec.model_options:
+        head = default_head(spec.type, **{name: getattr(model_args, name) for name in HEAD_SETTINGS})
+        if head and "head" not in spec.model_options:
             spec.model_options["head"] = head
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     max_seq_length = resolve_max_seq_length(

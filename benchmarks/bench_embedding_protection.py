@@ -21,7 +21,7 @@ Configs (`--configs`, default: all), every one with train.py's defaults unless i
   behaviour before this project protected the embedding);
 - `heads-distillation-linear`: the same heads with distillation at weight 10 (the protection measured first);
 - `heads-distillation`: the default recipe (distillation at its default weight, 3; sentence heads with their own
-  attention pooling and own copy of the top layer, the token head with its own copies of the top two layers);
+  attention pooling and own copies of the top two layers, the token head with its own copies of the top two layers);
 - `heads-distillation-w10`: the same at weight 10 (the default weight before 3);
 - `heads-none`: the recipe's heads, no protection (full fine-tuning: the reference for LoRA and for the heads);
 - `heads-l2sp`, `heads-lora`: the recipe's heads with L2-SP instead, or with LoRA (rank 8) and no protection;
@@ -114,8 +114,9 @@ SCORES = {
     "mrpc": ("accuracy", "MRPC acc"),
     "mrpc_retrieval": ("mrr", "MRPC MRR"),
 }
-# The default recipe's heads (train.py's defaults): sentence heads with their own attention pooling and top layer,
-# token heads with their own copies of the encoder's top two layers. "linear heads" = every head on the shared vector
+# The default recipe's heads (train.py's defaults): sentence heads with their own attention pooling and copies of
+# the encoder's top two layers (one before this session: `--extra --head_layers 1`), token heads with their own
+# copies of the top two layers. "linear heads" = every head on the shared vector
 # / token states.
 RECIPE_HEADS: list[str] = []
 LINEAR_HEADS = ["--head_pooling", "shared", "--token_head_layers", "0"]
@@ -148,21 +149,43 @@ def task_dicts(data_dir: Path, names, train_samples: int) -> list[dict]:
     return specs
 
 
+def last_flag(flags: list[str], option: str, default):
+    """The value of `option` in `flags` (the last one wins, as in argparse), else `default`."""
+    values = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == option]
+    return values[-1] if values else default
+
+
 def expected_protection(names, flags: list[str]) -> dict:
-    """The embedding protection (method, weight) train.py resolves for these tasks and flags (the last flag wins, as
-    in argparse): what its training record must say for a cached run to count as this one."""
+    """The embedding protection (method, weight) train.py resolves for these tasks and flags: what its training
+    record must say for a cached run to count as this one."""
     from multitask_st.embedding import protection_setting
 
-    def last(option, default):
-        values = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == option]
-        return values[-1] if values else default
-
     tasks = [{"type": TASKS[name].get("type", "classification")} for name in names]
-    weight = last("--protection_weight", None)
+    weight = last_flag(flags, "--protection_weight", None)
     method, weight = protection_setting(
-        last("--embedding_protection", "auto"), None if weight is None else float(weight), tasks
+        last_flag(flags, "--embedding_protection", "auto"), None if weight is None else float(weight), tasks
     )
     return {"method": method, "weight": weight}
+
+
+def own_view(head: dict | None) -> dict:
+    """What of a head the bench compares: its own pooling and its own copies of the encoder's top layers."""
+    head = head or {}
+    return {"pooling": head.get("pooling", "shared"), "layers": head.get("layers", 0)}
+
+
+def expected_heads(names, flags: list[str]) -> dict:
+    """Each task's `own_view` of the head train.py gives these tasks and flags, from its defaults of today: what a
+    cached run's saved config must say to count as this one."""
+    from multitask_st.training import HEAD_SETTINGS, default_head
+    from train import ModelArguments
+
+    defaults = ModelArguments()
+    settings = {
+        name: type(getattr(defaults, name))(last_flag(flags, f"--{name}", getattr(defaults, name)))
+        for name in HEAD_SETTINGS
+    }
+    return {name: own_view(default_head(TASKS[name].get("type", "classification"), **settings)) for name in names}
 
 
 def run_config(args, config: str, seed: int) -> dict:
@@ -177,9 +200,9 @@ def run_config(args, config: str, seed: int) -> dict:
     settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra, "flags": flags}
     if args.steps_per_task:
         settings["steps_per_task"] = args.steps_per_task
-    # The protection a run trained with is part of what it is: a changed default (distillation's weight went from 10
-    # to 3) changes the run behind the same flags, so a folder that holds a finished run trained with another one is
-    # neither reused nor written over.
+    # The protection and heads a run trained with are part of what it is: a changed default (distillation's weight
+    # went from 10 to 3, the sentence heads' own layers from 1 to 2) changes the run behind the same flags, so a
+    # folder that holds a finished run trained with others is neither reused nor written over.
     expected = expected_protection(names, [*flags, *args.extra])
     record_path = folder / "model" / "training_config.json"
     recorded = json.loads(record_path.read_text()).get("embedding_protection") if record_path.is_file() else None
@@ -187,6 +210,15 @@ def run_config(args, config: str, seed: int) -> dict:
         raise RuntimeError(
             f"{folder} holds a run trained with embedding protection {recorded}, but {config} with these flags now "
             f"trains with {expected}: use another --output_root, or delete the folder to train it again"
+        )
+    heads = expected_heads(names, [*flags, *args.extra])
+    config_path = folder / "model" / "config.json"
+    saved = json.loads(config_path.read_text())["tasks"] if config_path.is_file() else None
+    if saved is not None and {task["name"]: own_view(task.get("head")) for task in saved} != heads:
+        raise RuntimeError(
+            f"{folder} holds a run whose heads were {[(task['name'], own_view(task.get('head'))) for task in saved]}, "
+            f"but {config} with these flags now trains {heads}: use another --output_root, or delete the folder to "
+            "train it again (--extra --head_layers 1 gives the sentence heads of the runs before 2 became the default)"
         )
     if result_path.is_file():  # the same run whichever way its steps were asked for
         cached = json.loads(result_path.read_text())

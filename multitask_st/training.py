@@ -35,6 +35,32 @@ class TrainingError(RuntimeError):
     """A training run that cannot go on: the message says why and what to do."""
 
 
+# ------------------------------------------------------------------------------------------------ heads
+
+SENTENCE_TASK_TYPES = ("classification", "multi_label_classification", "regression")
+# The settings `default_head` reads (train.py's `ModelArguments` fields, whose defaults are the recipe's).
+HEAD_SETTINGS = ("head_type", "token_head_type", "head_pooling", "head_layers", "token_head_layers")
+
+
+def default_head(
+    task_type: str, *, head_type: str, token_head_type: str, head_pooling: str, head_layers: int, token_head_layers: int
+) -> dict[str, Any] | None:
+    """The head a task gets when its spec sets none, from train.py's `--head_*` settings: `None` for the types
+    without a head of their own settings (`similarity`, `contrastive`) and for a plain linear head on the shared
+    vector."""
+    if task_type in ("similarity", "contrastive"):
+        return None
+    token = task_type == "token_classification"
+    kind = token_head_type if token else head_type
+    head: dict[str, Any] = {"type": kind} if kind != "linear" else {}
+    if head_pooling != "shared" and task_type in SENTENCE_TASK_TYPES:
+        head["pooling"] = head_pooling
+    layers = token_head_layers if token else head_layers
+    if layers and (token or head.get("pooling") == "attention"):
+        head["layers"] = layers
+    return head or None
+
+
 # ---------------------------------------------------------------------------------------------- output folder
 
 

@@ -68,3 +68,33 @@ def test_make_random_init_backbone_same_architecture_new_weights(tiny_bert, tmp_
         assert torch.equal(p, q), name  # seeded
     model = MultiTaskModel.from_backbone(target, tasks=[{"name": "t", "type": "classification", "labels": ["a", "b"]}])
     assert model.tokenizer is not None
+
+
+def test_protection_bench_refuses_a_cached_run_whose_heads_the_defaults_no_longer_give(tmp_path):
+    """The recipe's sentence heads went from 1 to 2 own layers: a cached run with 1 must not pass for today's run
+    behind the same flags; with `--extra --head_layers 1` it is that run again and passes the check."""
+    import argparse
+    import json
+
+    import bench_embedding_protection as bench
+
+    names, flags = bench.CONFIGS["heads-distillation"]
+    model = tmp_path / "heads-distillation-seed0" / "model"
+    model.mkdir(parents=True)
+    heads = {"sst2": {"pooling": "attention", "layers": 1}, "trec": {"pooling": "attention", "layers": 1}}
+    heads["wikiann"] = {"layers": 2}
+    tasks = [{"name": name, "head": {"type": "linear", "dropout": 0.1, **heads[name]}} for name in names]
+    (model / "config.json").write_text(json.dumps({"tasks": tasks}))
+    args = argparse.Namespace(
+        output_root=str(tmp_path), steps=600, steps_per_task=200, single_fraction=1.0, train_samples=4000, extra=[]
+    )
+    with pytest.raises(RuntimeError, match=r"heads were .*'layers': 1.*--head_layers 1"):
+        bench.run_config(args, "heads-distillation", 0)
+    assert bench.expected_heads(names, ["--head_layers", "1"]) == {
+        name: bench.own_view(task["head"]) for name, task in zip(names, tasks)
+    }
+    # A cached result of that run, asked for with the flag that gives its heads, is reused (nothing trains).
+    cached = {"settings": {"train_samples": 4000, "extra": ["--head_layers", "1"], "flags": flags}, "steps": 600}
+    (model.parent / "bench_result.json").write_text(json.dumps({**cached, "validation": {}}))
+    args.extra = ["--head_layers", "1"]
+    assert bench.run_config(args, "heads-distillation", 0)["steps"] == 600
