@@ -17,6 +17,8 @@ from transformers.activations import ACT2FN
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "weighted_mean", "last_token", "attention")
 # Tasks on one text per row. Sequence-level heads read the pooled sentence vector, token heads the token states.
 TEXT_TASK_TYPES = ("classification", "multi_label_classification", "token_classification", "regression")
+# The single-text tasks whose heads read a sentence (the pooled vector, or their own pooling), not token states.
+SEQUENCE_TASK_TYPES = ("classification", "multi_label_classification", "regression")
 # Tasks on two (or three) texts per row, each embedded by the shared encoder: these train the embedding itself.
 PAIR_TASK_TYPES = ("similarity", "pair_classification", "contrastive")
 TASK_TYPES = TEXT_TASK_TYPES + PAIR_TASK_TYPES
@@ -34,7 +36,7 @@ _TYPE_KEYS = {
     "pair_classification": {"pair_features"},
     "contrastive": {"scale", "gather_across_processes"},
 }
-_HEADLESS_TYPES = ("similarity", "contrastive")  # scored on the embeddings alone: no head, no labels
+HEADLESS_TASK_TYPES = ("similarity", "contrastive")  # scored on the embeddings alone: no head, no labels
 _HEAD_KEYS = {"type", "hidden_size", "activation", "dropout", "pooling", "layers"}
 # What a sentence-level head reads: the shared sentence vector (the embedding, before normalisation), or its own
 # learned attention pooling of the token states, which leaves the embedding to the shared pooling.
@@ -99,7 +101,7 @@ def _normalize_head(task_name: str, head: Any, default_dropout: float) -> dict[s
 
 
 def _normalize_labels(name: str, task_type: str, labels: Any) -> list[str]:
-    if task_type in _HEADLESS_TYPES:
+    if task_type in HEADLESS_TASK_TYPES:
         if labels not in (None, [], ["score"]):
             raise ValueError(f"task '{name}': a {task_type} task has no label names (it scores embeddings)")
         return []
@@ -214,7 +216,7 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
         "labels": _normalize_labels(name, task_type, task.get("labels")),
         "loss_weight": float(loss_weight),
     }
-    if task_type in _HEADLESS_TYPES:
+    if task_type in HEADLESS_TASK_TYPES:
         if task.get("head") is not None:
             raise ValueError(f"task '{name}': a {task_type} task has no head (it scores the embeddings directly)")
     else:

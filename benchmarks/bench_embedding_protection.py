@@ -213,10 +213,11 @@ def run_config(args, config: str, seed: int) -> dict:
         )
     heads = expected_heads(names, [*flags, *args.extra])
     config_path = folder / "model" / "config.json"
-    saved = json.loads(config_path.read_text())["tasks"] if config_path.is_file() else None
-    if saved is not None and {task["name"]: own_view(task.get("head")) for task in saved} != heads:
+    tasks = json.loads(config_path.read_text())["tasks"] if config_path.is_file() else None
+    saved = None if tasks is None else {task["name"]: own_view(task.get("head")) for task in tasks}
+    if saved is not None and saved != heads:
         raise RuntimeError(
-            f"{folder} holds a run whose heads were {[(task['name'], own_view(task.get('head'))) for task in saved]}, "
+            f"{folder} holds a run whose heads were {saved}, "
             f"but {config} with these flags now trains {heads}: use another --output_root, or delete the folder to "
             "train it again (--extra --head_layers 1 gives the sentence heads of the runs before 2 became the default)"
         )

@@ -79,7 +79,6 @@ INT8_FILE = "model_int8.onnx"
 PAIR_HEADS_FILE = "pair_heads.onnx"
 FORMAT_VERSION = 2  # 2: layer norms and GELU bias adds unfused for CPU (older exports are made again)
 # Single-text heads: read the pooled features (sequence tasks) or the token states (token tasks).
-SEQUENCE_TASK_TYPES = ("classification", "multi_label_classification", "regression")
 TOKEN_TASK_TYPES = ("token_classification",)
 
 # int8 schemes: onnxruntime dynamic quantisation of the encoder's matmuls in the fused fp32 graph (int8 weights,
@@ -174,6 +173,8 @@ class _PairGraph(nn.Module):
 
 
 def _task_lists(config) -> tuple[list[str], list[str], list[str]]:
+    from configuration_mtl import SEQUENCE_TASK_TYPES  # already loaded with the config; lazy as in `from_pretrained`
+
     sequence = [t["name"] for t in config.tasks if t["type"] in SEQUENCE_TASK_TYPES]
     token = [t["name"] for t in config.tasks if t["type"] in TOKEN_TASK_TYPES]
     pair = [t["name"] for t in config.tasks if t["type"] == "pair_classification"]

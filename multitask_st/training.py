@@ -19,6 +19,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from configuration_mtl import HEADLESS_TASK_TYPES, SEQUENCE_TASK_TYPES
 from modeling_mtl import MultiTaskModel
 
 logger = logging.get_logger(__name__)
@@ -37,7 +38,6 @@ class TrainingError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ heads
 
-SENTENCE_TASK_TYPES = ("classification", "multi_label_classification", "regression")
 # The settings `default_head` reads (train.py's `ModelArguments` fields, whose defaults are the recipe's).
 HEAD_SETTINGS = ("head_type", "token_head_type", "head_pooling", "head_layers", "token_head_layers")
 
@@ -48,12 +48,12 @@ def default_head(
     """The head a task gets when its spec sets none, from train.py's `--head_*` settings: `None` for the types
     without a head of their own settings (`similarity`, `contrastive`) and for a plain linear head on the shared
     vector."""
-    if task_type in ("similarity", "contrastive"):
+    if task_type in HEADLESS_TASK_TYPES:
         return None
     token = task_type == "token_classification"
     kind = token_head_type if token else head_type
     head: dict[str, Any] = {"type": kind} if kind != "linear" else {}
-    if head_pooling != "shared" and task_type in SENTENCE_TASK_TYPES:
+    if head_pooling != "shared" and task_type in SEQUENCE_TASK_TYPES:
         head["pooling"] = head_pooling
     layers = token_head_layers if token else head_layers
     if layers and (token or head.get("pooling") == "attention"):
