@@ -127,7 +127,7 @@ def _type_options(name: str, task_type: str, task: dict[str, Any]) -> dict[str, 
             raise ValueError(f"task '{name}': threshold must be in (0, 1), got {threshold!r}")
         return {"threshold": float(threshold)}
     options: dict[str, Any] = {}
-    if task_type in ("similarity", "contrastive"):
+    if task_type in HEADLESS_TASK_TYPES:
         # 20 is sentence-transformers' default for both CoSENT and multiple-negatives ranking: cosines in [-1, 1]
         # become logits in [-20, 20], sharp enough for a softmax over in-batch candidates.
         scale = task.get("scale", 20.0)

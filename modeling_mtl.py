@@ -29,10 +29,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassif
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a Hub/remote-code package
-    from .configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig, backbone_depth
+    from .configuration_mtl import EMBEDDING_TASK_TYPES, HEADLESS_TASK_TYPES, MultiTaskConfig, backbone_depth
     from .inference_mtl import MultiTaskInferenceMixin, group_entities, plan_batches, run_concurrently
 except ImportError:  # installed as top-level modules, or run from the project folder
-    from configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig, backbone_depth
+    from configuration_mtl import EMBEDDING_TASK_TYPES, HEADLESS_TASK_TYPES, MultiTaskConfig, backbone_depth
     from inference_mtl import MultiTaskInferenceMixin, group_entities, plan_batches, run_concurrently
 
 logger = logging.get_logger(__name__)
@@ -392,7 +392,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             self.projection = None
         self.heads = nn.ModuleDict()
         for task in config.tasks:
-            if task["type"] in ("similarity", "contrastive"):
+            if task["type"] in HEADLESS_TASK_TYPES:
                 continue  # scored on the embeddings themselves
             if task["type"] == "token_classification" or task["head"].get("pooling") == "attention":
                 input_size = config.hidden_size

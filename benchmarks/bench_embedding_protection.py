@@ -115,7 +115,7 @@ SCORES = {
     "mrpc_retrieval": ("mrr", "MRPC MRR"),
 }
 # The default recipe's heads (train.py's defaults): sentence heads with their own attention pooling and copies of
-# the encoder's top two layers (one before this session: `--extra --head_layers 1`), token heads with their own
+# the encoder's top two layers (one until 2 became the default: `--extra --head_layers 1`), token heads with their own
 # copies of the top two layers. "linear heads" = every head on the shared vector
 # / token states.
 RECIPE_HEADS: list[str] = []

@@ -41,7 +41,7 @@ from datasets import (
 )
 from transformers.utils import logging
 
-from configuration_mtl import PAIR_TASK_TYPES, TASK_TYPES, normalize_task
+from configuration_mtl import HEADLESS_TASK_TYPES, PAIR_TASK_TYPES, TASK_TYPES, normalize_task
 from modeling_mtl import IGNORE_INDEX, labelled_mask
 
 logger = logging.get_logger(__name__)
@@ -133,7 +133,7 @@ class TaskDataSpec:
         if self.type not in TASK_TYPES:
             raise ValueError(f"task '{self.name}': type '{self.type}' is not one of {list(TASK_TYPES)}")
         try:  # model options fail here, before any data is read (placeholder labels where they are inferred)
-            placeholder = None if self.type in ("similarity", "contrastive", "regression") else ["a", "b"]
+            placeholder = None if self.type in (*HEADLESS_TASK_TYPES, "regression") else ["a", "b"]
             normalize_task(self._model_dict(self.labels if self.labels is not None else placeholder))
         except ValueError as error:
             data_keys = sorted({f.name for f in fields(self)} - {"model_options"})
@@ -475,7 +475,7 @@ def resolve_labels(spec: TaskDataSpec, train: Dataset) -> list[str]:
     """The task's label names: from the spec, the dataset's `ClassLabel` feature, or the training split (sorted)."""
     if spec.labels is not None:
         return [str(label) for label in spec.labels]
-    if spec.type in ("similarity", "contrastive"):
+    if spec.type in HEADLESS_TASK_TYPES:
         return []
     if spec.type == "regression":
         return ["score"]

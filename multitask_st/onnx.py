@@ -1190,8 +1190,10 @@ class OnnxMultiTaskModel(MultiTaskInferenceMixin):
         return self
 
     def _task_output(self, name: str) -> str | None:
+        from configuration_mtl import HEADLESS_TASK_TYPES  # lazy, as in `_task_lists`
+
         task_type = self.config.get_task(name)["type"]
-        if task_type in ("similarity", "contrastive"):
+        if task_type in HEADLESS_TASK_TYPES:
             return "features"  # scored on the embeddings by the mixin
         if task_type == "pair_classification":
             return name if self.pair_session is not None else None
