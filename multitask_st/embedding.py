@@ -45,8 +45,8 @@ PROTECTIONS = ("auto", "distillation", "isolation", "l2sp", "none")
 # The factor of each embedding protection in the loss, chosen on validation data (docs/RESULTS.md). Distillation,
 # with SST-2 + TREC + WikiANN heads: 3 and 10 both kept the embedding (cosine 0.99, STS-B validation within 0.15 of
 # the base model on each of 3 seeds), and 3, the weaker pull, left the token head +0.3 to +0.8 F1 more (every seed),
-# the sentence heads the same within noise; 2 gained the token head nothing consistent (+1.3 / -0.3 / -0.1) and let
-# STS-B validation slip 0.26 below the base model on one seed; an early run at 1 drifted to a mean cosine of 0.86.
+# the sentence heads the same within noise; 2 gained the token head nothing consistent (+1.3 / -0.3 / -0.1 against 3);
+# an early run at 1 drifted to a mean cosine of 0.86.
 # Isolation: the share of the heads' gradient kept out of the shared encoder; with STS-B similarity in the mix, 0.9
 # kept the heads' validation scores within ~2 points of the distilled mix where 1.0 cost them 3-5.
 DEFAULT_PROTECTION_WEIGHT = {"distillation": 3.0, "isolation": 0.9, "l2sp": 0.01, "none": 0.0}
