@@ -221,11 +221,19 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
             raise ValueError(f"task '{name}': a {task_type} task has no head (it scores the embeddings directly)")
     else:
         normalized["head"] = _normalize_head(name, task.get("head"), default_dropout)
+        head = normalized["head"]
+        if task_type == "pair_classification" and (
+            head.get("pooling") or head.get("layers") or head["type"] == "transformer"
+        ):
+            raise ValueError(
+                f"task '{name}': a pair_classification head reads the two sentence embeddings (its pair_features), "
+                "not token states: it takes no pooling, no layers of its own and no 'transformer' type"
+            )
         reads_tokens = task_type == "token_classification" or normalized["head"].get("pooling") == "attention"
         if (normalized["head"]["type"] == "transformer" or normalized["head"].get("layers")) and not reads_tokens:
             raise ValueError(
                 f"task '{name}': a transformer head, or one with layers of its own, reads token states: use it for "
-                "token tasks, or with pooling 'attention' for sentence-level tasks"
+                "token tasks, or with pooling 'attention' for single-text sentence-level tasks"
             )
     normalized.update(_type_options(name, task_type, task))
     return normalized

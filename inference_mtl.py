@@ -443,15 +443,17 @@ class MultiTaskInferenceMixin:
         Returns:
             float32 array of cosines in [-1, 1].
         """
+        if not isinstance(pairwise, bool):
+            raise TypeError(f"pairwise must be True or False, got {pairwise!r}")
         a = check_texts([texts_a] if isinstance(texts_a, str) else texts_a, "texts_a")
         b = check_texts([texts_b] if isinstance(texts_b, str) else texts_b, "texts_b")
         if pairwise and len(a) != len(b):
             raise ValueError(f"pairwise similarity needs lists of the same length, got {len(a)} and {len(b)}")
         embeddings = self.encode(a + b, batch_size=batch_size, normalize=True)
         left, right = embeddings[: len(a)], embeddings[len(a) :]
-        if pairwise:
-            return np.einsum("nd,nd->n", left, right).astype(np.float32)
-        return (left @ right.T).astype(np.float32)
+        # Rounding can put the cosine of two unit vectors a hair outside [-1, 1] (1.0000001 for equal texts).
+        cosines = np.einsum("nd,nd->n", left, right) if pairwise else left @ right.T
+        return np.clip(cosines, -1.0, 1.0).astype(np.float32)
 
     # ------------------------------------------------------------------ predictions
 
@@ -510,6 +512,8 @@ class MultiTaskInferenceMixin:
                 raise ValueError(f"this model has no {kind} tasks (its tasks: {self.task_names})")
             return chosen
         tasks = self._check_tasks(tasks)
+        if not tasks:
+            raise ValueError("tasks is empty: name at least one task, or leave it out for all tasks of that input")
         wrong = [name for name in tasks if (self.config.get_task(name)["type"] in pair_types) != pairs]
         if wrong:
             needs = "single texts" if pairs else "text pairs (tuples (a, b))"
@@ -565,6 +569,8 @@ class MultiTaskInferenceMixin:
         for index, (a, b) in enumerate(pairs):
             for side, text in (("text", a), ("text_pair", b)):
                 check_text(text, f"pair {index}: {side}")
+                if not text.strip():  # as in training: a pair task scores two texts, never an empty one
+                    raise ValueError(f"pair {index}: {side} is empty: both texts of a pair must be given")
         # Each side is embedded by the fast `encode` path; pair heads and cosines then work on the features.
         features = self.encode(
             [a for a, _ in pairs] + [b for _, b in pairs],
@@ -580,7 +586,7 @@ class MultiTaskInferenceMixin:
                 for row, result in enumerate(results):
                     result[name] = self._describe(name, scores[row])
             else:
-                cosines = F.cosine_similarity(u, v, dim=-1).cpu().tolist()
+                cosines = F.cosine_similarity(u, v, dim=-1).clamp(-1.0, 1.0).cpu().tolist()
                 for row, result in enumerate(results):
                     result[name] = {"cosine": cosines[row]}
         return results

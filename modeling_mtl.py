@@ -303,21 +303,29 @@ def contrastive_loss(
     candidate_ids: torch.Tensor,
     anchor_ids: torch.Tensor,
     scale: float,
+    positive_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multiple-negatives ranking (InfoNCE): cross-entropy of each anchor's scaled cosines over every candidate,
-    the target being its own positive. Candidates holding the same text as the anchor or its positive (duplicates
-    in the batch) are not negatives: they are masked out instead of being pushed away (false negatives).
+    the target being its own positive. Candidates that are positives for the anchor too are not negatives: they
+    are masked out instead of being pushed away (false negatives). That is a candidate holding the same text as
+    the anchor or as its positive, and the positive of another row with the same anchor text (several positives
+    per query).
 
     Args:
         anchors: `(n, dim)`; candidates: `(m, dim)` (all positives, then all hard negatives).
         targets: `(n,)` index of each anchor's positive in `candidates`.
         candidate_ids / anchor_ids: `(m,)` / `(n,)` text fingerprints (`text_fingerprints`) for the duplicate mask.
+        positive_of: `(m,)` for a candidate that is some row's positive, that row's anchor fingerprint; for a hard
+            negative, its own fingerprint (a row's hard negative is a negative for every row with its anchor, and
+            an anchor equal to its text is masked by `candidate_ids` already).
 
     Returns: the summed loss over the anchors.
     """
     logits = scale * F.normalize(anchors.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T  # (n, m)
     positive_ids = candidate_ids[targets]  # (n,)
     duplicate = (candidate_ids[None, :] == positive_ids[:, None]) | (candidate_ids[None, :] == anchor_ids[:, None])
+    if positive_of is not None:
+        duplicate |= positive_of[None, :] == anchor_ids[:, None]
     duplicate[torch.arange(len(targets), device=targets.device), targets] = False
     logits = logits.masked_fill(duplicate, float("-inf"))
     return F.cross_entropy(logits, targets, reduction="sum")
@@ -792,6 +800,11 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         task = self.config.get_task(name)
         task_type = task["type"]
         if logits is None:  # a pair task in a batch of single texts: nothing to learn, only touch the head
+            if labelled_mask(_as_label_tensor(name, labels)).any():
+                raise ValueError(
+                    f"task '{name}': labels were given for a batch of single texts; a {task_type} task scores rows "
+                    "of several texts (input_ids of shape (batch, texts, seq))"
+                )
             return self._zero_loss(name, features)
         labels = _as_label_tensor(name, labels).to(logits.device)
         if task_type in ("classification", "token_classification", "pair_classification", "contrastive"):
@@ -821,6 +834,13 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             total, count = elementwise_loss(logits, labels, "mse")
         else:  # similarity: gold scores mapped from the declared range to [0, 1]
             low, high = task["score_range"]
+            scores = labels[valid]
+            bad = scores[~torch.isfinite(scores) | (scores < low) | (scores > high)]
+            if bad.numel():
+                raise ValueError(
+                    f"task '{name}': gold scores must be finite and within its score_range [{low:g}, {high:g}] "
+                    f"(NaN for missing), got {bad[0].item()}"
+                )
             targets = (labels - low) / (high - low)
             if task["loss"] == "cosent":
                 total, count = cosent_loss(logits, targets, task["scale"])
@@ -843,7 +863,10 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         fingerprints = texts.fingerprints().view(texts.batch_size, -1)[rows]  # (n, texts)
         anchors = features[rows, 0]  # (n, dim)
         candidates = features[rows, 1:].transpose(0, 1).reshape(-1, features.shape[-1])  # (n * (texts-1), dim)
-        candidate_ids = fingerprints[:, 1:].transpose(0, 1).reshape(-1)
+        # Per candidate: its text, and for a positive its row's anchor (a hard negative: its own text; see
+        # `contrastive_loss`), so that another row's positive for the same anchor text is not a negative.
+        positive_of = torch.cat([fingerprints[:, :1], fingerprints[:, 2:]], dim=1)  # (n, texts - 1)
+        candidate_ids = torch.stack([fingerprints[:, 1:], positive_of], -1).transpose(0, 1).reshape(-1, 2)
         present = texts.present_mask_grouped()[rows, 1:].transpose(0, 1).reshape(-1)
         candidates, candidate_ids = candidates[present], candidate_ids[present]
         offset = 0
@@ -853,7 +876,9 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             # This process's positives come first among its own candidates.
             offset = _gathered_offset(present.sum())
         targets = offset + torch.arange(len(rows), device=features.device)
-        total = contrastive_loss(anchors, candidates, targets, candidate_ids, fingerprints[:, 0], task["scale"])
+        total = contrastive_loss(
+            anchors, candidates, targets, candidate_ids[:, 0], fingerprints[:, 0], task["scale"], candidate_ids[:, 1]
+        )
         return total, valid.sum()
 
     # ------------------------------------------------------------------ inference hooks (see `inference_mtl`)

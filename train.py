@@ -198,6 +198,17 @@ DEFAULT_JOB: dict[str, Any] = {
 }
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments)
+# The trainer options checked before anything is loaded (`multitask_st.trainer.check_trainer_options`).
+TRAINER_OPTIONS = (
+    "task_sampling",
+    "sampling_temperature",
+    "loss_weighting",
+    "layerwise_lr_decay",
+    "embedding_protection",
+    "freeze_encoder_steps",
+    "drift_sample_size",
+    "drift_warning_cosine",
+)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -232,6 +243,14 @@ def parse_arguments(argv: list[str] | None = None):
     else:
         config = {}
     parser = HfArgumentParser(ARGUMENT_CLASSES)
+    recipe = ", ".join(f"{key} {value}" for key, value in RECIPE.items())
+    parser.epilog = (
+        "The defaults shown are the embedded default job's (no --tasks and no config file), which flags change. "
+        f"With --tasks or a config file, unset options take the recipe's values ({recipe}, overwrite_output_dir "
+        "False, output_dir outputs/multitask-model), then TrainingArguments' own."
+        if config == DEFAULT_JOB
+        else f"Unset options take the recipe's values ({recipe}), then TrainingArguments' own."
+    )
     known = {f.name for dataclass_type in ARGUMENT_CLASSES for f in fields(dataclass_type)}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -306,12 +325,13 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         callbacks: extra `TrainerCallback`s (for programmatic use).
     """
     from multitask_st import DEFAULT_BACKBONE_ID
-    from multitask_st.trainer import detach_loss_weighting
+    from multitask_st.trainer import check_trainer_options, detach_loss_weighting
     from multitask_st.training import describe_hardware, evaluate_splits, save_run, training_record
 
     # 1. Arguments, launch, seed, output folder (never another run's model), the checkpoint to resume.
     check_launch()
     model_args, data_args, mtl_args, training_args = parse_arguments(argv)
+    check_trainer_options(**{name: getattr(mtl_args, name) for name in TRAINER_OPTIONS})
     set_seed(training_args.seed)
     resume = _resume_target(training_args, mtl_args)
 

@@ -327,7 +327,7 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
     texts = [_check_text(text, f"argument {index + 1}") for index, text in enumerate(args.texts or [])]
     if args.file:
         path = Path(args.file)
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             for number, row in _jsonl_rows(path, "--file"):
                 value = row.get(args.text_field)
                 if not isinstance(value, str):
@@ -340,30 +340,35 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 def _read_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """Pairs from `--pair A B` (repeatable) and/or `--pairs FILE` (.jsonl with text/text_pair, or a 2-column .tsv)."""
-    pairs = [
-        (_check_text(a, f"--pair {index + 1}"), _check_text(b, f"--pair {index + 1}"))
-        for index, (a, b) in enumerate(getattr(args, "pair", None) or [])
-    ]
+    pairs = [_pair(a, b, f"--pair {index + 1}") for index, (a, b) in enumerate(getattr(args, "pair", None) or [])]
     if getattr(args, "pairs", None):
         path = Path(args.pairs)
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             fields = (args.text_field, args.pair_field)
             for number, row in _jsonl_rows(path, "--pairs"):
                 values = [row.get(field) for field in fields]
                 if not all(isinstance(value, str) for value in values):
                     raise CliError(f"{path}:{number}: expected string fields {fields[0]!r} and {fields[1]!r}")
-                pairs.append((_check_text(values[0], f"{path}:{number}"), _check_text(values[1], f"{path}:{number}")))
-        elif path.suffix == ".tsv":
+                pairs.append(_pair(values[0], values[1], f"{path}:{number}"))
+        elif path.suffix.lower() == ".tsv":
             for number, line in enumerate(_read_lines(path, "--pairs"), start=1):
                 if not line.strip():
                     continue
                 columns = line.split("\t")
                 if len(columns) != 2:
                     raise CliError(f"{path}:{number}: expected 2 tab-separated columns, got {len(columns)}")
-                pairs.append((columns[0], columns[1]))
+                pairs.append(_pair(columns[0], columns[1], f"{path}:{number}"))
         else:
             raise CliError(f"--pairs {path}: use a .jsonl (text, text_pair fields) or .tsv (two columns) file")
     return pairs
+
+
+def _pair(a: str, b: str, where: str) -> tuple[str, str]:
+    """A pair of valid texts, neither of them empty (as in training: a pair task scores two texts)."""
+    for side, text in (("first", a), ("second", b)):
+        if not _check_text(text, where).strip():
+            raise CliError(f"{where}: the {side} text of the pair is empty: both texts of a pair must be given")
+    return a, b
 
 
 def _read_inputs(args: argparse.Namespace, allow_pairs: bool = True) -> tuple[list[str], list[tuple[str, str]]]:

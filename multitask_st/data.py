@@ -76,7 +76,8 @@ class TaskDataSpec:
             `sentence1`); for contrastive tasks the anchor (default `anchor`).
         text_pair_column: the second text of a pair (default `sentence2`), or the positive of a contrastive row
             (default `positive`).
-        negative_column: contrastive only: an optional hard negative per row.
+        negative_column: contrastive only: a column holding a hard negative for every row (optional: without it,
+            the batch's other positives are the only negatives).
         label_column: the label (default: the task's name); unused by contrastive tasks.
         tokens_column / tags_column: word list and per-word tag columns (token tasks).
         row_filter: `{column: value}`: keep only the rows whose columns hold these values (e.g. MRPC's paraphrase
@@ -411,8 +412,16 @@ def _diagnose_file(path: str, error: Exception) -> str:
     return f"{path} could not be read as {suffix[1:].upper()}: {message}"
 
 
+# The row of the file (or of the split as loaded) that a kept row came from, added when a filter or a subset
+# renumbers the rows, so that a data error names the row the user can find.
+SOURCE_ROW_COLUMN = "__source_row__"
+
+
 def _select_rows(spec: TaskDataSpec, dataset, limit: int | None, seed: int, split: str):
     stream = isinstance(dataset, IterableDataset)
+    renumbers = not stream and (spec.row_filter or (limit is not None and limit < len(dataset)))
+    if renumbers and SOURCE_ROW_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(SOURCE_ROW_COLUMN, range(len(dataset)))
     if spec.row_filter:
         columns = dataset.column_names
         missing = [column for column in spec.row_filter if columns is not None and column not in columns]
@@ -494,7 +503,8 @@ def resolve_labels(spec: TaskDataSpec, train: Dataset) -> list[str]:
     if names is not None:
         return names
     keys, raw = set(), []
-    for row, value in enumerate(train[column]):
+    rows = train[SOURCE_ROW_COLUMN] if SOURCE_ROW_COLUMN in train.column_names else range(len(train))
+    for row, value in zip(rows, train[column]):
         where = f"train row {row}, column '{column}'"
         if spec.type in ("token_classification", "multi_label_classification"):
             if value is None:
@@ -604,8 +614,10 @@ class _SourceTokenizer:
             if s.type == "token_classification"
         }
         self.words = any(spec.type == "token_classification" for spec in source_specs)
+        self.negative_columns = {spec.negative_column for spec in source_specs if spec.negative_column}
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        indices = batch.get(SOURCE_ROW_COLUMN, indices)  # the rows as the user's file numbers them
         texts = [self._texts(batch, column, indices) for column in self.columns]  # per column, per row
         encodings = [
             self.tokenizer(
@@ -639,7 +651,12 @@ class _SourceTokenizer:
                 if not isinstance(value, list) or not all(isinstance(word, str) for word in value):
                     raise DataError(f"tasks {sorted(self.names)}: {where} must hold a list of words, got {value!r:.80}")
             elif not isinstance(value, str):
-                raise DataError(f"tasks {sorted(self.names)}: {where} must hold a string, got {value!r:.80}")
+                hint = (
+                    " (negative_column gives every row a hard negative: fill it in, or leave out the rows without one)"
+                    if column in self.negative_columns
+                    else ""
+                )
+                raise DataError(f"tasks {sorted(self.names)}: {where} must hold a string, got {value!r:.80}{hint}")
             elif len(self.columns) > 1 and not value.strip():
                 raise DataError(f"tasks {sorted(self.names)}: {where} is empty: every text of a pair must be given")
         return values

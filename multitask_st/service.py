@@ -669,6 +669,8 @@ class _Routes:
         for index, pair in enumerate(body.pairs):
             for side, text in enumerate(pair):
                 self.check_text(text, f"pairs[{index}][{side}]")
+                if not text.strip():
+                    raise HTTPException(422, f"pairs[{index}][{side}] is empty: both texts of a pair must be given")
         return True
 
     def _predict_tasks(self, tasks: list[str] | None, pairs: bool) -> tuple[str, ...] | None:

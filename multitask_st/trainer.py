@@ -35,7 +35,7 @@ from transformers.utils import logging
 from modeling_mtl import labelled_mask
 
 from .data import MultiTaskCollator, StreamedSources
-from .embedding import EmbeddingDrift, EmbeddingProtection, drift_sample, unwrap
+from .embedding import PROTECTIONS, EmbeddingDrift, EmbeddingProtection, drift_sample, unwrap
 from .metrics import build_compute_metrics, metric_key
 
 logger = logging.get_logger(__name__)
@@ -264,6 +264,37 @@ def backbone_num_layers(model: nn.Module) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def check_trainer_options(
+    *,
+    task_sampling: str,
+    sampling_temperature: float,
+    loss_weighting: str,
+    layerwise_lr_decay: float | None,
+    embedding_protection: str,
+    freeze_encoder_steps: float,
+    drift_sample_size: int,
+    drift_warning_cosine: float,
+) -> None:
+    """The checks of `MultiTaskTrainer`'s own options that need neither model nor data, so that train.py can make
+    them before it loads anything (the protection's weight depends on the tasks: checked with them)."""
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting '{loss_weighting}' is not one of {list(LOSS_WEIGHTINGS)}")
+    sampling_probabilities([1], task_sampling, sampling_temperature)  # the strategy and its temperature
+    if layerwise_lr_decay is not None and not 0.0 < layerwise_lr_decay <= 1.0:
+        raise ValueError(f"layerwise_lr_decay must be in (0, 1], got {layerwise_lr_decay}")
+    if embedding_protection not in PROTECTIONS:
+        raise ValueError(f"embedding_protection '{embedding_protection}' is not one of {list(PROTECTIONS)}")
+    if freeze_encoder_steps < 0 or (freeze_encoder_steps > 1 and freeze_encoder_steps != int(freeze_encoder_steps)):
+        raise ValueError(
+            "freeze_encoder_steps must be a whole number of steps or a share of them below 1, "
+            f"got {freeze_encoder_steps}"
+        )
+    if not isinstance(drift_sample_size, int) or isinstance(drift_sample_size, bool) or drift_sample_size < 0:
+        raise ValueError(f"drift_sample_size must be an int >= 0 (0: no drift measured), got {drift_sample_size!r}")
+    if not isinstance(drift_warning_cosine, (int, float)) or not -1.0 <= drift_warning_cosine <= 1.0:
+        raise ValueError(f"drift_warning_cosine must be a cosine, in [-1, 1], got {drift_warning_cosine!r}")
+
+
 class MultiTaskTrainer(Trainer):
     """A `Trainer` for [`MultiTaskModel`]: the loss is the weighted sum of the per-task losses.
 
@@ -323,17 +354,16 @@ class MultiTaskTrainer(Trainer):
         drift_warning_cosine: float = 0.9,
         **kwargs,
     ):
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting '{loss_weighting}' is not one of {list(LOSS_WEIGHTINGS)}")
-        if task_sampling not in SAMPLING_STRATEGIES:
-            raise ValueError(f"task_sampling '{task_sampling}' is not one of {list(SAMPLING_STRATEGIES)}")
-        if layerwise_lr_decay is not None and not 0.0 < layerwise_lr_decay <= 1.0:
-            raise ValueError(f"layerwise_lr_decay must be in (0, 1], got {layerwise_lr_decay}")
-        if freeze_encoder_steps < 0 or (freeze_encoder_steps > 1 and freeze_encoder_steps != int(freeze_encoder_steps)):
-            raise ValueError(
-                f"freeze_encoder_steps must be a whole number of steps or a share of them below 1, "
-                f"got {freeze_encoder_steps}"
-            )
+        check_trainer_options(
+            task_sampling=task_sampling,
+            sampling_temperature=sampling_temperature,
+            loss_weighting=loss_weighting,
+            layerwise_lr_decay=layerwise_lr_decay,
+            embedding_protection=embedding_protection,
+            freeze_encoder_steps=freeze_encoder_steps,
+            drift_sample_size=drift_sample_size,
+            drift_warning_cosine=drift_warning_cosine,
+        )
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("MultiTaskTrainer needs a `model`")

@@ -208,6 +208,8 @@ def bad_files(tmp_path_factory, model_dir):
     (root / "one.tsv").write_text("just one column\n")
     (root / "pairs.csv").write_text("a,b\n")
     (root / "nopair.jsonl").write_text('{"text": "a", "pair": "b"}\n')
+    (root / "blank.tsv").write_text("a\tb\nthe fox\t\n")  # a trailing tab: the second text is missing
+    (root / "upper.JSONL").write_text('{"text": "a", "text_pair": " "}\n')  # read as JSONL, whatever the case
     (root / "folder.npy").mkdir()
     (root / "empty.txt").write_text("\n\n")
     return root
@@ -246,6 +248,9 @@ def bad_files(tmp_path_factory, model_dir):
         (["predict", "--model", "{model}", "--pairs", "{bad}/one.tsv"], "one.tsv:1: expected 2 tab-separated columns"),
         (["predict", "--model", "{model}", "--pairs", "{bad}/nopair.jsonl"], "fields 'text' and 'text_pair'"),
         (["predict", "--model", "{model}", "--pair", "a", "b\udcff"], "--pair 1: not valid Unicode text"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/blank.tsv"], "blank.tsv:2: the second text of the pair"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/upper.JSONL"], "upper.JSONL:1: the second text"),
+        (["similarity", "--model", "{model}", "--pair", "", "b"], "--pair 1: the first text of the pair is empty"),
         (["predict", "--model", "{model}", "hi", "-o", "{bad}/a_file/p.json"], "is a file, not a folder"),
         (["similarity", "--model", "{model}", "only one"], "at least two texts"),
         (["similarity", "--model", "{model}", "a", "b", "-o", "heat.txt"], "use a .png, .svg or .pdf file name"),

@@ -104,6 +104,13 @@ def test_default_backbone_config_has_minilm_shape():
             {"tasks": [{"name": "p", "type": "pair_classification", "labels": ["a", "b"], "pair_features": []}]},
             "pair_features must be a non-empty list",
         ),
+        *(
+            (
+                {"tasks": [{"name": "p", "type": "pair_classification", "labels": ["a", "b"], "head": head}]},
+                "a pair_classification head reads the two sentence embeddings",
+            )
+            for head in ({"pooling": "attention"}, {"pooling": "attention", "layers": 1}, "transformer")
+        ),
         ({"tasks": [{"name": "a", "labels": "xy"}]}, "`labels` must be a list"),
         ({"projection_dim": 0}, "projection_dim must be a positive int"),
         ({"max_seq_length": 100000}, "exceeds the backbone's max_position_embeddings"),

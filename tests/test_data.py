@@ -208,6 +208,35 @@ def test_bad_pair_rows_name_task_row_and_column(tiny_bert, tmp_path, change, mes
         build(tiny_bert, [{**task, "eval_split": None}])
 
 
+def test_a_row_without_its_hard_negative_is_named_with_what_to_do(tiny_bert, tmp_path):
+    rows = [{**row, "negative": f"unrelated {i}"} for i, row in enumerate(pair_rows(6))]
+    rows[4]["negative"] = None
+    files = {"train": str(write_jsonl(tmp_path / "train.jsonl", rows))}
+    task = {"name": "retrieval", "type": "contrastive", "data_files": files, "text_column": "sentence1",
+            "text_pair_column": "sentence2", "negative_column": "negative", "eval_split": None}  # fmt: skip
+    with pytest.raises(DataError, match=r"train row 4, column 'negative' must hold a string, got None \(negative_col"):
+        build(tiny_bert, [task])
+
+
+@pytest.mark.parametrize("subset", [{"row_filter": {"label": 1}}, {"max_train_samples": 7}])
+def test_bad_rows_are_named_by_their_row_in_the_file_after_a_filter_or_subset(tiny_bert, tmp_path, subset):
+    rows = pair_rows(8)
+    rows[7].update(sentence2=None, label=1)
+    files = {"train": str(write_jsonl(tmp_path / "train.jsonl", rows))}
+    task = {"name": "retrieval", "type": "contrastive", "data_files": files, "text_column": "sentence1",
+            "text_pair_column": "sentence2", "eval_split": None, **subset}  # fmt: skip
+    with pytest.raises(DataError, match=r"train row 7, column 'sentence2' must hold a string"):
+        build(tiny_bert, [task], seed=3)  # seed 3 keeps rows 6 and 7 of 8
+    # The bad label of a classification task, too, is named by its row in the file.
+    rows = [{"text": f"sentence {i}", "y": 1 if i != 6 else 2.5} for i in range(8)]
+    files = {"train": str(write_jsonl(tmp_path / "labels.jsonl", rows))}
+    labelled = {"name": "y", "data_files": files, "label_column": "y", "eval_split": None, **subset}
+    if "row_filter" in subset:
+        labelled["row_filter"] = {"text": "sentence 6"}
+    with pytest.raises(DataError, match=r"fractional class label 2.5 in train row 6"):
+        build(tiny_bert, [labelled], seed=3)
+
+
 # ------------------------------------------------------------------------------------------------ labels
 
 

@@ -397,6 +397,14 @@ def test_predict_on_pairs_and_similarity(model):
     )
 
 
+def test_similarity_stays_within_minus_one_and_one(model, monkeypatch):
+    # Unit vectors' dot products can round a hair past 1 (1.0000001 for two equal texts): cosines are clipped.
+    unit = np.array([[1.0 + 1e-6, 0.0], [-1.0 - 1e-6, 0.0]], dtype=np.float32)
+    monkeypatch.setattr(model, "encode", lambda texts, **kwargs: np.concatenate([unit, unit]))
+    assert model.similarity(["a", "b"], ["a", "b"], pairwise=True).tolist() == [1.0, 1.0]
+    assert model.similarity(["a", "b"], ["a", "b"]).tolist() == [[1.0, -1.0], [-1.0, 1.0]]
+
+
 @pytest.mark.parametrize(
     "call, error, message",
     [
@@ -412,6 +420,9 @@ def test_predict_on_pairs_and_similarity(model):
         (lambda m: m.predict([["a", 3]]), TypeError, r"sentences\[0\]\[1\] must be a str"),
         (lambda m: m.similarity(["a", "b"], ["c"], pairwise=True), ValueError, "lists of the same length, got 2 and 1"),
         (lambda m: m.similarity(["a", None], ["c"]), TypeError, r"texts_a\[1\] must be a str"),
+        (lambda m: m.similarity(["a"], ["c"], pairwise="no"), TypeError, "pairwise must be True or False, got 'no'"),
+        (lambda m: m.predict([("a", "b"), ("c", "")]), ValueError, "pair 1: text_pair is empty"),
+        (lambda m: m.predict("a", tasks=[]), ValueError, "tasks is empty"),
     ],
 )
 def test_bad_input_is_one_clear_error(model, call, error, message):

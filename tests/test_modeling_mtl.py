@@ -468,15 +468,34 @@ def test_contrastive_loss_uses_in_batch_and_hard_negatives(pair_model):
     assert out.logits["retrieval"].shape == (4, 8)
 
 
-def test_contrastive_duplicates_are_not_negatives(pair_model):
-    # Rows 0 and 2 share their positive: for each of them the other row's copy is a false negative, masked out.
-    right = [RIGHT[0], RIGHT[1], RIGHT[0], RIGHT[3]]
-    out = pair_model(**pair_batch(pair_model, LEFT, right), labels={"retrieval": torch.zeros(4, dtype=torch.long)})
+@pytest.mark.parametrize(
+    "left, right",
+    [
+        # Rows 0 and 2 share their positive: for each of them the other row's copy is a false negative.
+        (LEFT, [RIGHT[0], RIGHT[1], RIGHT[0], RIGHT[3]]),
+        # Rows 0 and 2 share their anchor (two positives for one query): each row's positive is the other's too.
+        ([LEFT[0], LEFT[1], LEFT[0], LEFT[3]], RIGHT),
+    ],
+)
+def test_contrastive_false_negatives_are_masked_not_pushed_away(pair_model, left, right):
+    out = pair_model(**pair_batch(pair_model, left, right), labels={"retrieval": torch.zeros(4, dtype=torch.long)})
     features = out.embeddings.detach()
     expected = contrastive_reference(features[:, 0], features[:, 1], 20.0, excluded=[(0, 2), (2, 0)])
     torch.testing.assert_close(out.task_losses["retrieval"], expected)
-    unmasked = contrastive_reference(features[:, 0], features[:, 1], 20.0)
-    assert not torch.allclose(unmasked, expected)
+    assert not torch.allclose(contrastive_reference(features[:, 0], features[:, 1], 20.0), expected)
+
+
+def test_contrastive_hard_negatives_of_the_same_anchor_stay_negatives(pair_model):
+    left = [LEFT[0], LEFT[1], LEFT[0], LEFT[3]]
+    negatives = ["A dog sleeps.", "Rain is expected.", "Bananas are yellow.", "The bus was late."]
+    out = pair_model(
+        **pair_batch(pair_model, left, RIGHT, negatives), labels={"retrieval": torch.zeros(4, dtype=torch.long)}
+    )
+    features = out.embeddings.detach()
+    candidates = torch.cat([features[:, 1], features[:, 2]])
+    # Only the other row's positive is masked; row 2's hard negative (column 6) stays a negative for row 0.
+    expected = contrastive_reference(features[:, 0], candidates, 20.0, excluded=[(0, 2), (2, 0)])
+    torch.testing.assert_close(out.task_losses["retrieval"], expected)
 
 
 def test_pair_tasks_in_a_batch_of_single_texts_give_a_zero_that_touches_their_head(pair_model):
@@ -504,6 +523,13 @@ def test_pair_labels_are_checked(pair_model):
         pair_model(**batch, labels={"paraphrase": torch.tensor([0.0, 1.0, 1.0, 0.0])})
     with pytest.raises(ValueError, match=r"task 'sts': labels have shape \(3,\), expected \(4,\)"):
         pair_model(**batch, labels={"sts": torch.tensor([1.0, 2.0, 3.0])})
+    # Gold scores outside the task's declared score_range [0, 5], or not finite, are refused (NaN: missing).
+    for bad in (7.0, -0.5, float("inf")):
+        with pytest.raises(ValueError, match=r"task 'sts': gold scores must be finite and within its score_range"):
+            pair_model(**batch, labels={"sts": torch.tensor([1.0, float("nan"), bad, 0.0])})
+    # Labels of a pair task on a batch of single texts have nothing to score: an error, not a silent zero.
+    with pytest.raises(ValueError, match=r"task 'sts': labels were given for a batch of single texts"):
+        pair_model(**batch_for(pair_model, LEFT), labels={"sts": torch.tensor([1.0, 2.0, 3.0, 4.0])})
 
 
 def test_embed_gives_the_embeddings_without_heads(pair_model):

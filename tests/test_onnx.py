@@ -49,7 +49,7 @@ TEXTS = [
     "Maria visited the Louvre museum in Paris last summer.",
 ]
 WORDS = [["John", "Smith", "lives", "in", "Paris"], ["Hello"], ["Maria", "", "visited", "Berlin", "."]]
-PAIRS = [("A cat sits on the mat.", "A kitten rests on a rug."), ("Who wrote it?", ""), ("same", "same")]
+PAIRS = [("A cat sits on the mat.", "A kitten rests on a rug."), ("Who wrote it?", "?"), ("same", "same")]
 
 
 def sharpen_heads(model: MultiTaskModel, factor: float = 20.0) -> MultiTaskModel:

@@ -354,6 +354,7 @@ SURROGATE = "\ud800"
         ("/predict", {"pairs": [["a", "b"]] * 9}, 413, "pairs has 9 pairs (18 texts); at most 16 texts"),
         ("/predict", {"pairs": [["a", LONG]]}, 422, "pairs[0][1] has 501 characters; at most 500"),
         ("/predict", {"pairs": [["a", "b"], [SURROGATE, "b"]]}, 422, "pairs[1][0] holds a lone surrogate"),
+        ("/predict", {"pairs": [["a", "b"], ["a", " "]]}, 422, "pairs[1][1] is empty: both texts of a pair"),
         ("/predict", {"texts": ["hi"], "tasks": ["nli"]}, 422, "task(s) ['nli'] take text pairs: send them in pairs"),
         ("/predict", {"pairs": [["a", "b"]], "tasks": ["sentiment", "sts"]}, 422, "task(s) ['sentiment'] take single"),
         ("/similarity", {"texts": ["a"], "texts_b": ["b"] * 16}, 413, "texts + texts_b have 17 texts; at most 16"),

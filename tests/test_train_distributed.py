@@ -344,6 +344,9 @@ def _contrastive_gradients(rank: int, world: int, tiny_bert: str, port: int, gat
 
 def _contrastive_batch(model):
     anchors = [f"anchor sentence number {index} about paris" for index in range(8)]
+    # One query with a positive on each process: each process must know the other's row is the same anchor's, or
+    # it would push that positive away where one process holding both rows masks it.
+    anchors[5] = anchors[1]
     positives = [f"positive text {index} mentions john" for index in range(8)]
     flat = model.tokenize(anchors + positives, return_token_type_ids=False)
     reshape = lambda t: t.view(2, 8, -1).transpose(0, 1)  # noqa: E731

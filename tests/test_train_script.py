@@ -169,6 +169,10 @@ def test_bad_runs_exit_2_with_one_line_naming_the_problem(tiny_bert, tmp_path):
           "--learning_rate", "1e30", "--model_name_or_path", str(tiny_bert), "--max_seq_length", "16",
           "--save_strategy", "no", "--eval_strategy", "no"],
          "the training loss became"),
+        # Checked before anything is loaded: the (missing) model folder is never reached.
+        (["--tasks", json.dumps(three_tasks(files)), "--drift_sample_size", "-1", "--model_name_or_path",
+          str(tmp_path / "no-model")],
+         "drift_sample_size must be an int >= 0 (0: no drift measured), got -1"),
     ]  # fmt: skip
     for args, message in cases:
         result = script(*args, cwd=tmp_path)

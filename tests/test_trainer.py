@@ -15,7 +15,13 @@ from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from modeling_mtl import MultiTaskModel
 from multitask_st.data import build_datasets, parse_task_specs
-from multitask_st.trainer import MultiTaskSampler, MultiTaskTrainer, apply_freezing, sampling_probabilities
+from multitask_st.trainer import (
+    MultiTaskSampler,
+    MultiTaskTrainer,
+    apply_freezing,
+    check_trainer_options,
+    sampling_probabilities,
+)
 
 
 def build(tiny_bert, tasks, max_seq_length=32):
@@ -160,7 +166,7 @@ def test_l2sp_penalty_is_the_squared_distance_to_the_initial_encoder(tiny_bert, 
     data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
     trainer = trainer_for(model, data, tmp_path / "out", {"embedding_protection": "l2sp", "protection_weight": 0.5})
     batch = trainer.data_collator([data.train[0]])
-    assert float(trainer.protection.loss(model, batch, None)) == 0.0
+    assert float(trainer.protection.loss(model, batch, None).detach()) == 0.0
     weight = model.backbone.encoder.layer[0].attention.self.query.weight
     with torch.no_grad():
         weight.add_(0.1)
@@ -546,6 +552,33 @@ def test_freeze_encoder_steps_trains_the_heads_alone_first_then_everything(tiny_
     # Adam starts on the encoder at its first real step: two updates in four steps.
     encoder_weight = model.backbone.embeddings.word_embeddings.weight
     assert int(trainer.optimizer.state[encoder_weight]["step"]) == 2
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"drift_sample_size": -1}, "drift_sample_size must be an int >= 0"),
+        ({"drift_sample_size": 2.5}, "drift_sample_size must be an int >= 0"),
+        ({"drift_warning_cosine": 1.5}, r"drift_warning_cosine must be a cosine, in \[-1, 1\], got 1.5"),
+        ({"embedding_protection": "freeze"}, "embedding_protection 'freeze' is not one of"),
+        ({"task_sampling": "temperature", "sampling_temperature": 0}, "sampling_temperature must be > 0, got 0"),
+        ({"loss_weighting": "gradnorm"}, "loss_weighting 'gradnorm' is not one of"),
+    ],
+)
+def test_trainer_options_are_checked_without_model_or_data(option, message):
+    defaults = dict(
+        task_sampling="temperature",
+        sampling_temperature=2.0,
+        loss_weighting="static",
+        layerwise_lr_decay=None,
+        embedding_protection="auto",
+        freeze_encoder_steps=0,
+        drift_sample_size=1000,
+        drift_warning_cosine=0.9,
+    )
+    check_trainer_options(**defaults)  # the defaults pass
+    with pytest.raises(ValueError, match=message):
+        check_trainer_options(**{**defaults, **option})
 
 
 @pytest.mark.parametrize("steps", [-1, 2.5])
