@@ -171,6 +171,12 @@ def check_text(text: Any, where: str) -> None:
         )
 
 
+def clip_cosines(products: np.ndarray) -> np.ndarray:
+    """Dot products of unit vectors as cosines: rounding can put them a hair outside [-1, 1] (1.0000001 for two
+    equal texts)."""
+    return np.clip(products, -1.0, 1.0)
+
+
 def is_pair(item: Any) -> bool:
     """A text pair is a tuple of two strings (lists are pre-split words), or `{"text": a, "text_pair": b}`."""
     if isinstance(item, dict):
@@ -443,7 +449,7 @@ class MultiTaskInferenceMixin:
         Returns:
             float32 array of cosines in [-1, 1].
         """
-        if not isinstance(pairwise, bool):
+        if not isinstance(pairwise, (bool, np.bool_)):
             raise TypeError(f"pairwise must be True or False, got {pairwise!r}")
         a = check_texts([texts_a] if isinstance(texts_a, str) else texts_a, "texts_a")
         b = check_texts([texts_b] if isinstance(texts_b, str) else texts_b, "texts_b")
@@ -451,9 +457,8 @@ class MultiTaskInferenceMixin:
             raise ValueError(f"pairwise similarity needs lists of the same length, got {len(a)} and {len(b)}")
         embeddings = self.encode(a + b, batch_size=batch_size, normalize=True)
         left, right = embeddings[: len(a)], embeddings[len(a) :]
-        # Rounding can put the cosine of two unit vectors a hair outside [-1, 1] (1.0000001 for equal texts).
         cosines = np.einsum("nd,nd->n", left, right) if pairwise else left @ right.T
-        return np.clip(cosines, -1.0, 1.0).astype(np.float32)
+        return clip_cosines(cosines).astype(np.float32)
 
     # ------------------------------------------------------------------ predictions
 

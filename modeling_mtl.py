@@ -805,6 +805,8 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
                     f"task '{name}': labels were given for a batch of single texts; a {task_type} task scores rows "
                     "of several texts (input_ids of shape (batch, texts, seq))"
                 )
+            if self._gathers(task):  # the other processes gather this task's candidates: join them, with none
+                return self._zero_loss(name, features) + self._join_gathers(features)
             return self._zero_loss(name, features)
         labels = _as_label_tensor(name, labels).to(logits.device)
         if task_type in ("classification", "token_classification", "pair_classification", "contrastive"):
@@ -870,7 +872,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         present = texts.present_mask_grouped()[rows, 1:].transpose(0, 1).reshape(-1)
         candidates, candidate_ids = candidates[present], candidate_ids[present]
         offset = 0
-        if task["gather_across_processes"]:
+        if self._gathers(task):
             candidate_ids, _ = gather_with_grad(candidate_ids)
             candidates, _ = gather_with_grad(candidates)
             # This process's positives come first among its own candidates.
@@ -880,6 +882,21 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             anchors, candidates, targets, candidate_ids[:, 0], fingerprints[:, 0], task["scale"], candidate_ids[:, 1]
         )
         return total, valid.sum()
+
+    def _gathers(self, task: dict[str, Any]) -> bool:
+        """Whether a contrastive task gathers its candidates from every process: when gradients are computed only.
+        Gathering serves the gradient; an evaluation (under `no_grad`) may give one process a batch with the task's
+        rows and another none, and there the loss is each process's own."""
+        return task["type"] == "contrastive" and task["gather_across_processes"] and torch.is_grad_enabled()
+
+    def _join_gathers(self, features: torch.Tensor) -> torch.Tensor:
+        """Take part, with no candidates, in the collective calls `_contrastive` makes (same calls, same order), so
+        that processes whose batches hold a gathering task's rows do not wait for this one. Returns an exact zero
+        that depends on the gathered candidates, so the gather's backward (a collective too) runs here as well."""
+        gather_with_grad(torch.zeros(0, 2, dtype=torch.long, device=features.device))  # the candidates' ids
+        candidates, _ = gather_with_grad(features[:0, 0])  # (0, dim), in the graph
+        _gathered_offset(torch.zeros((), dtype=torch.long, device=features.device))
+        return candidates.float().sum() * 0.0
 
     # ------------------------------------------------------------------ inference hooks (see `inference_mtl`)
 

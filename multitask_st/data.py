@@ -412,30 +412,35 @@ def _diagnose_file(path: str, error: Exception) -> str:
     return f"{path} could not be read as {suffix[1:].upper()}: {message}"
 
 
-# The row of the file (or of the split as loaded) that a kept row came from, added when a filter or a subset
-# renumbers the rows, so that a data error names the row the user can find.
-SOURCE_ROW_COLUMN = "__source_row__"
-
-
-def _select_rows(spec: TaskDataSpec, dataset, limit: int | None, seed: int, split: str):
-    stream = isinstance(dataset, IterableDataset)
-    renumbers = not stream and (spec.row_filter or (limit is not None and limit < len(dataset)))
-    if renumbers and SOURCE_ROW_COLUMN not in dataset.column_names:
-        dataset = dataset.add_column(SOURCE_ROW_COLUMN, range(len(dataset)))
+def _select_rows(
+    spec: TaskDataSpec, dataset, limit: int | None, seed: int, split: str
+) -> tuple[Dataset | IterableDataset, np.ndarray | None]:
+    """The rows a task keeps of a split (`row_filter`, then a seeded subset of `limit` rows), and where each kept
+    row sits in the split as loaded (None: every row, in order), so that a data error names the row the user can
+    find. Only indices are computed: the data is neither copied nor rewritten."""
+    if isinstance(dataset, IterableDataset):
+        if spec.row_filter:
+            wanted = dict(spec.row_filter)
+            dataset = dataset.filter(lambda row: all(row[key] == value for key, value in wanted.items()))
+        return (dataset if limit is None else dataset.shuffle(seed=seed, buffer_size=10_000).take(limit)), None
+    positions = None
     if spec.row_filter:
-        columns = dataset.column_names
-        missing = [column for column in spec.row_filter if columns is not None and column not in columns]
+        missing = [column for column in spec.row_filter if column not in dataset.column_names]
         if missing:
             raise DataError(f"task '{spec.name}': row_filter column(s) {missing} not in the {split} split")
         wanted = dict(spec.row_filter)
-        dataset = dataset.filter(lambda row: all(row[key] == value for key, value in wanted.items()))
-        if not stream and len(dataset) == 0:
+        columns = dataset.select_columns(list(wanted))[:]
+        matches = [all(columns[key][row] == value for key, value in wanted.items()) for row in range(len(dataset))]
+        positions = np.flatnonzero(np.asarray(matches, dtype=bool))
+        if not len(positions):
             raise DataError(f"task '{spec.name}': no {split} row matches row_filter {wanted}")
-    if stream:
-        return dataset if limit is None else dataset.shuffle(seed=seed, buffer_size=10_000).take(limit)
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=seed).select(range(limit))
+    count = len(dataset) if positions is None else len(positions)
+    if limit is not None and limit < count:
+        chosen = np.random.default_rng(seed).permutation(count)[:limit]  # the rows `Dataset.shuffle(seed)` puts first
+        positions = chosen if positions is None else positions[chosen]
+    if positions is None:
+        return dataset, None
+    return dataset.select(positions), positions
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -480,7 +485,7 @@ def _feature_names(feature: Any) -> list[str] | None:
     return None
 
 
-def resolve_labels(spec: TaskDataSpec, train: Dataset) -> list[str]:
+def resolve_labels(spec: TaskDataSpec, train: Dataset, source_rows: np.ndarray | None = None) -> list[str]:
     """The task's label names: from the spec, the dataset's `ClassLabel` feature, or the training split (sorted)."""
     if spec.labels is not None:
         return [str(label) for label in spec.labels]
@@ -503,7 +508,7 @@ def resolve_labels(spec: TaskDataSpec, train: Dataset) -> list[str]:
     if names is not None:
         return names
     keys, raw = set(), []
-    rows = train[SOURCE_ROW_COLUMN] if SOURCE_ROW_COLUMN in train.column_names else range(len(train))
+    rows = source_rows if source_rows is not None else range(len(train))
     for row, value in zip(rows, train[column]):
         where = f"train row {row}, column '{column}'"
         if spec.type in ("token_classification", "multi_label_classification"):
@@ -593,8 +598,11 @@ def _finite_number(spec: TaskDataSpec, value: Any, where: str) -> float:
 class _SourceTokenizer:
     """The `datasets.map` function of one source: tokenises the row's texts and converts every task's label."""
 
-    def __init__(self, source_specs, all_specs, tokenizer, max_seq_length, split, label_all_subtokens, ints_are_ids):
+    def __init__(
+        self, source_specs, all_specs, tokenizer, max_seq_length, split, label_all_subtokens, ints_are_ids, source_rows
+    ):
         self.specs = source_specs
+        self.source_rows = source_rows  # each row's place in the split as loaded (`_select_rows`), for errors
         self.all_specs = all_specs
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
@@ -617,7 +625,8 @@ class _SourceTokenizer:
         self.negative_columns = {spec.negative_column for spec in source_specs if spec.negative_column}
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        indices = batch.get(SOURCE_ROW_COLUMN, indices)  # the rows as the user's file numbers them
+        if self.source_rows is not None:  # the rows as the user's file numbers them
+            indices = [int(self.source_rows[index]) for index in indices]
         texts = [self._texts(batch, column, indices) for column in self.columns]  # per column, per row
         encodings = [
             self.tokenizer(
@@ -758,8 +767,10 @@ def tokenize_source(
     split: str,
     label_all_subtokens: bool = False,
     ints_are_ids: dict[str, bool] | None = None,
+    source_rows: np.ndarray | None = None,
 ) -> Dataset:
-    """Tokenise one source's split and convert its labels (see the module docstring for the row schema)."""
+    """Tokenise one source's split and convert its labels (see the module docstring for the row schema).
+    `source_rows`: each row's place in the split as loaded, which data errors name (default: its index)."""
     columns = source_input_columns(source_specs)
     if any(spec.type == "token_classification" for spec in source_specs) and not getattr(tokenizer, "is_fast", False):
         raise DataError("token-classification tasks need a fast tokenizer (for word ids)")
@@ -778,6 +789,7 @@ def tokenize_source(
         split,
         label_all_subtokens,
         ints_are_ids or dict.fromkeys((s.name for s in source_specs), True),
+        source_rows,
     )
     if isinstance(dataset, IterableDataset):  # tokenised lazily, as rows are drawn
         mapped = dataset.map(function, batched=True, with_indices=True, features=processed_features(all_specs))
@@ -865,16 +877,16 @@ def build_datasets(
     for group in sources.values():
         first = group[0]
         train = load_split(first, first.train_split, cache_dir)
-        train = _select_rows(first, train, first.max_train_samples, seed, "train")
+        train, train_rows = _select_rows(first, train, first.max_train_samples, seed, "train")
         ints_are_ids = {}
         for spec in group:
             # Integer labels index into the label list when that list was given or came from a ClassLabel.
             features = train.features or {}
             feature = features.get(spec.label_source) if spec.label_source else None
             ints_are_ids[spec.name] = spec.labels is not None or _feature_names(feature) is not None
-            spec.labels = resolve_labels(spec, train)
+            spec.labels = resolve_labels(spec, train, train_rows)
         processed = tokenize_source(
-            train, group, specs, tokenizer, max_seq_length, "train", label_all_subtokens, ints_are_ids
+            train, group, specs, tokenizer, max_seq_length, "train", label_all_subtokens, ints_are_ids, train_rows
         )
         parts["train"].append(processed)
         sizes.append(_source_size(first, processed))
@@ -892,13 +904,15 @@ def build_datasets(
         ):
             if not split:
                 continue
-            raw = _select_rows(first, load_split(first, split, cache_dir), limit, seed, f"{key} split '{split}'")
+            raw, rows = _select_rows(first, load_split(first, split, cache_dir), limit, seed, f"{key} split '{split}'")
             if isinstance(raw, IterableDataset):
                 raise DataError(f"task '{first.name}': the {key} split must be a finite dataset, not a stream")
             if key == "eval":
                 examples.update({spec.name: _raw_inputs(raw, first, 2) for spec in group})
             name = f"{key} split '{split}'"
-            parts[key].append(tokenize_source(raw, group, specs, tokenizer, max_seq_length, name, False, ints_are_ids))
+            parts[key].append(
+                tokenize_source(raw, group, specs, tokenizer, max_seq_length, name, False, ints_are_ids, rows)
+            )
         if not isinstance(train, IterableDataset):
             for spec in group:
                 examples.setdefault(spec.name, _raw_inputs(train, first, 2))

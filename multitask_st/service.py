@@ -38,6 +38,8 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inference_mtl import clip_cosines
+
 logger = logging.getLogger(__name__)
 
 # What `create_app` needs from a model object: `MultiTaskModel` has it all, and so may another backend (e.g. an
@@ -777,8 +779,8 @@ class _Routes:
         a = vectors[:count]
         b = vectors[count:] if body.texts_b is not None else a
         if body.pairwise:
-            return SimilarityResponse(scores=np.einsum("nd,nd->n", a, b).tolist())
-        return SimilarityResponse(scores=(a @ b.T).tolist())
+            return SimilarityResponse(scores=clip_cosines(np.einsum("nd,nd->n", a, b)).tolist())
+        return SimilarityResponse(scores=clip_cosines(a @ b.T).tolist())
 
 
 def _add_routes(app: FastAPI, routes: _Routes, secured: list) -> None:

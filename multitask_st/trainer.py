@@ -81,6 +81,11 @@ class MultiTaskSampler(Sampler[int]):
         strategy: one of `SAMPLING_STRATEGIES`.
         temperature: T of the temperature strategy.
         seed: base seed (the Trainer's `seed`).
+        num_processes: processes of a distributed run. `accelerate` deals the batches out in turn (batch `i` to
+            process `i % num_processes`), so each drawn source gives `num_processes` consecutive batches: at every
+            step all processes train the same task. Their forward passes then make the same collective calls
+            (a contrastive task's gathered negatives), and the step's gradient is that task's over the global
+            batch. The epoch is rounded up to whole steps.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class MultiTaskSampler(Sampler[int]):
         strategy: str = "temperature",
         temperature: float = 2.0,
         seed: int = 42,
+        num_processes: int = 1,
     ):
         self.source_sizes = list(source_sizes)
         self.batch_size = batch_size
@@ -97,7 +103,9 @@ class MultiTaskSampler(Sampler[int]):
         self.probabilities = sampling_probabilities(self.source_sizes, strategy, temperature)
         self.seed = seed
         self.epoch = 0
-        self.num_batches = sum(math.ceil(size / batch_size) for size in self.source_sizes)
+        self.num_processes = num_processes
+        batches = sum(math.ceil(size / batch_size) for size in self.source_sizes)
+        self.num_batches = num_processes * math.ceil(batches / num_processes)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -109,9 +117,12 @@ class MultiTaskSampler(Sampler[int]):
         """The source of each batch of the current epoch."""
         rng = np.random.default_rng([self.seed, self.epoch, 1])
         count = len(self.source_sizes)
+        steps = self.num_batches // self.num_processes
         if self.strategy == "round_robin":
-            return [batch % count for batch in range(self.num_batches)]
-        return rng.choice(count, size=self.num_batches, p=self.probabilities).tolist()
+            drawn = [step % count for step in range(steps)]
+        else:
+            drawn = rng.choice(count, size=steps, p=self.probabilities).tolist()
+        return [source for source in drawn for _ in range(self.num_processes)]
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch, 0])
@@ -463,7 +474,12 @@ class MultiTaskTrainer(Trainer):
                 f"source_sizes sum to {sum(self.source_sizes)} but the training set has {len(dataset)} rows"
             )
         return MultiTaskSampler(
-            self.source_sizes, self._train_batch_size, self.task_sampling, self.sampling_temperature, self.args.seed
+            self.source_sizes,
+            self._train_batch_size,
+            self.task_sampling,
+            self.sampling_temperature,
+            self.args.seed,
+            num_processes=self.args.world_size,
         )
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> dict[str, torch.Tensor] | None:

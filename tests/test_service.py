@@ -266,6 +266,14 @@ def test_similarity_matrix_and_pairwise(client, model):
     np.testing.assert_allclose(pairwise, model.similarity(a, b, pairwise=True), atol=1e-5)
 
 
+def test_similarity_cosines_stay_within_minus_one_and_one(client):
+    # Equal texts: dot products of unit vectors round a hair past 1 for some of them; the answer is clipped.
+    texts = [pair[0] for pair in PAIRS] + [pair[1] for pair in PAIRS] + TEXTS
+    response = client.post("/similarity", json={"texts": texts, "texts_b": texts, "pairwise": True}).json()
+    assert max(response["scores"]) == 1.0
+    assert np.max(client.post("/similarity", json={"texts": texts}).json()["scores"]) == 1.0
+
+
 def test_json_content_type_variants_accepted(client):
     for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
         response = client.post("/embed", content=b'{"texts": ["hi"]}', headers={"content-type": content_type})

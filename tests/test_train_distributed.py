@@ -378,3 +378,63 @@ def test_gathered_negatives_give_every_process_the_whole_batch(tiny_bert):
         torch.testing.assert_close(gathered["gradients"][name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
     local = _spawned(str(tiny_bert), gather=False)  # each process sees only its own 4 negatives
     assert local["loss"] < gathered["loss"] - 1e-3
+
+
+def _mixed_step(rank: int, tiny_bert: str, port: int, results: dict) -> None:
+    """One training step of a 2-process group in which only process 1's batch holds the gathering contrastive
+    task's rows (process 0 got a batch of the single-text task): both must get through the gathers, the backward
+    and the gradients' all-reduce."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from modeling_mtl import MultiTaskModel
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=MIXED_TASKS).eval()
+    batch, labels = _mixed_batch(model, rank)
+    output = model(**batch, labels=labels)
+    output.loss.backward()
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)  # what DDP does next
+    results[rank] = float(output.loss)
+    dist.destroy_process_group()
+
+
+MIXED_TASKS = [
+    {"name": "topic", "labels": ["a", "b"]},
+    {"name": "retrieval", "type": "contrastive", "gather_across_processes": True},
+]
+
+
+def _mixed_batch(model, rank: int) -> tuple[dict, dict]:
+    from modeling_mtl import IGNORE_INDEX
+
+    if rank == 0:  # a batch of the single-text source
+        batch = model.tokenize([f"sentence {index} about paris" for index in range(4)], return_token_type_ids=False)
+        labels = {"topic": torch.tensor([0, 1, 0, 1]), "retrieval": torch.full((4,), IGNORE_INDEX)}
+        return dict(batch), labels
+    full = _contrastive_batch(model)
+    batch = {key: value[:4] for key, value in full.items()}
+    return batch, {"topic": torch.full((4,), IGNORE_INDEX), "retrieval": torch.zeros(4, dtype=torch.long)}
+
+
+@pytest.mark.slow
+def test_a_step_where_only_some_processes_hold_the_gathered_task_completes(tiny_bert):
+    import torch.multiprocessing as mp
+
+    from modeling_mtl import MultiTaskModel
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_mixed_step, args=(str(tiny_bert), _free_port(), results), nprocs=2, join=True)
+        results = dict(results)
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=MIXED_TASKS).eval()
+    for rank in (0, 1):  # process 0 gathered no candidates: process 1 ranks against its own, as alone
+        batch, labels = _mixed_batch(model, rank)
+        assert results[rank] == pytest.approx(float(model(**batch, labels=labels).loss), rel=1e-5)
