@@ -66,7 +66,7 @@ class PushError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="push_to_hub.py",
+        prog=os.path.basename(sys.argv[0]),  # push_to_hub.py, or `mtl push`
         description="Upload a trained multi-task model folder (weights, config, code, tokenizer, model card) to the "
         "Hugging Face Hub.",
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import re
@@ -462,6 +463,11 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     if args.pairwise and args.output:
         raise UsageError("--output draws a matrix; --pairwise gives one score per pair: save them with --json")
     heatmap = _check_output(args.output, "--output", HEATMAP_SUFFIXES) if args.output else None
+    if heatmap is not None and importlib.util.find_spec("matplotlib") is None:
+        raise CliError(
+            f"--output {args.output}: drawing the heatmap needs matplotlib, which is not installed "
+            "(pip install matplotlib, or the `serve` extra); --json saves the scores without it"
+        )
     json_output = _check_output(args.json, "--json") if args.json else None
     texts, pairs = _read_inputs(args)
     if texts and len(texts) < 2:
@@ -487,9 +493,9 @@ def cmd_similarity(args: argparse.Namespace) -> int:
             _write(json_output, json.dumps(document, indent=2, ensure_ascii=False))
         return EXIT_OK
     width = min(40, max(len(text) for text in rows))
-    print(" " * (width + 2) + " ".join(f"{i:>6d}" for i in range(len(columns))))
+    print(" " * (width + 4) + " ".join(f"{i:>6d}" for i in range(len(columns))))
     for i, text in enumerate(rows):
-        print(f"{_label(text, width):<{width}}{i:>2d}" + " ".join(f"{value:6.3f}" for value in scores[i]))
+        print(f"{_label(text, width):<{width}}{i:>3d} " + " ".join(f"{value:6.3f}" for value in scores[i]))
     if pairs and not args.quiet:
         print("rows: first texts of the pairs; columns: second texts (diagonal: the pairs)", file=sys.stderr)
     if json_output:
@@ -555,14 +561,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _delegate(module: str, argv: list[str]) -> int:
+def _delegate(module: str, argv: list[str], command: str) -> int:
     import importlib
 
     try:
         target = importlib.import_module(module)
     except ImportError as error:
         raise CliError(f"cannot import {module}.py ({error})") from None
-    return int(target.main(argv) or 0)
+    program, sys.argv[0] = sys.argv[0], f"mtl {command}"  # argparse's usage line names the program from it
+    try:
+        return int(target.main(argv) or 0)
+    finally:
+        sys.argv[0] = program
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -649,7 +659,8 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
 def _add_similarity_parser(commands: argparse._SubParsersAction) -> None:
     similarity = commands.add_parser(
         "similarity",
-        help="texts -> cosine matrix (printed, heatmap); pairs -> one score per pair",
+        help="texts -> cosine matrix (printed, heatmap); pairs -> first texts x second texts, or with --pairwise "
+        "one score per pair",
         description="Print the cosine-similarity matrix of the texts (optionally a heatmap with the sentences as "
         "tick labels). With pairs (--pairs / --pair): the matrix of first texts x second texts, or with "
         "--pairwise one score per pair.",
@@ -770,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _delegate_func(command: str) -> Any:
     module = "train" if command == "train" else "push_to_hub"
-    return lambda args: _delegate(module, args.rest)
+    return lambda args: _delegate(module, args.rest, command)
 
 
 if __name__ == "__main__":

@@ -429,7 +429,7 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def build_model_card(
-    folder: str | os.PathLike, repo_id: str | None = None, figure: bool = True, **overrides
+    folder: str | os.PathLike, repo_id: str | None = None, figure: bool = True, name: str | None = None, **overrides
 ) -> ModelCard:
     """Build (without writing) the model card of a saved multi-task model.
 
@@ -437,6 +437,8 @@ def build_model_card(
         folder: the saved model (a `save_pretrained` / `train.py` output folder).
         repo_id: the Hub repo the model is (or will be) published as; used in the title and usage example.
         figure: also draw `training_curves.png` from `trainer_state.json` when matplotlib is available.
+        name: the model's name in the title and metadata (default: the repo's name, else the folder's; a card
+            written in a staging folder passes the name of the folder the model is moved to).
         overrides: metadata fields that win over what is derived (`license`, `language`, `base_model`, `datasets`,
             `tags` (added to the derived ones), `model_name`, or any other `ModelCardData` field).
     """
@@ -445,7 +447,7 @@ def build_model_card(
     tasks = config.get("tasks") or []
     tasks_by_name = {task["name"]: task for task in tasks}
     base_model = (training or {}).get("base_model") or (config.get("backbone_config") or {}).get("_name_or_path")
-    name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
+    name = name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     embedding_dim = config.get("projection_dim") or (config.get("backbone_config") or {}).get("hidden_size")
     loads_in_sentence_transformers = (folder / "modules.json").is_file()
 

@@ -413,7 +413,7 @@ def save_run(trainer, output_dir: str | os.PathLike, metrics: dict, record: dict
         write_json(staging / "training_config.json", record)
         if (output_dir / "trainer_state.json").is_file():
             shutil.copy(output_dir / "trainer_state.json", staging / "trainer_state.json")
-        write_model_card(staging)
+        write_model_card(staging, name=output_dir.resolve().name)
         commit_model_folder(staging, output_dir)
     return output_dir
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -181,9 +182,26 @@ def test_similarity_pairs_pairwise_and_matrix(model_dir, model, tmp_path, capsys
     assert len(result.stdout.strip().splitlines()) == len(PAIRS)
     matrix = run_main(capsys, "similarity", "--model", model_dir, *pair_args, "--json", str(tmp_path / "m.json"), "-q")
     assert matrix.returncode == 0, matrix.stderr
+    header, *lines = matrix.stdout.splitlines()
+    ends = [found.end() for found in re.finditer(r"\d+", header)]
+    for index, line in enumerate(lines):  # the row's index, then its cosines, each under its column's number
+        assert line.split()[-len(b) - 1] == str(index), line
+        assert [found.end() for found in re.finditer(r"-?\d\.\d{3}", line)] == ends, line
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["texts"] == a and saved["texts_b"] == b
     np.testing.assert_allclose(saved["scores"], model.similarity(a, b), atol=1e-5)
+
+
+def test_a_heatmap_without_matplotlib_is_one_error_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch,
+                                                                          no_model_loading):  # fmt: skip
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    result = run_main(capsys, "similarity", "--model", model_dir, "a", "b", "-o", str(tmp_path / "heat.png"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("needs matplotlib, which is not installed (pip install matplotlib, or the "
+                                          "`serve` extra); --json saves the scores without it")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -365,7 +383,7 @@ def test_error_exit_code_from_console_script(tmp_path):
 def test_train_and_push_delegate_help(command, option):
     result = mtl(command, "--help")
     assert result.returncode == 0, result.stderr
-    assert "usage:" in result.stdout.lower() and option in result.stdout  # the script's own options
+    assert f"usage: mtl {command} " in result.stdout and option in result.stdout  # the script's own options
 
 
 def test_serve_starts_the_service(model_dir, tmp_path):

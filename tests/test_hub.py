@@ -78,6 +78,13 @@ def stored_files(hub: HubServer, repo_id: str, revision: str = "main") -> dict[s
     return {path: (hub.blobs[stored.oid] if stored.lfs else stored.content) for path, stored in commit.files.items()}
 
 
+def test_the_card_of_a_run_is_named_after_its_output_folder(trained_model):
+    # Written in a staging folder before the move into output_dir: the name is still output_dir's.
+    card = (trained_model / "README.md").read_text()
+    assert f"# {trained_model.name}\n" in card and f"- name: {trained_model.name}\n" in card
+    assert ".final-model-staging" not in card
+
+
 def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model, hub, tmp_path):
     repo_id = f"{USER}/tiny-multitask"
     # The token comes from the saved login (HF_HOME/token), as after `hf auth login`.
