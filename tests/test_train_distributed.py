@@ -373,7 +373,7 @@ def test_gathered_negatives_give_every_process_the_whole_batch(tiny_bert):
     output.loss.backward()
     gathered = _spawned(str(tiny_bert), gather=True)
     # 2 processes x 4 rows, every negative gathered = one process with the 8 rows: same loss, same gradients.
-    assert gathered["loss"] == pytest.approx(float(output.loss), rel=1e-5)
+    assert gathered["loss"] == pytest.approx(float(output.loss.detach()), rel=1e-5)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(gathered["gradients"][name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
     local = _spawned(str(tiny_bert), gather=False)  # each process sees only its own 4 negatives
@@ -437,4 +437,4 @@ def test_a_step_where_only_some_processes_hold_the_gathered_task_completes(tiny_
     model = MultiTaskModel.from_backbone(tiny_bert, tasks=MIXED_TASKS).eval()
     for rank in (0, 1):  # process 0 gathered no candidates: process 1 ranks against its own, as alone
         batch, labels = _mixed_batch(model, rank)
-        assert results[rank] == pytest.approx(float(model(**batch, labels=labels).loss), rel=1e-5)
+        assert results[rank] == pytest.approx(float(model(**batch, labels=labels).loss.detach()), rel=1e-5)
