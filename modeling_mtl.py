@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import os
 import threading
@@ -550,6 +551,14 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
                 f"activation {self.config.projection_activation!r}); supported: {sorted(_ST_POOLING_NAMES.values())} "
                 f"pooling and activations {sorted(a for a in _ST_ACTIVATIONS if a)}"
             )
+        if "add_pooling_layer" in inspect.signature(type(self.backbone).__init__).parameters:
+            # The encoder was saved without the pooler it never uses: load it without one, rather than with a
+            # freshly initialised one and a "newly initialized weights" warning.
+            path = os.path.join(folder, "sentence_bert_config.json")
+            with open(path, encoding="utf-8") as handle:
+                settings = json.load(handle)
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump({**settings, "model_args": {"add_pooling_layer": False}}, handle, indent=2)
 
     def add_tasks(self, tasks: list[dict[str, Any]]) -> MultiTaskModel:
         """A new model with every weight of this one (encoder, pooling, projection, heads) plus freshly initialised

@@ -88,6 +88,7 @@ def test_saved_and_exported_folders_load_in_sentence_transformers_identically(mi
     assert "auto_map" not in config and config["model_type"] == "bert"  # a plain encoder: no remote code
     plain = sentence_transformer(tmp_path / "exported")
     assert np.abs(plain.encode(SENTENCES) - expected).max() <= 1e-5
+    assert plain[0].auto_model.pooler is None  # loaded as saved: no freshly initialised pooler (and no warning)
     np.testing.assert_allclose(np.linalg.norm(plain.encode(SENTENCES), axis=1), 1.0, rtol=1e-5)
     # ... and back: from_backbone carries the Dense layer (as the projection) and Normalize exactly.
     back = MultiTaskModel.from_backbone(tmp_path / "exported")
