@@ -461,6 +461,8 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             if key in load_kwargs
         }
         st_defaults = read_sentence_transformers_settings(name_or_path, **hub_kwargs)
+        if st_defaults.get("add_pooling_layer") is False:  # load it as saved, as sentence-transformers does
+            load_kwargs["add_pooling_layer"] = False
         backbone = AutoModel.from_pretrained(name_or_path, **load_kwargs)
         _drop_backbone_pooler(backbone)
         if tokenizer is None:
@@ -1268,7 +1270,8 @@ def _checkpoint_file(name_or_path: str | os.PathLike, filename: str, **hub_kwarg
 
 def read_sentence_transformers_settings(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any]:
     """What a sentence-transformers checkpoint adds to its encoder, or `{}` for a plain model: `pooling`,
-    `normalize`, `max_seq_length`, `prompts` / `default_prompt_name`, and `dense` (in/out features, bias,
+    `normalize`, `max_seq_length`, `prompts` / `default_prompt_name`, `add_pooling_layer` (False for an encoder
+    saved without its pooler), and `dense` (in/out features, bias,
     activation and the weights file) for a Dense layer after pooling. Modules this model cannot reproduce (a second
     Dense, several poolings concatenated, a pooling that leaves out the prompt, any other module type) are an error
     naming them, never silently dropped."""
@@ -1305,6 +1308,9 @@ def read_sentence_transformers_settings(name_or_path: str | os.PathLike, **hub_k
     bert_config = read_json("sentence_bert_config.json") or {}
     if bert_config.get("max_seq_length"):
         settings["max_seq_length"] = int(bert_config["max_seq_length"])
+    model_kwargs = bert_config.get("model_kwargs") or bert_config.get("model_args") or {}
+    if model_kwargs.get("add_pooling_layer") is False:  # an encoder saved without its pooler (an export of ours)
+        settings["add_pooling_layer"] = False
     st_config = read_json("config_sentence_transformers.json") or {}
     prompts = {name: text for name, text in (st_config.get("prompts") or {}).items() if text}
     if prompts:

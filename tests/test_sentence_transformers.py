@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 from modeling_mtl import MultiTaskModel
 
@@ -72,7 +73,7 @@ def sentence_transformer(folder, **kwargs):
 
 
 @pytest.mark.parametrize("projection", [None, "tanh"])
-def test_saved_and_exported_folders_load_in_sentence_transformers_identically(minilm_dir, tmp_path, projection):
+def test_saved_and_exported_folders_load_in_sentence_transformers_identically(minilm_dir, tmp_path, projection, caplog):
     torch.manual_seed(0)
     options = {"projection_dim": 64, "projection_activation": projection} if projection else {}
     model = MultiTaskModel.from_backbone(
@@ -91,7 +92,13 @@ def test_saved_and_exported_folders_load_in_sentence_transformers_identically(mi
     assert plain[0].auto_model.pooler is None  # loaded as saved: no freshly initialised pooler (and no warning)
     np.testing.assert_allclose(np.linalg.norm(plain.encode(SENTENCES), axis=1), 1.0, rtol=1e-5)
     # ... and back: from_backbone carries the Dense layer (as the projection) and Normalize exactly.
-    back = MultiTaskModel.from_backbone(tmp_path / "exported")
+    hf_logging.enable_propagation()  # transformers' load report, to caplog
+    try:
+        with caplog.at_level("WARNING"):
+            back = MultiTaskModel.from_backbone(tmp_path / "exported")
+    finally:
+        hf_logging.disable_propagation()
+    assert "MISSING" not in caplog.text  # loaded as exported, without a pooler: no report of one left uninitialised
     assert (back.config.projection_dim, back.config.projection_activation) == (64 if projection else None, projection)
     assert np.abs(back.encode(SENTENCES) - expected).max() <= 1e-5
 
