@@ -229,8 +229,8 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
                 f"task '{name}': a pair_classification head reads the two sentence embeddings (its pair_features), "
                 "not token states: it takes no pooling, no layers of its own and no 'transformer' type"
             )
-        reads_tokens = task_type == "token_classification" or normalized["head"].get("pooling") == "attention"
-        if (normalized["head"]["type"] == "transformer" or normalized["head"].get("layers")) and not reads_tokens:
+        reads_tokens = task_type == "token_classification" or head.get("pooling") == "attention"
+        if (head["type"] == "transformer" or head.get("layers")) and not reads_tokens:
             raise ValueError(
                 f"task '{name}': a transformer head, or one with layers of its own, reads token states: use it for "
                 "token tasks, or with pooling 'attention' for single-text sentence-level tasks"

@@ -591,7 +591,7 @@ class MultiTaskInferenceMixin:
                 for row, result in enumerate(results):
                     result[name] = self._describe(name, scores[row])
             else:
-                cosines = F.cosine_similarity(u, v, dim=-1).clamp(-1.0, 1.0).cpu().tolist()
+                cosines = clip_cosines(F.cosine_similarity(u, v, dim=-1).float().cpu().numpy()).tolist()
                 for row, result in enumerate(results):
                     result[name] = {"cosine": cosines[row]}
         return results

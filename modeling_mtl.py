@@ -547,20 +547,16 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         os.makedirs(folder, exist_ok=True)
         self.backbone.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        if not write_sentence_transformers_files(self, folder):
+        # The encoder is saved without the pooler it never uses: sentence-transformers loads it without one, rather
+        # than with a freshly initialised one and a "newly initialized weights" warning.
+        without_pooler = "add_pooling_layer" in inspect.signature(type(self.backbone).__init__).parameters
+        model_args = {"add_pooling_layer": False} if without_pooler else None
+        if not write_sentence_transformers_files(self, folder, model_args):
             raise ValueError(
                 f"sentence-transformers cannot express this embedding (pooling '{self.config.pooling}', projection "
                 f"activation {self.config.projection_activation!r}); supported: {sorted(_ST_POOLING_NAMES.values())} "
                 f"pooling and activations {sorted(a for a in _ST_ACTIVATIONS if a)}"
             )
-        if "add_pooling_layer" in inspect.signature(type(self.backbone).__init__).parameters:
-            # The encoder was saved without the pooler it never uses: load it without one, rather than with a
-            # freshly initialised one and a "newly initialized weights" warning.
-            path = os.path.join(folder, "sentence_bert_config.json")
-            with open(path, encoding="utf-8") as handle:
-                settings = json.load(handle)
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump({**settings, "model_args": {"add_pooling_layer": False}}, handle, indent=2)
 
     def add_tasks(self, tasks: list[dict[str, Any]]) -> MultiTaskModel:
         """A new model with every weight of this one (encoder, pooling, projection, heads) plus freshly initialised
@@ -1354,9 +1350,12 @@ def _sentence_transformers_dense(name_or_path, folder: str, where: str, **hub_kw
     }
 
 
-def write_sentence_transformers_files(model: MultiTaskModel, folder: str | os.PathLike) -> bool:
+def write_sentence_transformers_files(
+    model: MultiTaskModel, folder: str | os.PathLike, model_args: dict[str, Any] | None = None
+) -> bool:
     """Write the sentence-transformers module files for `model`'s embedding into `folder` (whose root holds the
-    encoder and tokenizer), so that `SentenceTransformer(folder)` embeds exactly as `model.encode` does. Returns
+    encoder and tokenizer), so that `SentenceTransformer(folder)` embeds exactly as `model.encode` does;
+    `model_args`: keyword arguments for loading the encoder there (`sentence_bert_config.json`). Returns
     `False`, writing nothing, when the embedding has a part sentence-transformers cannot express (learned
     attention pooling, a projection activation it has no class for)."""
     from safetensors.torch import save_file
@@ -1406,9 +1405,12 @@ def write_sentence_transformers_files(model: MultiTaskModel, folder: str | os.Pa
         save_file(tensors, os.path.join(dense, "model.safetensors"))
     if config.normalize:
         add("Normalize", {})
+    bert_config = {"max_seq_length": config.max_seq_length, "do_lower_case": False}
+    if model_args:
+        bert_config["model_args"] = model_args
     for name, content in (
         ("modules.json", modules),
-        ("sentence_bert_config.json", {"max_seq_length": config.max_seq_length, "do_lower_case": False}),
+        ("sentence_bert_config.json", bert_config),
         (
             "config_sentence_transformers.json",
             {

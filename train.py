@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -198,17 +199,6 @@ DEFAULT_JOB: dict[str, Any] = {
 }
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments)
-# The trainer options checked before anything is loaded (`multitask_st.trainer.check_trainer_options`).
-TRAINER_OPTIONS = (
-    "task_sampling",
-    "sampling_temperature",
-    "loss_weighting",
-    "layerwise_lr_decay",
-    "embedding_protection",
-    "freeze_encoder_steps",
-    "drift_sample_size",
-    "drift_warning_cosine",
-)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -331,7 +321,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     # 1. Arguments, launch, seed, output folder (never another run's model), the checkpoint to resume.
     check_launch()
     model_args, data_args, mtl_args, training_args = parse_arguments(argv)
-    check_trainer_options(**{name: getattr(mtl_args, name) for name in TRAINER_OPTIONS})
+    # The trainer's options that need neither model nor data, checked before either is loaded.
+    check_trainer_options(**{name: getattr(mtl_args, name) for name in signature(check_trainer_options).parameters})
     set_seed(training_args.seed)
     resume = _resume_target(training_args, mtl_args)
 

@@ -418,20 +418,20 @@ def _select_rows(
     """The rows a task keeps of a split (`row_filter`, then a seeded subset of `limit` rows), and where each kept
     row sits in the split as loaded (None: every row, in order), so that a data error names the row the user can
     find. Only indices are computed: the data is neither copied nor rewritten."""
+    wanted = dict(spec.row_filter or {})
+    keep = lambda row: all(row[key] == value for key, value in wanted.items())  # noqa: E731
     if isinstance(dataset, IterableDataset):
-        if spec.row_filter:
-            wanted = dict(spec.row_filter)
-            dataset = dataset.filter(lambda row: all(row[key] == value for key, value in wanted.items()))
+        if wanted:
+            dataset = dataset.filter(keep)
         return (dataset if limit is None else dataset.shuffle(seed=seed, buffer_size=10_000).take(limit)), None
     positions = None
-    if spec.row_filter:
-        missing = [column for column in spec.row_filter if column not in dataset.column_names]
+    if wanted:
+        missing = [column for column in wanted if column not in dataset.column_names]
         if missing:
             raise DataError(f"task '{spec.name}': row_filter column(s) {missing} not in the {split} split")
-        wanted = dict(spec.row_filter)
         columns = dataset.select_columns(list(wanted))[:]
-        matches = [all(columns[key][row] == value for key, value in wanted.items()) for row in range(len(dataset))]
-        positions = np.flatnonzero(np.asarray(matches, dtype=bool))
+        rows = (dict(zip(columns, values)) for values in zip(*columns.values()))
+        positions = np.flatnonzero(np.fromiter(map(keep, rows), dtype=bool, count=len(dataset)))
         if not len(positions):
             raise DataError(f"task '{spec.name}': no {split} row matches row_filter {wanted}")
     count = len(dataset) if positions is None else len(positions)

@@ -60,11 +60,15 @@ def resolve_protection(method: str, tasks: list[dict[str, Any]]) -> str:
     return "isolation" if any(task["type"] in EMBEDDING_TASK_TYPES for task in tasks) else "distillation"
 
 
+def check_protection(method: str) -> None:
+    if method not in PROTECTIONS:
+        raise ValueError(f"embedding_protection '{method}' is not one of {list(PROTECTIONS)}")
+
+
 def protection_setting(method: str, weight: float | None, tasks: list[dict[str, Any]]) -> tuple[str, float]:
     """The protection a run trains with, `(method, weight)`, as its training record states it: `auto` resolved,
     the weight defaulted (`DEFAULT_PROTECTION_WEIGHT`) and checked, weight 0 meaning `none`."""
-    if method not in PROTECTIONS:
-        raise ValueError(f"embedding_protection '{method}' is not one of {list(PROTECTIONS)}")
+    check_protection(method)
     resolved = resolve_protection(method, tasks)
     weight = DEFAULT_PROTECTION_WEIGHT[resolved] if weight is None else weight
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:

@@ -35,7 +35,7 @@ from transformers.utils import logging
 from modeling_mtl import labelled_mask
 
 from .data import MultiTaskCollator, StreamedSources
-from .embedding import PROTECTIONS, EmbeddingDrift, EmbeddingProtection, drift_sample, unwrap
+from .embedding import EmbeddingDrift, EmbeddingProtection, check_protection, drift_sample, unwrap
 from .metrics import build_compute_metrics, metric_key
 
 logger = logging.get_logger(__name__)
@@ -293,8 +293,7 @@ def check_trainer_options(
     sampling_probabilities([1], task_sampling, sampling_temperature)  # the strategy and its temperature
     if layerwise_lr_decay is not None and not 0.0 < layerwise_lr_decay <= 1.0:
         raise ValueError(f"layerwise_lr_decay must be in (0, 1], got {layerwise_lr_decay}")
-    if embedding_protection not in PROTECTIONS:
-        raise ValueError(f"embedding_protection '{embedding_protection}' is not one of {list(PROTECTIONS)}")
+    check_protection(embedding_protection)
     if freeze_encoder_steps < 0 or (freeze_encoder_steps > 1 and freeze_encoder_steps != int(freeze_encoder_steps)):
         raise ValueError(
             "freeze_encoder_steps must be a whole number of steps or a share of them below 1, "
