@@ -57,7 +57,8 @@ def task_metrics(task: dict[str, Any], predictions: np.ndarray, references: np.n
         predictions: classification / pair classification `(n, num_labels)` logits; token classification `(n, seq)`
             predicted tag ids; multi-label `(n, num_labels)` logits; regression `(n, num_outputs)` values;
             similarity `(n,)` cosines; contrastive `(n, 2, dim)` anchor and positive embeddings.
-        references: ids or values as in `MultiTaskModel.forward`'s `labels`.
+        references: ids or values as in `MultiTaskModel.forward`'s `labels`; contrastive `(n, 2)` anchor and
+            positive text ids (`MultiTaskTrainer.prediction_step` gives them).
     """
     task_type = task["type"]
     references = np.asarray(references)
@@ -138,14 +139,31 @@ def _correlations(task: dict[str, Any], predictions: np.ndarray, references: np.
 
 
 def _retrieval(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
-    """Each anchor of the split against the positives of every row of the task in the split: recall@1 and MRR."""
-    keep = _labelled(references)
-    if keep.sum() < 2:
+    """Recall@1 and MRR over the split, as an information-retrieval evaluation: each distinct anchor text is a query,
+    ranked against every distinct positive text of the split; its relevant passages are the positives of every row
+    with that anchor. A passage holding the query's own text is left out, as the training loss leaves it out of the
+    negatives.
+
+    Args:
+        predictions: `(n, 2, dim)` each row's anchor and positive embeddings.
+        references: `(n, 2)` each row's anchor and positive text ids (`IGNORE_INDEX` for rows without the task).
+    """
+    references = references.reshape(len(references), -1)
+    keep = _labelled(references).all(-1)
+    anchor_ids, positive_ids = references[keep, 0], references[keep, 1]
+    queries, query_rows, query_of = np.unique(anchor_ids, return_index=True, return_inverse=True)
+    passages, passage_rows, passage_of = np.unique(positive_ids, return_index=True, return_inverse=True)
+    if len(passages) < 2:
         return {}
     embeddings = predictions[keep]
     embeddings = embeddings / np.clip(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12, None)
-    scores = embeddings[:, 0] @ embeddings[:, 1].T  # (anchors, positives)
-    return load_metric("mtl_retrieval").compute(predictions=scores.tolist(), references=list(range(len(scores))))
+    scores = embeddings[query_rows, 0] @ embeddings[passage_rows, 1].T  # (queries, passages)
+    relevant = np.zeros(scores.shape, dtype=bool)
+    relevant[query_of, passage_of] = True
+    scores[(queries[:, None] == passages[None, :]) & ~relevant] = -np.inf
+    return load_metric("mtl_retrieval").compute(
+        predictions=scores.tolist(), references=[np.flatnonzero(row).tolist() for row in relevant]
+    )
 
 
 def combined_score(per_task: dict[str, dict[str, float]], tasks: list[dict[str, Any]]) -> float:

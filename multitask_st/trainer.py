@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, Sampler
 from transformers import Trainer
 from transformers.utils import logging
 
-from modeling_mtl import labelled_mask
+from modeling_mtl import IGNORE_INDEX, labelled_mask, text_fingerprints
 
 from .data import MultiTaskCollator, StreamedSources
 from .embedding import EmbeddingDrift, EmbeddingProtection, check_protection, drift_sample, unwrap
@@ -586,8 +586,22 @@ class MultiTaskTrainer(Trainer):
             return loss, None, None
         rows = inputs["input_ids"].shape[0]
         predictions = tuple(self._task_predictions(task, outputs, rows) for task in self.task_configs)
-        references = tuple(labels.get(task["name"]) for task in self.task_configs)
+        references = tuple(self._task_references(task, labels.get(task["name"]), inputs) for task in self.task_configs)
         return loss, predictions, references
+
+    @staticmethod
+    def _task_references(task: dict, labels: torch.Tensor | None, inputs: dict) -> torch.Tensor | None:
+        """The task's labels, but for a contrastive task `(rows, 2)` ids of each row's anchor and positive text
+        (`IGNORE_INDEX` for rows without the task): retrieval is scored per distinct query over distinct passages,
+        each query's relevant passages the positives of every row with its text (`metrics._retrieval`)."""
+        if task["type"] != "contrastive" or labels is None:
+            return labels
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        if input_ids.dim() < 3:  # a batch of single texts: no row of this task
+            return labels.new_full((len(labels), 2), IGNORE_INDEX)
+        # Non-negative, so that no text id can read as IGNORE_INDEX.
+        ids = text_fingerprints(input_ids[:, :2], attention_mask[:, :2]) & (2**62 - 1)  # (rows, 2)
+        return torch.where(labelled_mask(labels)[:, None].to(ids.device), ids, IGNORE_INDEX)
 
     @staticmethod
     def _task_predictions(task: dict, outputs, rows: int) -> torch.Tensor:

@@ -52,15 +52,49 @@ def test_similarity_correlates_cosines_with_gold_scores():
     assert scores["pearson"] == pytest.approx(pearsonr(cosines[keep], gold[keep])[0])
 
 
-def test_retrieval_ranks_each_anchor_among_all_positives():
+def retrieval(anchors, positives, anchor_ids, positive_ids):
     task = {"name": "r", "type": "contrastive", "labels": []}
+    embeddings = np.stack([np.asarray(anchors, float), np.asarray(positives, float)], axis=1)
+    references = np.stack([anchor_ids, positive_ids], axis=1)
+    # A row without the task (another task's row of the split) is left out.
+    embeddings = np.concatenate([embeddings, np.zeros((1, *embeddings.shape[1:]))])
+    references = np.concatenate([references, [[IGNORE_INDEX, IGNORE_INDEX]]])
+    return task_metrics(task, embeddings, references)
+
+
+def test_retrieval_ranks_each_anchor_among_all_positives():
     anchors = np.eye(3, 4)
     # Anchor 1 is closer to positive 2 than to its own (rank 2); anchors 0 and 2 rank theirs first.
     positives = np.array([[1.0, 0, 0, 0], [0, 0, 0, 1.0], [0, 0.5, 1.0, 0]])
-    embeddings = np.stack([anchors, positives], axis=1)
-    scores = task_metrics(task, np.concatenate([embeddings, np.zeros((1, 2, 4))]), np.array([0, 0, 0, IGNORE_INDEX]))
+    scores = retrieval(anchors, positives, [10, 11, 12], [20, 21, 22])
     assert scores["recall_at_1"] == pytest.approx(2 / 3)
     assert scores["mrr"] == pytest.approx((1 + 1 / 2 + 1) / 3)
+
+
+def test_retrieval_counts_every_positive_of_a_repeated_anchor_as_relevant():
+    # Query 10 has two rows, positives 20 and 21; 21 scores higher for it. Per row, the row (10, 20) would rank 2.
+    # As a query with two relevant passages it ranks first; query 11 (positive 22) ranks below passage 21: rank 2.
+    anchors = [[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]]
+    positives = [[0.6, 0.8, 0], [1.0, 0.1, 0], [0.0, 0.6, 0.8]]
+    scores = retrieval(anchors, positives, [10, 10, 11], [20, 21, 22])
+    assert scores["recall_at_1"] == pytest.approx(1 / 2)
+    assert scores["mrr"] == pytest.approx((1 + 1 / 2) / 2)
+    # A repeated positive text is one passage: rows (11, 20) and (10, 20) share it, and it ranks first for both.
+    anchors = [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]
+    positives = [[0.7, 0.7, 0], [0.7, 0.7, 0], [0, 0, 1.0]]
+    scores = retrieval(anchors, positives, [10, 11, 12], [20, 20, 22])
+    assert scores["mrr"] == pytest.approx(1.0)
+
+
+def test_retrieval_leaves_out_a_passage_holding_the_query_text():
+    # Row 1's positive has the text of row 0's anchor (id 10): for query 10 it is not a competitor.
+    anchors = [[1.0, 0, 0], [0.9, -0.4, 0]]
+    positives = [[0.8, 0.6, 0], [1.0, 0, 0]]
+    scores = retrieval(anchors, positives, [10, 11], [20, 10])
+    assert scores["mrr"] == pytest.approx(1.0)
+    # With another text it counts: query 10 ranks its own positive second.
+    scores = retrieval(anchors, positives, [10, 11], [20, 30])
+    assert scores["mrr"] == pytest.approx((1 / 2 + 1) / 2)
 
 
 def test_compute_metrics_keys_keep_their_structure():

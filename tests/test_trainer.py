@@ -10,10 +10,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from train_helpers import make_dataset, pair_files, separate_sources, three_tasks
+from train_helpers import make_dataset, pair_files, separate_sources, three_tasks, write_jsonl
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
-from modeling_mtl import MultiTaskModel
+from modeling_mtl import IGNORE_INDEX, MultiTaskModel
 from multitask_st.data import build_datasets, parse_task_specs
 from multitask_st.trainer import (
     MultiTaskSampler,
@@ -158,6 +158,44 @@ def test_eval_scores_every_task_on_a_split_mixing_single_texts_and_pairs(tiny_be
     for key in ("topic/accuracy", "ner/f1", "sts/spearman", "paraphrase/accuracy", "retrieval/mrr", "retrieval/loss"):
         assert f"eval_{key}" in metrics, key
     assert np.isfinite(metrics["eval_combined_score"])
+
+
+def test_retrieval_is_scored_per_distinct_query_with_every_positive_of_its_rows_relevant(tiny_bert, tmp_path):
+    """The eval split's contrastive rows reach the metric as text ids: a repeated anchor is one query whose
+    relevant passages are its rows' positives, a repeated positive one passage."""
+    anchors = ["the cat sat", "a dog ran", "the cat sat", "birds fly south", "a dog ran", "rain falls"]
+    positives = ["a cat was sitting", "the dog was running", "the cat sits", "birds migrate", "a cat was sitting",
+                 "it is raining"]  # fmt: skip
+    rows = [{"anchor": a, "positive": p} for a, p in zip(anchors, positives)]
+    files = {
+        "train": str(write_jsonl(tmp_path / "retrieval" / "train.jsonl", rows)),
+        "validation": str(write_jsonl(tmp_path / "retrieval" / "validation.jsonl", rows)),
+    }
+    tasks = [*three_tasks(make_dataset(tmp_path / "single", 8, 4))[:1],
+             {"name": "retrieval", "type": "contrastive", "data_files": files}]  # fmt: skip
+    data, model = build(tiny_bert, tasks)
+    trainer = trainer_for(model, data, tmp_path / "out", per_device_eval_batch_size=3)
+    output = trainer.predict(data.eval)
+    embeddings, ids = output.predictions[1], output.label_ids[1]
+    assert (ids[:4] == IGNORE_INDEX).all()  # the topic rows come first in the eval split
+    embeddings, ids = embeddings[4:], ids[4:]
+    # Equal ids exactly for equal texts, anchors and positives alike.
+    texts = np.array([anchors, positives]).T
+    for column in (0, 1):
+        same_text = texts[:, None, column] == texts[None, :, column]
+        assert ((ids[:, None, column] == ids[None, :, column]) == same_text).all()
+    # The metric, computed here by hand from the same embeddings.
+    unit = embeddings / np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    queries, passages = sorted(set(anchors)), sorted(set(positives))
+    ranks = []
+    for query in queries:
+        vector = unit[anchors.index(query), 0]
+        scores = {p: float(vector @ unit[positives.index(p), 1]) for p in passages}
+        relevant = {p for a, p in zip(anchors, positives) if a == query}
+        best = max(scores[p] for p in relevant)
+        ranks.append(1 + sum(score > best for p, score in scores.items() if p not in relevant))
+    assert output.metrics["test_retrieval/mrr"] == pytest.approx(np.mean([1 / rank for rank in ranks]), abs=1e-6)
+    assert output.metrics["test_retrieval/recall_at_1"] == pytest.approx(np.mean([r == 1 for r in ranks]))
 
 
 # ------------------------------------------------------------------------------------------------ protection

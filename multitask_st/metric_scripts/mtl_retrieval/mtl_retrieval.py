@@ -5,14 +5,14 @@ import evaluate
 import numpy as np
 
 _DESCRIPTION = (
-    "Each query scores every candidate; the reference is the index of its correct candidate. A candidate ranks above "
-    "the correct one only with a strictly higher score, so exact duplicates of the correct candidate do not count "
-    "against it."
+    "Each query scores every candidate; the references are the indices of its relevant candidates (one or more). A "
+    "query's rank is 1 + the number of candidates that are not relevant and score strictly higher than its best "
+    "relevant one (ties do not count against it; a candidate scored -inf is left out)."
 )
 _KWARGS = """
 Args:
     predictions (`list[list[float]]`): per query, the score of every candidate.
-    references (`list[int]`): per query, the index of its correct candidate.
+    references (`list[list[int]]`): per query, the indices of its relevant candidates.
 Returns:
     recall_at_1, mrr (`float`).
 """
@@ -26,13 +26,20 @@ class MtlRetrieval(evaluate.Metric):
             citation="",
             inputs_description=_KWARGS,
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float32")),
+                    "references": datasets.Sequence(datasets.Value("int64")),
+                }
             ),
         )
 
     def _compute(self, predictions, references):
         scores = np.asarray(predictions, dtype=np.float64)
-        references = np.asarray(references, dtype=np.int64)
-        correct = scores[np.arange(len(references)), references]
-        ranks = 1 + (scores > correct[:, None]).sum(axis=1)
+        relevant = np.zeros(scores.shape, dtype=bool)
+        for query, indices in enumerate(references):
+            if not len(indices):
+                raise ValueError(f"query {query} has no relevant candidate")
+            relevant[query, indices] = True
+        best = np.where(relevant, scores, -np.inf).max(axis=1)
+        ranks = 1 + ((scores > best[:, None]) & ~relevant).sum(axis=1)
         return {"recall_at_1": float((ranks == 1).mean()), "mrr": float((1.0 / ranks).mean())}
