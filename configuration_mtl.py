@@ -366,6 +366,10 @@ class MultiTaskConfig(PretrainedConfig):
                 return task
         raise KeyError(f"unknown task '{name}'; this model's tasks are {self.task_names}")
 
+    def is_pair_task(self, name: str) -> bool:
+        """Whether the task scores two texts (`PAIR_TASK_TYPES`) rather than one."""
+        return self.get_task(name)["type"] in PAIR_TASK_TYPES
+
     def task_id2label(self, name: str) -> dict[int, str]:
         return dict(enumerate(self.get_task(name)["labels"]))
 

@@ -474,7 +474,9 @@ class MultiTaskInferenceMixin:
         Args:
             sentences: a string, a list of strings, a list of pre-split word *lists* (token tasks on your own word
                 boundaries), or, for pair tasks, a pair `(text_a, text_b)` *tuple* (or
-                `{"text": a, "text_pair": b}`) or a list of them.
+                `{"text": a, "text_pair": b}`) or a list of them. Where every task predicted is a pair task (`tasks`
+                names only pair tasks, or the model has no other), a list of `[text_a, text_b]` lists is read as
+                pairs too, as sentence-transformers' `CrossEncoder.predict` reads it; elsewhere lists are words.
             tasks: the tasks to predict. Default: every single-text task for texts, every pair task
                 (`pair_classification`, `similarity`, `contrastive`) for pairs.
 
@@ -494,7 +496,11 @@ class MultiTaskInferenceMixin:
         single = isinstance(sentences, (str, tuple)) or (isinstance(sentences, dict) and is_pair(sentences))
         if isinstance(sentences, dict) and not single:
             raise TypeError("a dict input must be a pair {'text': ..., 'text_pair': ...}")
+        if tasks is not None:
+            tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         items = [sentences] if single else list(_iterable(sentences))
+        if not single and self._pair_tasks_only(tasks):  # no task reads words: [a, b] lists are pairs
+            items = [tuple(item) if _two_texts(item) else item for item in items]
         pairs = bool(items) and all(is_pair(item) for item in items)
         if items and not pairs and any(is_pair(item) for item in items):
             raise TypeError("sentences mixes text pairs (tuples) with single texts: predict them in separate calls")
@@ -508,18 +514,23 @@ class MultiTaskInferenceMixin:
         )
         return results[0] if single else results
 
-    def _predict_tasks(self, tasks: Sequence[str] | None, pairs: bool) -> list[str]:
-        pair_types = ("similarity", "pair_classification", "contrastive")
+    def _pair_tasks_only(self, tasks: list[str] | None) -> bool:
+        """Whether every task `predict` would run scores pairs (unknown names: no; `_check_tasks` names them)."""
+        names = self.task_names if tasks is None else tasks
+        return bool(names) and all(name in self.task_names and self.config.is_pair_task(name) for name in names)
+
+    def _predict_tasks(self, tasks: list[str] | None, pairs: bool) -> list[str]:
         if tasks is None:
-            chosen = [name for name in self.task_names if (self.config.get_task(name)["type"] in pair_types) == pairs]
+            chosen = [name for name in self.task_names if self.config.is_pair_task(name) == pairs]
             if not chosen:
+                hint = "" if pairs else ": give it pairs, as (text_a, text_b) tuples or [text_a, text_b] lists"
                 kind = "pair" if pairs else "single-text"
-                raise ValueError(f"this model has no {kind} tasks (its tasks: {self.task_names})")
+                raise ValueError(f"this model has no {kind} tasks (its tasks: {self.task_names}){hint}")
             return chosen
         tasks = self._check_tasks(tasks)
         if not tasks:
             raise ValueError("tasks is empty: name at least one task, or leave it out for all tasks of that input")
-        wrong = [name for name in tasks if (self.config.get_task(name)["type"] in pair_types) != pairs]
+        wrong = [name for name in tasks if self.config.is_pair_task(name) != pairs]
         if wrong:
             needs = "single texts" if pairs else "text pairs (tuples (a, b))"
             raise ValueError(f"task(s) {wrong} take {needs}; got {'pairs' if pairs else 'single texts'}")
@@ -686,6 +697,10 @@ class MultiTaskInferenceMixin:
             "tag": labels[best],
             "score": float(probabilities[position, best]),
         }
+
+
+def _two_texts(item: Any) -> bool:
+    return isinstance(item, list) and len(item) == 2 and all(isinstance(text, str) for text in item)
 
 
 def _iterable(items: Any) -> Iterable:

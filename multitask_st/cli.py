@@ -37,7 +37,6 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MODEL_TYPE = "multitask_sentence_transformer"  # `MultiTaskConfig.model_type`
-PAIR_TASK_TYPES = ("similarity", "pair_classification", "contrastive")
 HEATMAP_SUFFIXES = (".png", ".svg", ".pdf")
 WEIGHT_FILES = (
     "model.safetensors",
@@ -264,6 +263,8 @@ def _check_tasks(args: argparse.Namespace, tasks_config: list[dict] | None, pair
             raise UsageError(f"--tasks {args.tasks!r}: name at least one task")
     if tasks_config is None:
         return tasks
+    from configuration_mtl import PAIR_TASK_TYPES
+
     types = {task["name"]: task.get("type", "classification") for task in tasks_config}
     kind = "pair" if pairs else "single-text"
     if tasks is None:

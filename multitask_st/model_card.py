@@ -23,6 +23,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from configuration_mtl import EMBEDDING_TASK_TYPES, PAIR_TASK_TYPES
 from multitask_st import DEFAULT_BACKBONE_ID
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -129,7 +130,7 @@ def _widget(tasks: list[dict[str, Any]], task_info: dict[str, dict]) -> list[dic
     for task in tasks:
         examples = (task_info.get(task["name"]) or {}).get("examples") or []
         example = examples[0] if examples else None
-        if isinstance(example, list) and task["type"] in ("similarity", "pair_classification", "contrastive"):
+        if isinstance(example, list) and task["type"] in PAIR_TASK_TYPES:
             widget.append({"source_sentence": example[0], "sentences": [example[1]], "example_title": task["name"]})
         elif isinstance(example, list):
             widget.append({"text": " ".join(example), "example_title": task["name"]})
@@ -141,7 +142,7 @@ def _widget(tasks: list[dict[str, Any]], task_info: dict[str, dict]) -> list[dic
 def _embedding_view(metrics: dict[str, Any], tasks: list[dict], training: dict[str, Any]) -> dict[str, Any]:
     """How the embedding was trained and kept: protection, embedding tasks, drift from the base, similarity scores."""
     protection = training.get("embedding_protection") or {}
-    embedding_tasks = [t["name"] for t in tasks if t["type"] in ("similarity", "pair_classification", "contrastive")]
+    embedding_tasks = [t["name"] for t in tasks if t["type"] in EMBEDDING_TASK_TYPES]
     drift = [
         {"split": split, "cosine": _format_number(values.get("cosine_to_initial")),
          "overlap": _format_number(next((v for k, v in values.items() if k.startswith("knn")), None))}
@@ -249,7 +250,7 @@ def _task_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "head_text": head_text,
                 "loss_weight": task.get("loss_weight", 1.0),
                 "predict_hint": hints.get(task["type"], "..."),
-                "pair": task["type"] in ("similarity", "pair_classification", "contrastive"),
+                "pair": task["type"] in PAIR_TASK_TYPES,
             }
         )
     return rows

@@ -397,6 +397,24 @@ def test_predict_on_pairs_and_similarity(model):
     )
 
 
+def test_pairs_as_lists_where_every_task_predicted_takes_pairs(model, tiny_bert):
+    pairs = [("A man plays a guitar.", "Someone plays music."), ("The market fell.", "Stocks dropped.")]
+    as_tuples = model.predict(pairs)
+    as_lists = model.predict([list(pair) for pair in pairs], tasks=iter(["sts", "paraphrase"]))
+    assert [r["sts"]["cosine"] for r in as_lists] == pytest.approx([r["sts"]["cosine"] for r in as_tuples])
+    assert [r["paraphrase"]["scores"] for r in as_lists] == [r["paraphrase"]["scores"] for r in as_tuples]
+    # With a single-text task among those predicted, lists stay pre-split words.
+    assert set(model.predict([list(pairs[0])])[0]) == {task["name"] for task in TEXT_TASKS}
+    # A model of pair tasks only reads them as pairs without `tasks`, and says how to give pairs.
+    torch.manual_seed(0)
+    pair_only = MultiTaskModel.from_backbone(
+        tiny_bert, tasks=[task for task in TASKS if task.get("type") in ("similarity", "pair_classification")]
+    ).eval()
+    assert set(pair_only.predict([list(pairs[0])])[0]) == {"sts", "paraphrase"}
+    with pytest.raises(ValueError, match=r"no single-text tasks .*: give it pairs, as \(text_a, text_b\) tuples"):
+        pair_only.predict(list(pairs[0]))
+
+
 def test_similarity_stays_within_minus_one_and_one(model, monkeypatch):
     # Unit vectors' dot products can round a hair past 1 (1.0000001 for two equal texts): cosines are clipped.
     unit = np.array([[1.0 + 1e-6, 0.0], [-1.0 - 1e-6, 0.0]], dtype=np.float32)
