@@ -253,7 +253,8 @@ class MultiTaskConfig(PretrainedConfig):
             How token states become a sentence embedding; one of `POOLING_MODES`. All modes ignore padding.
         projection_dim (`int`, *optional*):
             If set, a linear layer maps the pooled vector to this size; the embedding and every sequence-level
-            head then use the projected vector.
+            head on the shared vector (`pooling: shared`) then use the projected vector. Heads with their own
+            pooling or layers read the encoder's token states (`hidden_size`).
         projection_activation (`str`, *optional*):
             Activation after the projection (e.g. `"tanh"`); `None` keeps it linear.
         normalize (`bool`, *optional*, defaults to `False`):

@@ -5,7 +5,7 @@ python push_to_hub.py outputs/multitask-model --repo_id my-name/my-multitask-mod
 python push_to_hub.py outputs/multitask-model --repo_id my-name/my-multitask-model --dry-run /tmp/to-upload
 ```
 
-The folder is checked first (config with `auto_map`, safetensors weights, the two code files, tokenizer files), the
+The folder is checked first (config with `auto_map`, safetensors weights, the three code files, tokenizer files), the
 model card is regenerated for the target repo (`multitask_st.model_card`), and exactly the files that belong to a
 published model are uploaded in one commit with `HfApi.upload_folder`: weights, config, code, tokenizer, card, the
 metrics/training records and the training-curve figure; never optimizer states, checkpoints or pickled

@@ -4,7 +4,7 @@
     python train.py --output_dir out --seed 1        # flags alone change the embedded default job
     python train.py config.yaml [--flag value ...]   # a YAML/JSON config file; flags after it override it
     python train.py --tasks tasks.json --output_dir out --num_train_epochs 3 ...
-    accelerate launch --num_processes 2 train.py config.yaml   # same arguments, distributed
+    accelerate launch --multi_gpu --num_processes 2 train.py config.yaml   # same arguments, two processes
 
 Every `TrainingArguments` flag works (see `python train.py --help`); the defaults are the project's measured recipe
 (`RECIPE`), not the plain Trainer's. Tasks are a JSON/YAML list of dicts (`multitask_st.data.TaskDataSpec`), e.g.
@@ -501,17 +501,23 @@ def _report(trainer, data, metrics: dict, output_dir: Path, count: int) -> None:
     )
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> int:
+    """`main` as a command (`python train.py`, `mtl train`): a configuration, data or training error is one line on
+    stderr and exit code 2, not a traceback."""
     import gc
 
     from multitask_st.training import TrainingError
 
-    message = None
     try:
-        code = main()
+        return main(argv)
     except (ValueError, TrainingError) as error:
-        message, code = f"error: {error}", 2
-    if message:
-        gc.collect()  # the failed run's progress bars close (and print) now, before the message, which stays last
-        print(message, file=sys.stderr)
-    sys.exit(code)
+        message = f"error: {error}"
+    # Out of the except block, the error's traceback no longer holds the failed run's frames: its progress bars
+    # close (and print) now, before the message, which stays last.
+    gc.collect()
+    print(message, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,7 +1,7 @@
 """Training, serving and publishing tools around `modeling_mtl.MultiTaskModel`.
 
-The model itself lives in the top-level `modeling_mtl.py` / `configuration_mtl.py` (those two files travel with
-every saved checkpoint); everything here is only needed to train, serve or publish models.
+The model itself lives in the top-level `modeling_mtl.py`, `configuration_mtl.py` and `inference_mtl.py` (those
+three files travel with every saved checkpoint); everything here is only needed to train, serve or publish models.
 """
 
 from __future__ import annotations

@@ -242,6 +242,12 @@ def _load_onnx(name_or_path: str, device: str | None, backend: str):
     """The exported graph (`mtl export`, exported on first use for a model folder) through onnxruntime."""
     if device not in (None, "cpu"):
         raise CliError(f"--backend {backend} runs on the CPU: leave out --device {device}")
+    if not Path(name_or_path).is_dir():  # a Hub id: the export folder is the user's to choose
+        raise CliError(
+            f"--model {name_or_path}: --backend {backend} takes a local folder (a saved model, exported into "
+            f"MODEL/onnx on first use, or an export folder); export a Hub model first: mtl export {name_or_path} "
+            "-o DIR, then --model DIR"
+        )
     try:
         from .onnx import OnnxMultiTaskModel
     except ImportError as error:
@@ -562,7 +568,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _delegate(module: str, argv: list[str], command: str) -> int:
+def _delegate(module: str, entry: str, argv: list[str], command: str) -> int:
     import importlib
 
     try:
@@ -571,7 +577,7 @@ def _delegate(module: str, argv: list[str], command: str) -> int:
         raise CliError(f"cannot import {module}.py ({error})") from None
     program, sys.argv[0] = sys.argv[0], f"mtl {command}"  # argparse's usage line names the program from it
     try:
-        return int(target.main(argv) or 0)
+        return int(getattr(target, entry)(argv) or 0)
     finally:
         sys.argv[0] = program
 
@@ -781,8 +787,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _delegate_func(command: str) -> Any:
-    module = "train" if command == "train" else "push_to_hub"
-    return lambda args: _delegate(module, args.rest, command)
+    # The scripts' own entry points, so that `mtl train` / `mtl push` exit as the scripts do.
+    module, entry = ("train", "run") if command == "train" else ("push_to_hub", "main")
+    return lambda args: _delegate(module, entry, args.rest, command)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,7 @@
 """The command-line half of `multitask_st.onnx`: `mtl export MODEL -o OUT [--int8]`.
 
-Importing this module is cheap (no torch, no onnxruntime), so the `mtl` parser can add the `export` command
-without slowing every other command down; `run_export` imports the exporter when it runs. Wire it into
-`multitask_st/cli.py` with:
-
-```python
-from .onnx_cli import EXPORT_DESCRIPTION, EXPORT_HELP, add_export_arguments, run_export
-
-export = commands.add_parser("export", help=EXPORT_HELP, description=EXPORT_DESCRIPTION)
-add_export_arguments(export)
-export.set_defaults(func=run_export)
-```
+Importing this module is cheap (no torch, no onnxruntime), so the `mtl` parser (`cli._add_export_parser`) adds the
+`export` command without slowing every other command down; `run_export` imports the exporter when it runs.
 """
 
 from __future__ import annotations
@@ -38,7 +29,9 @@ EXPORT_DESCRIPTION = (
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `mtl export MODEL -o OUT [--int8]` (wire with `set_defaults(func=run_export)`)."""
     parser.add_argument("model", help="a saved multi-task model folder (save_pretrained) or a Hub id")
-    parser.add_argument("-o", "--output", default=None, help="export folder (default: MODEL/onnx)")
+    parser.add_argument(
+        "-o", "--output", default=None, help="export folder (default: MODEL/onnx for a folder; a Hub id needs -o)"
+    )
     parser.add_argument("--int8", action="store_true", help="also write model_int8.onnx (int8 weights)")
     parser.add_argument(
         "--quantization",
@@ -59,6 +52,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_export(args: argparse.Namespace) -> int:
     """Run `mtl export`; returns the exit code (0 done, 1 failed with a message on stderr)."""
+    if args.output is None and not Path(args.model).is_dir():
+        print(f"mtl export: error: {args.model} is not a local folder: give the export folder with -o", file=sys.stderr)
+        return 1
     try:
         from .onnx import export_onnx
 

@@ -273,6 +273,8 @@ def bad_files(tmp_path_factory, model_dir):
         (["similarity", "--model", "{model}", "only one"], "at least two texts"),
         (["similarity", "--model", "{model}", "a", "b", "-o", "heat.txt"], "use a .png, .svg or .pdf file name"),
         (["similarity", "--model", "{model}", "a", "b", "--json", "{bad}/a_file/s.json"], "is a file, not a folder"),
+        (["encode", "--model", "user/model", "--backend", "onnx", "hi", "-o", "x.npy"], "mtl export user/model -o DIR"),
+        (["export", "user/model"], "user/model is not a local folder: give the export folder with -o"),
         (["serve", "--model", "/nonexistent/model", "--port", "{free}"], "no such model folder"),
         (["serve", "--model", "{model}", "--host", "10.255.255.1", "--port", "{free}"], "cannot listen there"),
         (["serve", "--model", "{model}", "--port", "{busy}"], "--port {busy}: address already in use"),
@@ -377,6 +379,18 @@ def test_error_exit_code_from_console_script(tmp_path):
     result = mtl("encode", "--model", str(tmp_path / "missing"), "hi", "-o", str(tmp_path / "x.npy"))
     assert result.returncode == 1
     assert "mtl encode: error: --model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_exits_as_the_script_does(tmp_path):
+    """`mtl train` is `python train.py`: a refused option is one error line and exit code 2 from both."""
+    flags = ["--output_dir", str(tmp_path / "out"), "--drift_sample_size", "-1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    script = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], capture_output=True, text=True, env=env)
+    command = mtl("train", *flags)
+    assert script.returncode == command.returncode == 2, (script.stderr, command.stderr)
+    for result in (script, command):
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "drift_sample_size" in last and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("command, option", [("train", "--embedding_protection"), ("push", "--repo_id")])
