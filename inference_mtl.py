@@ -342,6 +342,8 @@ class MultiTaskInferenceMixin:
         precision: str | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        normalize_embeddings: bool | None = None,
+        truncate_dim: int | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed sentences into fixed-length vectors.
 
@@ -364,16 +366,29 @@ class MultiTaskInferenceMixin:
                 and CPUs with AVX512-BF16 or AMX; measured in docs/BENCHMARKS.md).
             prompt_name / prompt: text put before every sentence, as in sentence-transformers: a name from
                 `config.prompts`, or the text itself (`prompt` wins); default `config.default_prompt_name`'s.
+            normalize_embeddings: sentence-transformers' name for `normalize` (give one of them, or the same value).
+            truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka-style), normalised after the cut when
+                `normalize` is on, as sentence-transformers' `truncate_dim` with `normalize_embeddings=True`.
 
         Returns:
-            `(len(sentences), embedding_dim)` float32, in input order; `(embedding_dim,)` for a single string.
+            `(len(sentences), embedding_dim)` float32 (`truncate_dim` columns if given), in input order;
+            `(embedding_dim,)` for a single string.
         """
         if precision not in (None, "float32", "bfloat16"):
             raise ValueError(f"precision must be None, 'float32' or 'bfloat16', got {precision!r}")
         if precision == "float32" and self.dtype != torch.float32:
             raise ValueError(f"precision='float32' needs float32 weights, this model's are {self.dtype}: call .float()")
-        if normalize is not None and not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be True, False or None, got {normalize!r}")
+        for name, value in (("normalize", normalize), ("normalize_embeddings", normalize_embeddings)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be True, False or None, got {value!r}")
+        if None not in (normalize, normalize_embeddings) and normalize != normalize_embeddings:
+            raise ValueError(f"normalize={normalize} and normalize_embeddings={normalize_embeddings} disagree")
+        normalize = normalize if normalize is not None else normalize_embeddings
+        dim = self.config.embedding_dim
+        if truncate_dim is not None and (
+            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= dim
+        ):
+            raise ValueError(f"truncate_dim must be an int from 1 to the embedding size {dim}, got {truncate_dim!r}")
         _check_max_seq_length(max_seq_length)
         single = isinstance(sentences, str)
         texts = check_texts([sentences] if single else sentences)
@@ -381,10 +396,35 @@ class MultiTaskInferenceMixin:
         if prefix:
             texts = [prefix + text for text in texts]
         tokens = self._packed_tokens(texts, max_seq_length)
-        result = self.encode_tokens(
-            tokens, batch_size, normalize, convert_to_tensor or not convert_to_numpy, show_progress_bar, precision
-        )
+        as_tensor = convert_to_tensor or not convert_to_numpy
+        if truncate_dim is None or truncate_dim == dim:
+            result = self.encode_tokens(tokens, batch_size, normalize, as_tensor, show_progress_bar, precision)
+        else:  # cut first, then normalise: the kept dimensions make a unit vector of their own
+            result = self.encode_tokens(tokens, batch_size, False, as_tensor, show_progress_bar, precision)
+            result = (
+                result[:, :truncate_dim].contiguous() if as_tensor else np.ascontiguousarray(result[:, :truncate_dim])
+            )
+            if self.config.normalize if normalize is None else normalize:
+                result = _unit_rows(result)
         return result[0] if single else result
+
+    def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
+        """`encode` for search queries, as sentence-transformers' `encode_query`: with the model's `"query"` prompt
+        unless `prompt_name` / `prompt` is given; without one, no prompt (not the default prompt)."""
+        return self.encode(sentences, **self._role_prompt(("query",), kwargs))
+
+    def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
+        """`encode` for the documents searched, as sentence-transformers' `encode_document`: with the model's
+        `"document"`, `"passage"` or `"corpus"` prompt (the last of those it has) unless `prompt_name` / `prompt`
+        is given; without one, no prompt (not the default prompt)."""
+        return self.encode(sentences, **self._role_prompt(("document", "passage", "corpus"), kwargs))
+
+    def _role_prompt(self, names: tuple[str, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if kwargs.get("prompt_name") is not None or kwargs.get("prompt") is not None:
+            return kwargs
+        prompts = getattr(self.config, "prompts", None) or {}
+        found = [name for name in names if name in prompts]
+        return {**kwargs, "prompt": prompts[found[-1]] if found else ""}
 
     def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
         if prompt is not None:
@@ -434,23 +474,30 @@ class MultiTaskInferenceMixin:
 
     def similarity(
         self,
-        texts_a: str | Sequence[str],
-        texts_b: str | Sequence[str],
+        texts_a: str | Sequence[str] | np.ndarray | torch.Tensor,
+        texts_b: str | Sequence[str] | np.ndarray | torch.Tensor,
         pairwise: bool = False,
         batch_size: int = 32,
-    ) -> np.ndarray:
-        """Cosine similarity of the sentence embeddings.
+    ) -> np.ndarray | torch.Tensor:
+        """Cosine similarity of sentence embeddings: of texts (embedded here), or of embeddings you have already
+        (`encode`'s output, as in sentence-transformers' `model.similarity(embeddings_a, embeddings_b)`).
 
         Args:
-            texts_a, texts_b: strings (or one string each).
+            texts_a, texts_b: strings (or one string each), or embeddings: `(n, dim)` / `(dim,)` numpy arrays or
+                tensors (both sides the same kind).
             pairwise: `False` (default) gives the `(len(a), len(b))` matrix of every a against every b; `True`
                 gives `(n,)`: a[i] against b[i], for two lists of the same length.
 
         Returns:
-            float32 array of cosines in [-1, 1].
+            float32 cosines in [-1, 1]: a numpy array, or a tensor (on their device) for tensor embeddings.
         """
         if not isinstance(pairwise, (bool, np.bool_)):
             raise TypeError(f"pairwise must be True or False, got {pairwise!r}")
+        vectors = [_is_embeddings(side) for side in (texts_a, texts_b)]
+        if any(vectors):
+            if not all(vectors):
+                raise TypeError("texts_a and texts_b must both be texts or both be embeddings (arrays or tensors)")
+            return _embedding_cosines(texts_a, texts_b, bool(pairwise))
         a = check_texts([texts_a] if isinstance(texts_a, str) else texts_a, "texts_a")
         b = check_texts([texts_b] if isinstance(texts_b, str) else texts_b, "texts_b")
         if pairwise and len(a) != len(b):
@@ -697,6 +744,42 @@ class MultiTaskInferenceMixin:
             "tag": labels[best],
             "score": float(probabilities[position, best]),
         }
+
+
+def _is_embeddings(value: Any) -> bool:
+    """Numbers, not texts: a tensor, or a numeric numpy array (an array of strings is texts)."""
+    return isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and value.dtype.kind in "fiu")
+
+
+def _unit_rows(vectors: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    if isinstance(vectors, torch.Tensor):
+        return F.normalize(vectors, p=2, dim=-1)
+    return vectors / np.clip(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12, None)
+
+
+def _embedding_cosines(
+    a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, pairwise: bool
+) -> np.ndarray | torch.Tensor:
+    """`similarity` of embeddings given: the same cosines (float32, clipped) as for texts."""
+    as_tensor = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    sides = []
+    for name, side in (("texts_a", a), ("texts_b", b)):
+        side = torch.as_tensor(side).float()
+        side = side.unsqueeze(0) if side.dim() == 1 else side
+        if side.dim() != 2 or not side.shape[-1]:
+            raise ValueError(f"{name} must be embeddings of shape (n, dim) or (dim,), got {tuple(side.shape)}")
+        if not torch.isfinite(side).all():
+            raise ValueError(f"{name} holds a non-finite value")
+        sides.append(F.normalize(side, p=2, dim=-1))
+    left, right = sides
+    if left.shape[-1] != right.shape[-1]:
+        raise ValueError(f"embeddings of different sizes: {left.shape[-1]} (texts_a) and {right.shape[-1]} (texts_b)")
+    if pairwise and len(left) != len(right):
+        raise ValueError(f"pairwise similarity needs the same number of rows, got {len(left)} and {len(right)}")
+    right = right.to(left.device)
+    cosines = (left * right).sum(-1) if pairwise else left @ right.T
+    cosines = cosines.clamp(-1.0, 1.0)
+    return cosines if as_tensor else cosines.cpu().numpy()
 
 
 def _two_texts(item: Any) -> bool:

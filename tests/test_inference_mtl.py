@@ -415,6 +415,18 @@ def test_pairs_as_lists_where_every_task_predicted_takes_pairs(model, tiny_bert)
         pair_only.predict(list(pairs[0]))
 
 
+def test_truncated_embeddings_are_the_first_dimensions_normalised_after_the_cut(model):
+    full = model.encode(TEXTS[:4], normalize=False)
+    for as_tensor in (False, True):
+        cut = model.encode(TEXTS[:4], truncate_dim=5, normalize=True, convert_to_tensor=as_tensor)
+        cut = cut.numpy() if as_tensor else cut
+        expected = full[:, :5] / np.linalg.norm(full[:, :5], axis=1, keepdims=True)
+        assert cut.shape == (4, 5) and np.abs(cut - expected).max() <= 1e-6
+    assert np.abs(model.encode(TEXTS[:4], truncate_dim=5, normalize=False) - full[:, :5]).max() <= 1e-6
+    # An array of strings is texts, not embeddings.
+    assert model.similarity(np.array(TEXTS[:2]), TEXTS[2:4]) == pytest.approx(model.similarity(TEXTS[:2], TEXTS[2:4]))
+
+
 def test_similarity_stays_within_minus_one_and_one(model, monkeypatch):
     # Unit vectors' dot products can round a hair past 1 (1.0000001 for two equal texts): cosines are clipped.
     unit = np.array([[1.0 + 1e-6, 0.0], [-1.0 - 1e-6, 0.0]], dtype=np.float32)
@@ -441,6 +453,15 @@ def test_similarity_stays_within_minus_one_and_one(model, monkeypatch):
         (lambda m: m.similarity(["a"], ["c"], pairwise="no"), TypeError, "pairwise must be True or False, got 'no'"),
         (lambda m: m.predict([("a", "b"), ("c", "")]), ValueError, "pair 1: text_pair is empty"),
         (lambda m: m.predict("a", tasks=[]), ValueError, "tasks is empty"),
+        (lambda m: m.encode("a", normalize=True, normalize_embeddings=False), ValueError, "disagree"),
+        (lambda m: m.encode("a", normalize_embeddings=1), TypeError, "normalize_embeddings must be True, False"),
+        (lambda m: m.encode("a", truncate_dim=0), ValueError, "truncate_dim must be an int from 1 to the embedding"),
+        (lambda m: m.encode("a", truncate_dim=10_000), ValueError, "truncate_dim must be an int from 1"),
+        (lambda m: m.similarity(np.ones((2, 3)), ["a"]), TypeError, "both be texts or both be embeddings"),
+        (lambda m: m.similarity(np.ones((2, 3)), np.ones((2, 4))), ValueError, r"different sizes: 3 \(texts_a\)"),
+        (lambda m: m.similarity(np.ones((2, 3)), np.ones((3, 3)), pairwise=True), ValueError, "same number of rows"),
+        (lambda m: m.similarity(np.array([[np.nan, 1.0]]), np.ones((1, 2))), ValueError, "texts_a holds a non-finite"),
+        (lambda m: m.similarity(np.ones((2, 2, 2)), np.ones((1, 2))), ValueError, r"got \(2, 2, 2\)"),
     ],
 )
 def test_bad_input_is_one_clear_error(model, call, error, message):

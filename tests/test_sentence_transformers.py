@@ -43,6 +43,30 @@ def test_encode_matches_sentence_transformers(peers, batch_size):
     assert np.abs(got - expected).max() <= 1e-5
 
 
+def test_the_sentence_transformers_call_forms_give_the_peers_results(peers):
+    """What a sentence-transformers user writes: normalize_embeddings, truncate_dim (cut, then normalised),
+    similarity / pairwise similarity of embeddings, encode_query / encode_document."""
+    ours, theirs = peers
+    for dim in (64, 384):
+        expected = theirs.encode(SENTENCES, normalize_embeddings=True, truncate_dim=dim)
+        got = ours.encode(SENTENCES, normalize_embeddings=True, truncate_dim=dim)
+        assert got.shape == expected.shape == (len(SENTENCES), dim)
+        assert np.abs(got - expected).max() <= 1e-5
+    a, b = ours.encode(SENTENCES[:3]), ours.encode(SENTENCES[3:6])
+    expected = theirs.similarity(theirs.encode(SENTENCES[:3]), theirs.encode(SENTENCES[3:6]))
+    tensors = ours.similarity(torch.from_numpy(a), torch.from_numpy(b))
+    assert isinstance(tensors, torch.Tensor) and tensors.shape == (3, 3)
+    torch.testing.assert_close(tensors, expected, atol=1e-5, rtol=0)
+    arrays = ours.similarity(a, b)
+    assert isinstance(arrays, np.ndarray) and np.abs(arrays - expected.numpy()).max() <= 1e-5
+    assert np.abs(arrays - ours.similarity(SENTENCES[:3], SENTENCES[3:6])).max() <= 1e-5  # = the texts' cosines
+    pairwise = theirs.similarity_pairwise(torch.from_numpy(a), torch.from_numpy(b))
+    torch.testing.assert_close(ours.similarity(torch.from_numpy(a), torch.from_numpy(b), pairwise=True), pairwise)
+    for role in ("query", "document"):  # no such prompts here: the plain embedding
+        expected = getattr(theirs, f"encode_{role}")(SENTENCES[:3])
+        assert np.abs(getattr(ours, f"encode_{role}")(SENTENCES[:3]) - expected).max() <= 1e-5
+
+
 def test_encode_matches_on_real_sentences(peers, shared_data):
     ours, theirs = peers
     rows = [json.loads(line) for line in (shared_data / "stsb" / "validation.jsonl").open()][:300]
@@ -113,6 +137,12 @@ def test_prompts_are_carried_and_used_like_sentence_transformers(minilm_dir, tmp
     assert ours.config.prompts == {"query": "query: "} and ours.config.default_prompt_name == "query"
     assert np.abs(ours.encode(SENTENCES[:3]) - peer.encode(SENTENCES[:3])).max() <= 1e-5  # default prompt applied
     assert np.abs(ours.encode(SENTENCES[:3], prompt="x: ") - peer.encode(SENTENCES[:3], prompt="x: ")).max() <= 1e-5
+    # encode_query takes the "query" prompt; encode_document, without a document prompt, none (not the default).
+    for role in ("query", "document"):
+        expected = getattr(peer, f"encode_{role}")(SENTENCES[:3])
+        assert np.abs(getattr(ours, f"encode_{role}")(SENTENCES[:3]) - expected).max() <= 1e-5
+    assert np.abs(ours.encode_query(SENTENCES[:3]) - ours.encode(SENTENCES[:3], prompt="query: ")).max() <= 1e-6
+    assert np.abs(ours.encode_document(SENTENCES[:3]) - ours.encode(SENTENCES[:3], prompt="")).max() <= 1e-6
     with pytest.raises(ValueError, match=r"prompt_name 'nope' is not one of this model's prompts \['query'\]"):
         ours.encode("a", prompt_name="nope")
 
