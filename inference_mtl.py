@@ -570,7 +570,11 @@ class MultiTaskInferenceMixin:
         if tasks is None:
             chosen = [name for name in self.task_names if self.config.is_pair_task(name) == pairs]
             if not chosen:
-                hint = "" if pairs else ": give it pairs, as (text_a, text_b) tuples or [text_a, text_b] lists"
+                hint = (
+                    ""
+                    if pairs
+                    else ": give it pairs: a (text_a, text_b) tuple, or a list of them or of [text_a, text_b] lists"
+                )
                 kind = "pair" if pairs else "single-text"
                 raise ValueError(f"this model has no {kind} tasks (its tasks: {self.task_names}){hint}")
             return chosen

@@ -332,11 +332,25 @@ def contrastive_loss(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+_HASH_BASE = 0x9E3779B97F4A7C15  # odd, so its powers mod 2**64 never vanish
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_powers(length: int) -> tuple[int, ...]:
+    """`B**1 .. B**length` mod 2**64, as int64 values."""
+    powers, value = [], 1
+    for _ in range(length):
+        value = value * _HASH_BASE % (1 << 64)
+        powers.append(value - (1 << 64) if value >= 1 << 63 else value)
+    return tuple(powers)
+
+
 def text_fingerprints(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One int64 per text, equal for equal token sequences (a polynomial hash; int64 overflow wraps, which is
-    deterministic). Used to recognise duplicate texts among in-batch negatives, also across processes."""
-    powers = torch.arange(1, input_ids.shape[-1] + 1, device=input_ids.device, dtype=torch.int64)
-    powers = powers * 1_000_003 + 0x9E3779B97F4A7C15 % (1 << 61)
+    """One int64 per text, equal for equal token sequences (right-padded: padding does not count): the polynomial
+    hash `sum_i (id_i + 1) * B**(i+1)` mod 2**64 (int64 products and sums wrap, deterministically on every device),
+    xor the length. Used to recognise duplicate texts among in-batch negatives, also across processes, and to
+    group an eval split's retrieval rows by text."""
+    powers = torch.tensor(_hash_powers(input_ids.shape[-1]), dtype=torch.int64, device=input_ids.device)
     ids = (input_ids.to(torch.int64) + 1) * attention_mask.to(torch.int64)
     return (ids * powers).sum(-1) ^ attention_mask.sum(-1).to(torch.int64)
 

@@ -183,7 +183,7 @@ def _check_device(device: str | None) -> None:
 
 def _model_config(name_or_path: str) -> dict | None:
     """config.json of a local model folder, checked (no weights are loaded); None for a Hub id."""
-    path = Path(name_or_path).expanduser()
+    path = Path(name_or_path)
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -607,7 +607,9 @@ def _add_input_args(parser: argparse.ArgumentParser, pairs: bool = False) -> Non
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a saved multi-task model folder or a Hub id")
+    parser.add_argument(
+        "--model", required=True, type=os.path.expanduser, help="a saved multi-task model folder or a Hub id"
+    )
     parser.add_argument("--device", type=_device, default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument(
         "--backend",

@@ -574,6 +574,8 @@ class MultiTaskTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        if inputs.get("labels"):
+            inputs["labels"] = self._without_padding_rows(inputs["labels"], inputs["input_ids"].shape[0])
         labels = inputs.get("labels") or {}
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
@@ -588,6 +590,23 @@ class MultiTaskTrainer(Trainer):
         predictions = tuple(self._task_predictions(task, outputs, rows) for task in self.task_configs)
         references = tuple(self._task_references(task, labels.get(task["name"]), inputs) for task in self.task_configs)
         return loss, predictions, references
+
+    def _without_padding_rows(self, labels: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        """Labels with those of padding rows masked. Under DDP accelerate pads the last eval batch of every
+        process with repeated rows so that all processes run the same batches, and `gather_for_metrics` keeps only
+        the first `remainder` rows of what it gathers (process 0's batch first): the rows past that count in no
+        metric, and masked here they count in no per-task loss either."""
+        state = self.accelerator.gradient_state
+        if self.args.world_size == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return labels
+        real = min(rows, max(0, state.remainder - self.accelerator.process_index * rows))
+        if real == rows:
+            return labels
+        masked = {}
+        for name, tensor in labels.items():
+            masked[name] = tensor.clone()
+            masked[name][real:] = float("nan") if tensor.is_floating_point() else IGNORE_INDEX
+        return masked
 
     @staticmethod
     def _task_references(task: dict, labels: torch.Tensor | None, inputs: dict) -> torch.Tensor | None:

@@ -20,5 +20,5 @@ PY
 then
     index_args=(--index-url "$torch_index")
 fi
-python -m pip install -q "${index_args[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+python -m pip install -q ${index_args[@]+"${index_args[@]}"} "torch==${TORCH_VERSION:-2.13.0}"  # bash 3.2-safe
 python -m pip install -q -e ".[${extras}]"

@@ -411,7 +411,9 @@ def test_pairs_as_lists_where_every_task_predicted_takes_pairs(model, tiny_bert)
         tiny_bert, tasks=[task for task in TASKS if task.get("type") in ("similarity", "pair_classification")]
     ).eval()
     assert set(pair_only.predict([list(pairs[0])])[0]) == {"sts", "paraphrase"}
-    with pytest.raises(ValueError, match=r"no single-text tasks .*: give it pairs, as \(text_a, text_b\) tuples"):
+    with pytest.raises(
+        ValueError, match=r"no single-text tasks .*: give it pairs: a \(text_a, text_b\) tuple, or a list of them"
+    ):
         pair_only.predict(list(pairs[0]))
 
 

@@ -65,7 +65,7 @@ def retrieval(anchors, positives, anchor_ids, positive_ids):
 def test_retrieval_ranks_each_anchor_among_all_positives():
     anchors = np.eye(3, 4)
     # Anchor 1 is closer to positive 2 than to its own (rank 2); anchors 0 and 2 rank theirs first.
-    positives = np.array([[1.0, 0, 0, 0], [0, 0, 0, 1.0], [0, 0.5, 1.0, 0]])
+    positives = np.array([[1.0, 0, 0, 0], [0, 0.2, 0, 1.0], [0, 0.5, 1.0, 0]])
     scores = retrieval(anchors, positives, [10, 11, 12], [20, 21, 22])
     assert scores["recall_at_1"] == pytest.approx(2 / 3)
     assert scores["mrr"] == pytest.approx((1 + 1 / 2 + 1) / 3)
@@ -84,6 +84,14 @@ def test_retrieval_counts_every_positive_of_a_repeated_anchor_as_relevant():
     positives = [[0.7, 0.7, 0], [0.7, 0.7, 0], [0, 0, 1.0]]
     scores = retrieval(anchors, positives, [10, 11, 12], [20, 20, 22])
     assert scores["mrr"] == pytest.approx(1.0)
+
+
+def test_retrieval_of_collapsed_or_broken_embeddings_is_not_perfect():
+    same = np.ones((3, 4))
+    scores = retrieval(same, same, [10, 11, 12], [20, 21, 22])  # every passage ties: each query ranks last
+    assert scores["mrr"] == pytest.approx(1 / 3) and scores["recall_at_1"] == 0.0
+    broken = np.full((3, 4), np.nan)
+    assert all(np.isnan(value) for value in retrieval(broken, broken, [10, 11, 12], [20, 21, 22]).values())
 
 
 def test_retrieval_leaves_out_a_passage_holding_the_query_text():

@@ -22,6 +22,7 @@ from modeling_mtl import (
     Pooling,
     labelled_mask,
     resolve_max_seq_length,
+    text_fingerprints,
 )
 
 TASKS = TEXT_TASKS
@@ -466,6 +467,28 @@ def test_contrastive_loss_uses_in_batch_and_hard_negatives(pair_model):
     candidates = torch.cat([features[:, 1], features[:, 2]])  # every positive, then every hard negative
     torch.testing.assert_close(out.task_losses["retrieval"], contrastive_reference(features[:, 0], candidates, 20.0))
     assert out.logits["retrieval"].shape == (4, 8)
+
+
+def test_text_fingerprints_tell_texts_apart_and_ignore_padding():
+    def fingerprint(rows: list[list[int]], length: int = 12) -> list[int]:
+        ids = torch.zeros((len(rows), length), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)], mask[index, : len(row)] = torch.tensor(row), 1
+        return text_fingerprints(ids, mask).tolist()
+
+    text = [101, 2002, 2056, 2008, 2016, 2001, 1999, 1996, 2160, 102]
+    assert fingerprint([text], 10) == fingerprint([text], 40)  # equal texts, any padding
+    # Changes that keep the token ids' sum and position-weighted sum (which a linear weighting cannot see), swaps,
+    # a different length with the same ids, and a 0 id (padding's) inside the text all tell apart.
+    shifted = text[:3] + [text[3] + 1, text[4] - 2, text[5] + 1] + text[6:]
+    swapped = text[:2] + [text[3], text[2]] + text[4:]
+    variants = [text, shifted, swapped, text + [0], text[:-1], [0] + text[1:]]
+    assert len(set(fingerprint(variants))) == len(variants)
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 12, (20_000,), generator=generator).tolist()
+    random_texts = {tuple(torch.randint(0, 30_000, (n,), generator=generator).tolist()) for n in lengths}
+    assert len(set(fingerprint([list(t) for t in random_texts]))) == len(random_texts)
 
 
 @pytest.mark.parametrize(

@@ -438,3 +438,45 @@ def test_a_step_where_only_some_processes_hold_the_gathered_task_completes(tiny_
     for rank in (0, 1):  # process 0 gathered no candidates: process 1 ranks against its own, as alone
         batch, labels = _mixed_batch(model, rank)
         assert results[rank] == pytest.approx(float(model(**batch, labels=labels).loss.detach()), rel=1e-5)
+
+
+_EVAL_SCRIPT = """
+import json, os, sys
+from transformers import AutoTokenizer, TrainingArguments
+from modeling_mtl import MultiTaskModel
+from multitask_st.data import build_datasets, parse_task_specs
+from multitask_st.trainer import MultiTaskTrainer
+import torch
+
+bert, tasks, output = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+tokenizer = AutoTokenizer.from_pretrained(bert)
+data = build_datasets(parse_task_specs(tasks), tokenizer, 32)
+torch.manual_seed(0)
+model = MultiTaskModel.from_backbone(bert, tasks=data.model_tasks, tokenizer=tokenizer, max_seq_length=32)
+args = TrainingArguments(output_dir=output, report_to="none", use_cpu=True, per_device_eval_batch_size=5)
+trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                           source_sizes=data.source_sizes, drift_sample_size=0)
+metrics = trainer.evaluate()
+if args.process_index == 0:
+    print("METRICS " + json.dumps(metrics))
+"""
+
+
+@pytest.mark.slow
+def test_eval_losses_do_not_count_the_rows_that_pad_the_last_batch_of_each_process(tiny_bert, tmp_path):
+    """14 eval rows, 5 per process and batch: the last step's 10 slots hold 4 rows and 6 repeats. Per-task losses
+    and metrics must be those of one process (per-row losses do not depend on the batch for these tasks)."""
+    files = make_dataset(tmp_path / "data", 8, 14)
+    script = tmp_path / "eval_run.py"
+    script.write_text(_EVAL_SCRIPT)
+    args = [str(script), str(tiny_bert), json.dumps(three_tasks(files))]
+    runs = {}
+    for processes in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+        command = [sys.executable, *(launcher if processes == 2 else []), *args, str(tmp_path / f"out{processes}")]
+        result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+        line = next(line for line in result.stdout.splitlines() if line.startswith("METRICS "))
+        runs[processes] = json.loads(line[len("METRICS ") :])
+    for key in ("eval_topic/loss", "eval_sentiment/loss", "eval_ner/loss", "eval_topic/accuracy", "eval_ner/f1"):
+        assert runs[2][key] == pytest.approx(runs[1][key], rel=1e-5, abs=1e-7), key

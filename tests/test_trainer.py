@@ -193,7 +193,7 @@ def test_retrieval_is_scored_per_distinct_query_with_every_positive_of_its_rows_
         scores = {p: float(vector @ unit[positives.index(p), 1]) for p in passages}
         relevant = {p for a, p in zip(anchors, positives) if a == query}
         best = max(scores[p] for p in relevant)
-        ranks.append(1 + sum(score > best for p, score in scores.items() if p not in relevant))
+        ranks.append(1 + sum(score >= best for p, score in scores.items() if p not in relevant))
     assert output.metrics["test_retrieval/mrr"] == pytest.approx(np.mean([1 / rank for rank in ranks]), abs=1e-6)
     assert output.metrics["test_retrieval/recall_at_1"] == pytest.approx(np.mean([r == 1 for r in ranks]))
 

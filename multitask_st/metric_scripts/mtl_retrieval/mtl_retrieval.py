@@ -6,8 +6,9 @@ import numpy as np
 
 _DESCRIPTION = (
     "Each query scores every candidate; the references are the indices of its relevant candidates (one or more). A "
-    "query's rank is 1 + the number of candidates that are not relevant and score strictly higher than its best "
-    "relevant one (ties do not count against it; a candidate scored -inf is left out)."
+    "query's rank is 1 + the number of candidates that are not relevant and score at least as high as its best "
+    "relevant one (a tie counts against it, so collapsed embeddings score low, not perfectly; a candidate scored "
+    "-inf is left out). A NaN score makes both metrics NaN."
 )
 _KWARGS = """
 Args:
@@ -40,6 +41,8 @@ class MtlRetrieval(evaluate.Metric):
             if not len(indices):
                 raise ValueError(f"query {query} has no relevant candidate")
             relevant[query, indices] = True
+        if np.isnan(scores).any():
+            return {"recall_at_1": float("nan"), "mrr": float("nan")}
         best = np.where(relevant, scores, -np.inf).max(axis=1)
-        ranks = 1 + ((scores > best[:, None]) & ~relevant).sum(axis=1)
+        ranks = 1 + ((scores >= best[:, None]) & ~relevant).sum(axis=1)
         return {"recall_at_1": float((ranks == 1).mean()), "mrr": float((1.0 / ranks).mean())}
