@@ -98,3 +98,41 @@ def test_protection_bench_refuses_a_cached_run_whose_heads_the_defaults_no_longe
     (model.parent / "bench_result.json").write_text(json.dumps({**cached, "validation": {}}))
     args.extra = ["--head_layers", "1"]
     assert bench.run_config(args, "heads-distillation", 0)["steps"] == 600
+
+
+def test_transfer_bench_scores_runs_against_the_base_model(tiny_bert, tmp_path, monkeypatch, capsys):
+    """A run whose model is the base model scores exactly the base model's AP and MRR (+0.00), and the scores are
+    those of the definitions: AP of the cosines, and the contrastive task's retrieval metric."""
+    import json
+
+    import bench_embedding_transfer as bench
+    from sklearn.metrics import average_precision_score
+
+    base = MultiTaskModel.from_backbone(tiny_bert)
+    base.save_pretrained(tmp_path / "runs" / "base-model")
+    for seed in (0, 1):
+        base.save_pretrained(tmp_path / "runs" / f"same-seed{seed}" / "model")
+    words = ["cat", "dog", "sat", "ran", "paris", "london", "film", "music", "market", "fell", "rose", "rain"]
+    rows = [
+        {"sentence1": f"the {words[i]} {words[(i + 1) % 12]}", "sentence2": f"a {words[(i + 1) % 12]} {words[i]}",
+         "label": i % 3 != 0}
+        for i in range(12)
+    ]  # fmt: skip
+    (tmp_path / "data" / "mrpc").mkdir(parents=True)
+    (tmp_path / "data" / "mrpc" / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["bench", "--runs", str(tmp_path / "runs"), "--configs", "same", "--data_dir", str(tmp_path / "data")]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    lines = capsys.readouterr().out.splitlines()
+    base_row = next(line for line in lines if line.startswith("| base model"))
+    run_row = next(line for line in lines if line.startswith("| same |"))
+    assert run_row.count("+0.00") == 2 and "| 0, 1 |" in run_row
+    a = base.encode([row["sentence1"] for row in rows], normalize=True)
+    b = base.encode([row["sentence2"] for row in rows], normalize=True)
+    ap = 100 * average_precision_score([row["label"] for row in rows], (a * b).sum(1))
+    assert f"| {ap:.2f} |" in base_row
+    expected = bench.scores(base, rows)
+    assert f"| {expected['mrr']:.2f} |" in base_row and expected["ap"] == pytest.approx(ap)
+    monkeypatch.setattr(sys, "argv", [*argv[:4], "missing", *argv[5:]])
+    with pytest.raises(SystemExit, match="no runs of missing"):
+        bench.main()
