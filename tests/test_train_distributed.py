@@ -137,15 +137,17 @@ def test_accelerate_launch_cpu_flag_two_processes(tiny_bert, tmp_path):
 
 
 _SLOW_RUN = """
-import sys, time
+import pathlib, sys, time
 from transformers import TrainerCallback
 import train
 
-class SlowDown(TrainerCallback):  # gives the test time to kill the run between two checkpoints
+class HoldAtStep10(TrainerCallback):  # between checkpoints 8 and 16: say so, then wait to be killed there
     def on_step_end(self, args, state, control, **kwargs):
-        time.sleep(0.1)
+        if state.global_step == 10:
+            pathlib.Path(args.output_dir, "at-step-10").touch()
+            time.sleep(600)
 
-sys.exit(train.main(sys.argv[1:], callbacks=[SlowDown()]))
+sys.exit(train.main(sys.argv[1:], callbacks=[HoldAtStep10()]))
 """
 
 
@@ -181,11 +183,11 @@ def test_resume_after_kill_gives_the_same_model(tiny_bert, tmp_path):
     )
     checkpoint = interrupted / "checkpoint-8"
     deadline = time.time() + 120
-    while not (checkpoint / "trainer_state.json").exists():
+    while not (interrupted / "at-step-10").exists():  # killed at a known step, whatever the machine's speed
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint written in time"
+        assert time.time() < deadline, "step 10 not reached in time"
         time.sleep(0.05)
-    time.sleep(0.3)  # a few more steps past the checkpoint, well before the next one (step 16)
+    assert (checkpoint / "trainer_state.json").is_file()
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     process.stderr.close()
