@@ -176,7 +176,9 @@ def test_resume_after_kill_gives_the_same_model(tiny_bert, tmp_path):
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
         [sys.executable, "-c", _SLOW_RUN, *train_flags(tiny_bert, three_tasks(files), interrupted), *flags],
-        env=_env(),
+        # The reference and the resumed steps run here: the same thread count for the first steps, so that the
+        # comparison sees resumption, not the rounding of another thread count.
+        env={**_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())},
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
