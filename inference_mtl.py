@@ -366,9 +366,12 @@ class MultiTaskInferenceMixin:
                 and CPUs with AVX512-BF16 or AMX; measured in docs/BENCHMARKS.md).
             prompt_name / prompt: text put before every sentence, as in sentence-transformers: a name from
                 `config.prompts`, or the text itself (`prompt` wins); default `config.default_prompt_name`'s.
-            normalize_embeddings: sentence-transformers' name for `normalize` (give one of them, or the same value).
-            truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka-style), normalised after the cut when
-                `normalize` is on, as sentence-transformers' `truncate_dim` with `normalize_embeddings=True`.
+            normalize_embeddings: as in sentence-transformers: `True` makes the vectors unit length (after
+                `truncate_dim`'s cut); `False` / `None` leave the model's own normalisation (`config.normalize`,
+                sentence-transformers' Normalize module) as it is. `True` with `normalize=False` is refused.
+            truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka-style), as sentence-transformers does:
+                the cut comes after the model's own normalisation, so the kept part is not unit length unless
+                `normalize_embeddings=True` (or `normalize=True`) normalises it again.
 
         Returns:
             `(len(sentences), embedding_dim)` float32 (`truncate_dim` columns if given), in input order;
@@ -379,14 +382,17 @@ class MultiTaskInferenceMixin:
         if precision == "float32" and self.dtype != torch.float32:
             raise ValueError(f"precision='float32' needs float32 weights, this model's are {self.dtype}: call .float()")
         for name, value in (("normalize", normalize), ("normalize_embeddings", normalize_embeddings)):
-            if value is not None and not isinstance(value, bool):
+            if value is not None and not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True, False or None, got {value!r}")
-        if None not in (normalize, normalize_embeddings) and normalize != normalize_embeddings:
-            raise ValueError(f"normalize={normalize} and normalize_embeddings={normalize_embeddings} disagree")
-        normalize = normalize if normalize is not None else normalize_embeddings
+        if normalize_embeddings and normalize is not None and not normalize:
+            raise ValueError("normalize=False and normalize_embeddings=True disagree: give one of them")
+        unit = bool(normalize or normalize_embeddings)  # unit vectors out, after any cut
+        own = self.config.normalize if normalize is None else bool(normalize)  # the model's own, before any cut
         dim = self.config.embedding_dim
         if truncate_dim is not None and (
-            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= dim
+            isinstance(truncate_dim, (bool, np.bool_))
+            or not isinstance(truncate_dim, (int, np.integer))
+            or not 1 <= truncate_dim <= dim
         ):
             raise ValueError(f"truncate_dim must be an int from 1 to the embedding size {dim}, got {truncate_dim!r}")
         _check_max_seq_length(max_seq_length)
@@ -398,39 +404,42 @@ class MultiTaskInferenceMixin:
         tokens = self._packed_tokens(texts, max_seq_length)
         as_tensor = convert_to_tensor or not convert_to_numpy
         if truncate_dim is None or truncate_dim == dim:
-            result = self.encode_tokens(tokens, batch_size, normalize, as_tensor, show_progress_bar, precision)
-        else:  # cut first, then normalise: the kept dimensions make a unit vector of their own
-            result = self.encode_tokens(tokens, batch_size, False, as_tensor, show_progress_bar, precision)
-            result = (
-                result[:, :truncate_dim].contiguous() if as_tensor else np.ascontiguousarray(result[:, :truncate_dim])
-            )
-            if self.config.normalize if normalize is None else normalize:
+            result = self.encode_tokens(tokens, batch_size, own or unit, as_tensor, show_progress_bar, precision)
+        else:
+            result = self.encode_tokens(tokens, batch_size, own, as_tensor, show_progress_bar, precision)
+            cut = int(truncate_dim)
+            result = result[:, :cut].contiguous() if as_tensor else np.ascontiguousarray(result[:, :cut])
+            if unit:
                 result = _unit_rows(result)
         return result[0] if single else result
 
     def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
         """`encode` for search queries, as sentence-transformers' `encode_query`: with the model's `"query"` prompt
         unless `prompt_name` / `prompt` is given; without one, no prompt (not the default prompt)."""
-        return self.encode(sentences, **self._role_prompt(("query",), kwargs))
+        return self.encode(sentences, **self._role_prompt("query", kwargs))
 
     def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
         """`encode` for the documents searched, as sentence-transformers' `encode_document`: with the model's
-        `"document"`, `"passage"` or `"corpus"` prompt (the last of those it has) unless `prompt_name` / `prompt`
-        is given; without one, no prompt (not the default prompt)."""
-        return self.encode(sentences, **self._role_prompt(("document", "passage", "corpus"), kwargs))
+        `"document"` prompt unless `prompt_name` / `prompt` is given; without one, no prompt (not the default
+        prompt). (sentence-transformers 6 looks for "document", then "passage", then "corpus", but every model of
+        it has a "document" prompt, empty unless saved: the others are never reached, and are not here either.)"""
+        return self.encode(sentences, **self._role_prompt("document", kwargs))
 
-    def _role_prompt(self, names: tuple[str, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        if kwargs.get("prompt_name") is not None or kwargs.get("prompt") is not None:
-            return kwargs
-        prompts = getattr(self.config, "prompts", None) or {}
-        found = [name for name in names if name in prompts]
-        return {**kwargs, "prompt": prompts[found[-1]] if found else ""}
+    def _role_prompt(self, role: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
+            return {**kwargs, "prompt_name": role}
+        return kwargs
+
+    def _prompts(self) -> dict[str, str]:
+        """The model's prompts, with an empty "query" and "document" prompt where it has none, as every
+        sentence-transformers 6 model has."""
+        return {"query": "", "document": "", **(getattr(self.config, "prompts", None) or {})}
 
     def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
         if prompt is not None:
             check_text(prompt, "prompt")
             return prompt
-        prompts = getattr(self.config, "prompts", None) or {}
+        prompts = self._prompts()
         name = prompt_name if prompt_name is not None else getattr(self.config, "default_prompt_name", None)
         if name is None:
             return ""
@@ -506,6 +515,19 @@ class MultiTaskInferenceMixin:
         left, right = embeddings[: len(a)], embeddings[len(a) :]
         cosines = np.einsum("nd,nd->n", left, right) if pairwise else left @ right.T
         return clip_cosines(cosines).astype(np.float32)
+
+    def similarity_pairwise(
+        self,
+        texts_a: str | Sequence[str] | np.ndarray | torch.Tensor,
+        texts_b: str | Sequence[str] | np.ndarray | torch.Tensor,
+        batch_size: int = 32,
+    ) -> np.ndarray | torch.Tensor:
+        """`similarity(texts_a, texts_b, pairwise=True)`, under sentence-transformers' name."""
+        return self.similarity(texts_a, texts_b, pairwise=True, batch_size=batch_size)
+
+    def get_sentence_embedding_dimension(self) -> int:
+        """The embedding's size (`config.embedding_dim`), under sentence-transformers' name."""
+        return self.config.embedding_dim
 
     # ------------------------------------------------------------------ predictions
 
@@ -783,7 +805,7 @@ def _embedding_cosines(
     right = right.to(left.device)
     cosines = (left * right).sum(-1) if pairwise else left @ right.T
     cosines = cosines.clamp(-1.0, 1.0)
-    return cosines if as_tensor else cosines.cpu().numpy()
+    return cosines if as_tensor else cosines.detach().cpu().numpy()
 
 
 def _two_texts(item: Any) -> bool:

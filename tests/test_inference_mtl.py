@@ -425,6 +425,10 @@ def test_truncated_embeddings_are_the_first_dimensions_normalised_after_the_cut(
         expected = full[:, :5] / np.linalg.norm(full[:, :5], axis=1, keepdims=True)
         assert cut.shape == (4, 5) and np.abs(cut - expected).max() <= 1e-6
     assert np.abs(model.encode(TEXTS[:4], truncate_dim=5, normalize=False) - full[:, :5]).max() <= 1e-6
+    # Embeddings that carry gradients: numpy out for a numpy side, a tensor (keeping the graph) for two tensors.
+    vectors = torch.ones(1, 3, requires_grad=True)
+    assert model.similarity(np.ones((1, 3)), vectors)[0, 0] == pytest.approx(1.0)
+    assert model.similarity(vectors, vectors).requires_grad
     # An array of strings is texts, not embeddings.
     assert model.similarity(np.array(TEXTS[:2]), TEXTS[2:4]) == pytest.approx(model.similarity(TEXTS[:2], TEXTS[2:4]))
 
@@ -455,7 +459,7 @@ def test_similarity_stays_within_minus_one_and_one(model, monkeypatch):
         (lambda m: m.similarity(["a"], ["c"], pairwise="no"), TypeError, "pairwise must be True or False, got 'no'"),
         (lambda m: m.predict([("a", "b"), ("c", "")]), ValueError, "pair 1: text_pair is empty"),
         (lambda m: m.predict("a", tasks=[]), ValueError, "tasks is empty"),
-        (lambda m: m.encode("a", normalize=True, normalize_embeddings=False), ValueError, "disagree"),
+        (lambda m: m.encode("a", normalize=False, normalize_embeddings=True), ValueError, "disagree"),
         (lambda m: m.encode("a", normalize_embeddings=1), TypeError, "normalize_embeddings must be True, False"),
         (lambda m: m.encode("a", truncate_dim=0), ValueError, "truncate_dim must be an int from 1 to the embedding"),
         (lambda m: m.encode("a", truncate_dim=10_000), ValueError, "truncate_dim must be an int from 1"),

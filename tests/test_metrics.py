@@ -94,6 +94,14 @@ def test_retrieval_of_collapsed_or_broken_embeddings_is_not_perfect():
     assert all(np.isnan(value) for value in retrieval(broken, broken, [10, 11, 12], [20, 21, 22]).values())
 
 
+def test_the_retrieval_metric_leaves_out_candidates_scored_minus_infinity():
+    from multitask_st.metrics import load_metric
+
+    metric = load_metric("mtl_retrieval")
+    scores = metric.compute(predictions=[[-np.inf, -np.inf, 0.5], [0.1, -np.inf, 0.9]], references=[[0], [0]])
+    assert scores["mrr"] == pytest.approx((1 / 2 + 1 / 2) / 2)  # each ranks below the one finite competitor
+
+
 def test_retrieval_leaves_out_a_passage_holding_the_query_text():
     # Row 1's positive has the text of row 0's anchor (id 10): for query 10 it is not a competitor.
     anchors = [[1.0, 0, 0], [0.9, -0.4, 0]]

@@ -3,6 +3,7 @@
 projection, normalisation, max length, long texts); `from_backbone` carries Dense, Normalize and prompts exactly,
 and refuses what it cannot carry."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -47,11 +48,15 @@ def test_the_sentence_transformers_call_forms_give_the_peers_results(peers):
     """What a sentence-transformers user writes: normalize_embeddings, truncate_dim (cut, then normalised),
     similarity / pairwise similarity of embeddings, encode_query / encode_document."""
     ours, theirs = peers
-    for dim in (64, 384):
-        expected = theirs.encode(SENTENCES, normalize_embeddings=True, truncate_dim=dim)
-        got = ours.encode(SENTENCES, normalize_embeddings=True, truncate_dim=dim)
+    for dim, options in itertools.product(
+        (64, 384), ({"normalize_embeddings": True}, {"normalize_embeddings": False}, {})
+    ):
+        expected = theirs.encode(SENTENCES, truncate_dim=dim, **options)
+        got = ours.encode(SENTENCES, truncate_dim=dim, **options)
         assert got.shape == expected.shape == (len(SENTENCES), dim)
-        assert np.abs(got - expected).max() <= 1e-5
+        assert np.abs(got - expected).max() <= 1e-5, (dim, options)
+    # Without normalize_embeddings=True, the cut comes after the model's Normalize: not unit length.
+    assert np.linalg.norm(ours.encode(SENTENCES[:1], truncate_dim=64), axis=1)[0] < 0.9
     a, b = ours.encode(SENTENCES[:3]), ours.encode(SENTENCES[3:6])
     expected = theirs.similarity(theirs.encode(SENTENCES[:3]), theirs.encode(SENTENCES[3:6]))
     tensors = ours.similarity(torch.from_numpy(a), torch.from_numpy(b))
@@ -61,7 +66,8 @@ def test_the_sentence_transformers_call_forms_give_the_peers_results(peers):
     assert isinstance(arrays, np.ndarray) and np.abs(arrays - expected.numpy()).max() <= 1e-5
     assert np.abs(arrays - ours.similarity(SENTENCES[:3], SENTENCES[3:6])).max() <= 1e-5  # = the texts' cosines
     pairwise = theirs.similarity_pairwise(torch.from_numpy(a), torch.from_numpy(b))
-    torch.testing.assert_close(ours.similarity(torch.from_numpy(a), torch.from_numpy(b), pairwise=True), pairwise)
+    torch.testing.assert_close(ours.similarity_pairwise(torch.from_numpy(a), torch.from_numpy(b)), pairwise)
+    assert ours.get_sentence_embedding_dimension() == theirs.get_sentence_embedding_dimension() == 384
     for role in ("query", "document"):  # no such prompts here: the plain embedding
         expected = getattr(theirs, f"encode_{role}")(SENTENCES[:3])
         assert np.abs(getattr(ours, f"encode_{role}")(SENTENCES[:3]) - expected).max() <= 1e-5
@@ -143,7 +149,9 @@ def test_prompts_are_carried_and_used_like_sentence_transformers(minilm_dir, tmp
         assert np.abs(getattr(ours, f"encode_{role}")(SENTENCES[:3]) - expected).max() <= 1e-5
     assert np.abs(ours.encode_query(SENTENCES[:3]) - ours.encode(SENTENCES[:3], prompt="query: ")).max() <= 1e-6
     assert np.abs(ours.encode_document(SENTENCES[:3]) - ours.encode(SENTENCES[:3], prompt="")).max() <= 1e-6
-    with pytest.raises(ValueError, match=r"prompt_name 'nope' is not one of this model's prompts \['query'\]"):
+    with pytest.raises(
+        ValueError, match=r"prompt_name 'nope' is not one of this model's prompts \['document', 'query'\]"
+    ):
         ours.encode("a", prompt_name="nope")
 
 

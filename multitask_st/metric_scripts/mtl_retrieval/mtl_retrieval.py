@@ -44,5 +44,5 @@ class MtlRetrieval(evaluate.Metric):
         if np.isnan(scores).any():
             return {"recall_at_1": float("nan"), "mrr": float("nan")}
         best = np.where(relevant, scores, -np.inf).max(axis=1)
-        ranks = 1 + ((scores >= best[:, None]) & ~relevant).sum(axis=1)
+        ranks = 1 + ((scores >= best[:, None]) & ~relevant & (scores > -np.inf)).sum(axis=1)
         return {"recall_at_1": float((ranks == 1).mean()), "mrr": float((1.0 / ranks).mean())}
