@@ -498,7 +498,8 @@ class MultiTaskInferenceMixin:
                 gives `(n,)`: a[i] against b[i], for two lists of the same length.
 
         Returns:
-            float32 cosines in [-1, 1]: a numpy array, or a tensor (on their device) for tensor embeddings.
+            float32 cosines in [-1, 1]: a numpy array for texts; for embeddings a tensor (on the first side's
+            device), as sentence-transformers gives.
         """
         if not isinstance(pairwise, (bool, np.bool_)):
             raise TypeError(f"pairwise must be True or False, got {pairwise!r}")
@@ -544,8 +545,9 @@ class MultiTaskInferenceMixin:
             sentences: a string, a list of strings, a list of pre-split word *lists* (token tasks on your own word
                 boundaries), or, for pair tasks, a pair `(text_a, text_b)` *tuple* (or
                 `{"text": a, "text_pair": b}`) or a list of them. Where every task predicted is a pair task (`tasks`
-                names only pair tasks, or the model has no other), a list of `[text_a, text_b]` lists is read as
-                pairs too, as sentence-transformers' `CrossEncoder.predict` reads it; elsewhere lists are words.
+                names only pair tasks, or the model has no other), `[text_a, text_b]` lists are pairs too (one
+                such list: one pair), as sentence-transformers' `CrossEncoder.predict` reads them; elsewhere lists
+                are words.
             tasks: the tasks to predict. Default: every single-text task for texts, every pair task
                 (`pair_classification`, `similarity`, `contrastive`) for pairs.
 
@@ -562,13 +564,16 @@ class MultiTaskInferenceMixin:
         """
         if sentences is None:
             raise TypeError("sentences must be a string, a list of strings, word lists or pairs, got None")
+        if tasks is not None:
+            tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        pair_tasks_only = self._pair_tasks_only(tasks)
+        if pair_tasks_only and _two_texts(sentences):  # one [a, b] pair, as CrossEncoder.predict reads it
+            sentences = tuple(sentences)
         single = isinstance(sentences, (str, tuple)) or (isinstance(sentences, dict) and is_pair(sentences))
         if isinstance(sentences, dict) and not single:
             raise TypeError("a dict input must be a pair {'text': ..., 'text_pair': ...}")
-        if tasks is not None:
-            tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         items = [sentences] if single else list(_iterable(sentences))
-        if not single and self._pair_tasks_only(tasks):  # no task reads words: [a, b] lists are pairs
+        if not single and pair_tasks_only:  # no task reads words: [a, b] lists are pairs
             items = [tuple(item) if _two_texts(item) else item for item in items]
         pairs = bool(items) and all(is_pair(item) for item in items)
         if items and not pairs and any(is_pair(item) for item in items):
@@ -605,7 +610,7 @@ class MultiTaskInferenceMixin:
             raise ValueError("tasks is empty: name at least one task, or leave it out for all tasks of that input")
         wrong = [name for name in tasks if self.config.is_pair_task(name) != pairs]
         if wrong:
-            needs = "single texts" if pairs else "text pairs (tuples (a, b))"
+            needs = "single texts" if pairs else "text pairs ((a, b) tuples, or [a, b] lists)"
             raise ValueError(f"task(s) {wrong} take {needs}; got {'pairs' if pairs else 'single texts'}")
         return tasks
 
@@ -786,8 +791,7 @@ def _unit_rows(vectors: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
 def _embedding_cosines(
     a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, pairwise: bool
 ) -> np.ndarray | torch.Tensor:
-    """`similarity` of embeddings given: the same cosines (float32, clipped) as for texts."""
-    as_tensor = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    """`similarity` of embeddings given: the same cosines (float32, clipped) as for texts, as a tensor."""
     sides = []
     for name, side in (("texts_a", a), ("texts_b", b)):
         side = torch.as_tensor(side).float()
@@ -804,8 +808,7 @@ def _embedding_cosines(
         raise ValueError(f"pairwise similarity needs the same number of rows, got {len(left)} and {len(right)}")
     right = right.to(left.device)
     cosines = (left * right).sum(-1) if pairwise else left @ right.T
-    cosines = cosines.clamp(-1.0, 1.0)
-    return cosines if as_tensor else cosines.detach().cpu().numpy()
+    return cosines.clamp(-1.0, 1.0)
 
 
 def _two_texts(item: Any) -> bool:

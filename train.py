@@ -219,6 +219,13 @@ def read_config_file(path: str) -> dict[str, Any]:
     return config
 
 
+class _OneLineErrorParser(HfArgumentParser):
+    """A bad flag is one line on stderr (exit 2), not argparse's usage block of every option first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_arguments(argv: list[str] | None = None):
     """The four argument dataclasses from an optional leading YAML/JSON config file and flags (flags win).
 
@@ -232,7 +239,7 @@ def parse_arguments(argv: list[str] | None = None):
         config = dict(DEFAULT_JOB)
     else:
         config = {}
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = _OneLineErrorParser(ARGUMENT_CLASSES)
     recipe = ", ".join(f"{key} {value}" for key, value in RECIPE.items())
     parser.epilog = (
         "The defaults shown are the embedded default job's (no --tasks and no config file), which flags change. "

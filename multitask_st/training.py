@@ -313,19 +313,36 @@ def hardware_line(hardware: dict[str, Any]) -> str:
     )
 
 
+# Recorded whatever their value: what a reader of the card needs to repeat the run, whose defaults here (train.py's
+# recipe) are not TrainingArguments'.
+ALWAYS_RECORDED = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+)
+
+
 def non_default_hyperparameters(training_args: TrainingArguments, *extra) -> dict[str, Any]:
-    """The TrainingArguments, model, data and multi-task options that differ from their defaults."""
+    """The TrainingArguments, model, data and multi-task options that differ from their defaults, and those of
+    `ALWAYS_RECORDED`."""
     defaults = {f.name: f.default for f in fields(TrainingArguments) if f.init}
     skip = {"output_dir", "logging_dir", "hub_token", "report_to", "run_name", "accelerator_config", "disable_tqdm"}
     result = {}
     for key, value in training_args.to_dict().items():
+        if key in ALWAYS_RECORDED:
+            result[key] = value
+            continue
         if key in skip or key not in defaults:
             continue
         default = defaults[key]
         if hasattr(default, "value"):
             default = default.value
-        if value in (None, False, [], {}, "") and default in (None, False, MISSING):
-            continue  # unset either way (the dataclass default was None or a factory)
+        if value in (None, False, [], {}, "") and default in (None, False, MISSING, "", []):
+            continue  # unset either way (the dataclass default was None, empty or a factory)
         if value != default and not callable(default):
             result[key] = value
     for arguments in extra:  # model / data / multi-task options: only those set to something else than default

@@ -411,10 +411,13 @@ def test_pairs_as_lists_where_every_task_predicted_takes_pairs(model, tiny_bert)
         tiny_bert, tasks=[task for task in TASKS if task.get("type") in ("similarity", "pair_classification")]
     ).eval()
     assert set(pair_only.predict([list(pairs[0])])[0]) == {"sts", "paraphrase"}
+    # One flat [a, b] list is one pair there (CrossEncoder.predict's reading), as the tuple is.
+    assert pair_only.predict(list(pairs[0]))["sts"] == pair_only.predict(pairs[0])["sts"]
+    assert model.predict(list(pairs[0]), tasks=["sts"])["sts"] == model.predict(pairs[0], tasks=["sts"])["sts"]
     with pytest.raises(
         ValueError, match=r"no single-text tasks .*: give it pairs: a \(text_a, text_b\) tuple, or a list of them"
     ):
-        pair_only.predict(list(pairs[0]))
+        pair_only.predict(["one", "two", "three"])
 
 
 def test_truncated_embeddings_are_the_first_dimensions_normalised_after_the_cut(model):
@@ -425,9 +428,9 @@ def test_truncated_embeddings_are_the_first_dimensions_normalised_after_the_cut(
         expected = full[:, :5] / np.linalg.norm(full[:, :5], axis=1, keepdims=True)
         assert cut.shape == (4, 5) and np.abs(cut - expected).max() <= 1e-6
     assert np.abs(model.encode(TEXTS[:4], truncate_dim=5, normalize=False) - full[:, :5]).max() <= 1e-6
-    # Embeddings that carry gradients: numpy out for a numpy side, a tensor (keeping the graph) for two tensors.
+    # Embeddings that carry gradients keep them (a loss can use the cosines), beside a numpy side too.
     vectors = torch.ones(1, 3, requires_grad=True)
-    assert model.similarity(np.ones((1, 3)), vectors)[0, 0] == pytest.approx(1.0)
+    assert float(model.similarity(np.ones((1, 3)), vectors)[0, 0].detach()) == pytest.approx(1.0)
     assert model.similarity(vectors, vectors).requires_grad
     # An array of strings is texts, not embeddings.
     assert model.similarity(np.array(TEXTS[:2]), TEXTS[2:4]) == pytest.approx(model.similarity(TEXTS[:2], TEXTS[2:4]))

@@ -62,9 +62,9 @@ def test_the_sentence_transformers_call_forms_give_the_peers_results(peers):
     tensors = ours.similarity(torch.from_numpy(a), torch.from_numpy(b))
     assert isinstance(tensors, torch.Tensor) and tensors.shape == (3, 3)
     torch.testing.assert_close(tensors, expected, atol=1e-5, rtol=0)
-    arrays = ours.similarity(a, b)
-    assert isinstance(arrays, np.ndarray) and np.abs(arrays - expected.numpy()).max() <= 1e-5
-    assert np.abs(arrays - ours.similarity(SENTENCES[:3], SENTENCES[3:6])).max() <= 1e-5  # = the texts' cosines
+    arrays = ours.similarity(a, b)  # numpy embeddings: a tensor too, as sentence-transformers gives
+    assert isinstance(arrays, torch.Tensor) and np.abs(arrays.numpy() - expected.numpy()).max() <= 1e-5
+    assert np.abs(arrays.numpy() - ours.similarity(SENTENCES[:3], SENTENCES[3:6])).max() <= 1e-5  # the texts' cosines
     pairwise = theirs.similarity_pairwise(torch.from_numpy(a), torch.from_numpy(b))
     torch.testing.assert_close(ours.similarity_pairwise(torch.from_numpy(a), torch.from_numpy(b)), pairwise)
     assert ours.get_sentence_embedding_dimension() == theirs.get_sentence_embedding_dimension() == 384

@@ -195,3 +195,23 @@ def test_the_yaml_example_of_the_training_docs_runs_as_written(tiny_bert, tmp_pa
             "--num_examples_to_print", "0"]  # fmt: skip
     assert train.main(argv) == 0
     assert set(json.loads((tmp_path / "out" / "metrics.json").read_text())["eval"]) == {"topic", "ner"}
+
+
+def test_a_bad_flag_value_is_one_line_not_the_usage_block(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_arguments(["--max_steps", "abc"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--max_steps" in err and "invalid int value: 'abc'" in err
+
+
+def test_the_record_names_the_batch_size_and_learning_rate_even_at_trainingarguments_defaults(tmp_path):
+    from transformers import TrainingArguments
+
+    from multitask_st.training import non_default_hyperparameters
+
+    record = non_default_hyperparameters(
+        TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=5e-5)
+    )
+    assert record["per_device_train_batch_size"] == 8 and record["learning_rate"] == 5e-5  # train.py's are 32, 1e-4
+    assert "debug" not in record  # unset either way
