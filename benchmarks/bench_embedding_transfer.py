@@ -26,8 +26,8 @@ from sklearn.metrics import average_precision_score
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modeling_mtl import MultiTaskModel, text_fingerprints  # noqa: E402
-from multitask_st.metrics import task_metrics  # noqa: E402
+from modeling_mtl import MultiTaskModel  # noqa: E402
+from multitask_st.metrics import retrieval_text_ids, task_metrics  # noqa: E402
 
 RETRIEVAL = {"name": "mrpc", "type": "contrastive", "labels": []}
 
@@ -40,7 +40,7 @@ def scores(model: MultiTaskModel, rows: list[dict]) -> dict[str, float]:
     ap = average_precision_score(labels, (a * b).sum(1))
     paraphrase = labels == 1
     tokens = [model.tokenize([side[i] for i in np.flatnonzero(paraphrase)]) for side in sides]
-    ids = np.stack([text_fingerprints(t["input_ids"], t["attention_mask"]).numpy() & (2**62 - 1) for t in tokens], 1)
+    ids = np.stack([retrieval_text_ids(t["input_ids"], t["attention_mask"]).numpy() for t in tokens], 1)
     retrieval = task_metrics(RETRIEVAL, np.stack([a[paraphrase], b[paraphrase]], 1), ids)
     return {"ap": 100 * ap, "mrr": 100 * retrieval["mrr"]}
 

@@ -20,8 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modeling_mtl import MultiTaskModel, text_fingerprints  # noqa: E402
-from multitask_st.metrics import task_metrics  # noqa: E402
+from modeling_mtl import MultiTaskModel  # noqa: E402
+from multitask_st.metrics import retrieval_text_ids, task_metrics  # noqa: E402
 
 
 def paraphrases(data_dir: Path, split: str) -> list[dict]:
@@ -41,7 +41,7 @@ def per_row(anchors: np.ndarray, positives: np.ndarray) -> dict[str, float]:
 
 def text_ids(model: MultiTaskModel, texts: list[str]) -> np.ndarray:
     tokens = model.tokenize(texts)
-    return text_fingerprints(tokens["input_ids"], tokens["attention_mask"]).numpy() & (2**62 - 1)
+    return retrieval_text_ids(tokens["input_ids"], tokens["attention_mask"]).numpy()
 
 
 def main() -> None:

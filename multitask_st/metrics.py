@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modeling_mtl import labelled_mask
+from modeling_mtl import labelled_mask, text_fingerprints
 
 METRICS_DIR = Path(__file__).resolve().parent / "metric_scripts"
 SEPARATOR = "/"
@@ -136,6 +136,12 @@ def _correlations(task: dict[str, Any], predictions: np.ndarray, references: np.
     if len(names) > 1 and results:
         results["spearman"] = float(np.nanmean([v for k, v in results.items() if k.startswith("spearman_")]))
     return results
+
+
+def retrieval_text_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The text ids a contrastive task's references hold (`_retrieval`): equal for equal token sequences, and
+    non-negative, so that no id can read as `IGNORE_INDEX`."""
+    return text_fingerprints(input_ids, attention_mask) & (2**62 - 1)
 
 
 def _retrieval(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:

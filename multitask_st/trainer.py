@@ -32,11 +32,11 @@ from torch.utils.data import IterableDataset, Sampler
 from transformers import Trainer
 from transformers.utils import logging
 
-from modeling_mtl import IGNORE_INDEX, labelled_mask, text_fingerprints
+from modeling_mtl import IGNORE_INDEX, labelled_mask
 
 from .data import MultiTaskCollator, StreamedSources
 from .embedding import EmbeddingDrift, EmbeddingProtection, check_protection, drift_sample, unwrap
-from .metrics import build_compute_metrics, metric_key
+from .metrics import build_compute_metrics, metric_key, retrieval_text_ids
 
 logger = logging.get_logger(__name__)
 
@@ -618,8 +618,7 @@ class MultiTaskTrainer(Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if input_ids.dim() < 3:  # a batch of single texts: no row of this task
             return labels.new_full((len(labels), 2), IGNORE_INDEX)
-        # Non-negative, so that no text id can read as IGNORE_INDEX.
-        ids = text_fingerprints(input_ids[:, :2], attention_mask[:, :2]) & (2**62 - 1)  # (rows, 2)
+        ids = retrieval_text_ids(input_ids[:, :2], attention_mask[:, :2])  # (rows, 2)
         return torch.where(labelled_mask(labels)[:, None].to(ids.device), ids, IGNORE_INDEX)
 
     @staticmethod
