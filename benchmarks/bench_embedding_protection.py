@@ -30,6 +30,9 @@ Configs (`--configs`, default: all), every one with train.py's defaults unless i
 - `heads+sts-distillation`: the same with distillation at weight 10 (the default before isolation);
 - `heads+sts-isolation`: the same with full isolation (the shared encoder learns from STS-B only);
 - `heads+sts+mrpc`: the recipe + STS-B similarity + MRPC `pair_classification` + `contrastive` on MRPC's paraphrases;
+- `heads+sts+mrpc_pair`, `heads+sts+mrpc_retrieval`: the six-task mix without MRPC retrieval, or without MRPC pair
+  classification (which of them moves STS-B);
+- `heads+sts+mrpc-sts-w2`, `-sts-w4`: the six-task mix with STS-B's `loss_weight` 2 or 4;
 - `single-<task>`: one task alone, the recipe's heads, no protection (nothing else to protect it from), per task.
 Model selection uses validation splits only: test splits are scored once, after training.
 """
@@ -122,6 +125,8 @@ RECIPE_HEADS: list[str] = []
 LINEAR_HEADS = ["--head_pooling", "shared", "--token_head_layers", "0"]
 FULL_ISOLATION = ["--embedding_protection", "isolation", "--protection_weight", "1"]  # heads' gradients all kept out
 DISTILLATION_W10 = ["--embedding_protection", "distillation", "--protection_weight", "10"]  # the default before 3
+SIX_TASKS = (*HEADS, "stsb", "mrpc", "mrpc_retrieval")
+# config: (tasks, train.py flags[, per-task keys that replace TASKS' own, e.g. a loss_weight])
 CONFIGS = {
     "heads-none-linear": (HEADS, [*LINEAR_HEADS, "--embedding_protection", "none"]),
     "heads-distillation-linear": (HEADS, [*LINEAR_HEADS, *DISTILLATION_W10]),
@@ -134,15 +139,22 @@ CONFIGS = {
     "heads+sts": ((*HEADS, "stsb"), RECIPE_HEADS),
     "heads+sts-distillation": ((*HEADS, "stsb"), [*RECIPE_HEADS, *DISTILLATION_W10]),
     "heads+sts-isolation": ((*HEADS, "stsb"), [*RECIPE_HEADS, *FULL_ISOLATION]),
-    "heads+sts+mrpc": ((*HEADS, "stsb", "mrpc", "mrpc_retrieval"), RECIPE_HEADS),
+    "heads+sts+mrpc": (SIX_TASKS, RECIPE_HEADS),
+    # What in the six-task mix moves STS-B, and what a user can do about it (judged on validation): each MRPC task
+    # left out, STS-B's loss weighted up.
+    "heads+sts+mrpc_pair": ((*HEADS, "stsb", "mrpc"), RECIPE_HEADS),
+    "heads+sts+mrpc_retrieval": ((*HEADS, "stsb", "mrpc_retrieval"), RECIPE_HEADS),
+    "heads+sts+mrpc-sts-w2": (SIX_TASKS, RECIPE_HEADS, {"stsb": {"loss_weight": 2.0}}),
+    "heads+sts+mrpc-sts-w4": (SIX_TASKS, RECIPE_HEADS, {"stsb": {"loss_weight": 4.0}}),
     **{f"single-{task}": ((task,), [*RECIPE_HEADS, "--embedding_protection", "none"]) for task in TASKS},
 }
 
 
-def task_dicts(data_dir: Path, names, train_samples: int) -> list[dict]:
+def task_dicts(data_dir: Path, names, train_samples: int, overrides: dict | None = None) -> list[dict]:
     specs = []
     for name in names:
         task = {key: value for key, value in TASKS[name].items() if key != "folder"}
+        task.update((overrides or {}).get(name, {}))
         specs.append(
             {"name": name, "dataset": str(data_dir / TASKS[name]["folder"]), "max_train_samples": train_samples, **task}
         )
@@ -192,7 +204,7 @@ def run_config(args, config: str, seed: int) -> dict:
     """Train one (config, seed) in a subprocess, or return its cached result."""
     folder = Path(args.output_root) / f"{config}-seed{seed}"
     result_path = folder / "bench_result.json"
-    names, flags = CONFIGS[config]
+    names, flags, *overrides = CONFIGS[config]
     if args.steps_per_task:
         steps = args.steps_per_task * len(names)
     else:
@@ -233,7 +245,7 @@ def run_config(args, config: str, seed: int) -> dict:
                 result_path.write_text(json.dumps(cached, indent=2))
             return cached
     job = {
-        "tasks": task_dicts(Path(args.data_dir), names, args.train_samples),
+        "tasks": task_dicts(Path(args.data_dir), names, args.train_samples, *overrides),
         "output_dir": str(folder / "model"),
         "overwrite_output_dir": True,
         "max_steps": steps,

@@ -10,6 +10,7 @@ It overrides only what multi-task training changes:
 - `prediction_step` / `evaluation_loop`: per-task predictions and losses for `compute_metrics`, and the embedding's
   drift from its initial state;
 - `log`: adds `loss/<task>` (train) beside `loss`;
+- `_clip_grad_norm`: the clipping threshold scaled by the step's loss weights, so that clipping does not undo them;
 - `create_optimizer`: separate head learning rate and layer-wise learning-rate decay.
 Everything else (checkpointing, resuming, DDP via accelerate, mixed precision, callbacks) is the Trainer's own.
 """
@@ -427,6 +428,7 @@ class MultiTaskTrainer(Trainer):
         self._eval_sums: dict[str, float] = {}
         self._eval_counts: dict[str, float] = {}
         self._idle_tasks: list[str] = []
+        self._step_loss_weight = (-1, 1.0)  # (global step, mean loss_weight of its tasks): `_clip_grad_norm`
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint, and a checkpoint
@@ -503,6 +505,8 @@ class MultiTaskTrainer(Trainer):
             for index, name in enumerate(self.task_names):
                 self._task_log_steps[name] += int(counts[index] > 0)
             self._idle_tasks = [name for index, name in enumerate(self.task_names) if counts[index] == 0]
+            weights = [task["loss_weight"] for task, count in zip(self.task_configs, counts) if count > 0]
+            self._step_loss_weight = (self.state.global_step, float(np.mean(weights)) if weights else 1.0)
         return dict(zip(self.task_names, counts))
 
     # ------------------------------------------------------------------------------------------- loss
@@ -547,6 +551,26 @@ class MultiTaskTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------- logging
+
+    def _clip_grad_norm(self, model):
+        """Clip the step's gradient at `max_grad_norm` times the mean `loss_weight` of the tasks it trains (those with
+        labelled rows in its micro-batches, counted over all processes by `_get_num_items_in_batch`).
+
+        A batch holds one task's rows, so one threshold for every step would undo static loss weights wherever a
+        task's gradient is clipped: all-MiniLM-L6-v2's CoSENT gradients on STS-B batches have norms of 20-70, clipped
+        to 1 like every other task's, and STS-B `loss_weight` 1, 2 and 4 trained the same model (docs/RESULTS.md).
+        Scaled, a weight-2 task's clipped step is twice a weight-1 task's, as its unclipped one would be. With every
+        weight 1 (the default) this is the Trainer's own clipping; every process clips alike."""
+        step, factor = self._step_loss_weight
+        factor = factor if step == self.state.global_step else 1.0
+        if factor == 1.0:
+            return super()._clip_grad_norm(model)
+        max_grad_norm = self.args.max_grad_norm
+        self.args.max_grad_norm = max_grad_norm * factor
+        try:
+            return super()._clip_grad_norm(model)
+        finally:
+            self.args.max_grad_norm = max_grad_norm
 
     def _reset_task_logs(self) -> None:
         device = self.args.device

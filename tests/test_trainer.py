@@ -4,6 +4,7 @@ measured at every evaluation. Tiny random BERT (`tiny_bert`) and generated rows;
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 
@@ -491,6 +492,34 @@ def test_uncertainty_weighting_is_learned(tiny_bert, tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
     weights = [logged[f"task_weight/{name}"] for name in ("topic", "sentiment", "ner")]
     assert any(weight != 1.0 for weight in weights)
+
+
+def clipped_step_sizes(tiny_bert, tmp_path, weights) -> list[float]:
+    """The size of each of two plain-SGD steps (topic's batch, then sentiment's) when every gradient is clipped."""
+    tasks = separate_sources(tmp_path / "data", sizes=(8, 8, 8))[:2]
+    for task, weight in zip(tasks, weights):
+        task["loss_weight"] = weight
+    data, model = build(tiny_bert, tasks)
+    trainer = trainer_for(model, data, tmp_path / f"out-{weights}", {"task_sampling": "round_robin"}, max_steps=2,
+                          per_device_train_batch_size=8, optim="sgd", learning_rate=1.0, weight_decay=0.0,
+                          lr_scheduler_type="constant", max_grad_norm=1e-4, save_strategy="no")  # fmt: skip
+    snapshots = [torch.cat([p.detach().flatten().clone() for p in model.parameters()])]
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    return [float((after - before).norm()) for before, after in itertools.pairwise(snapshots)]
+
+
+def test_clipping_keeps_static_loss_weights(tiny_bert, tmp_path):
+    # One task per batch: a single clipping threshold would give a weight-4 task's clipped step the size of a
+    # weight-1 task's. Scaled by the step's loss weight, the steps keep the weights' ratio (a step of exactly
+    # lr x threshold is a clipped one: the unclipped gradients here are orders of magnitude larger).
+    assert clipped_step_sizes(tiny_bert, tmp_path, (1.0, 1.0)) == pytest.approx([1e-4, 1e-4], rel=1e-3)
+    assert clipped_step_sizes(tiny_bert, tmp_path, (4.0, 0.5)) == pytest.approx([4e-4, 0.5e-4], rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
