@@ -212,6 +212,8 @@ def run_config(args, config: str, seed: int) -> dict:
     settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra, "flags": flags}
     if args.steps_per_task:
         settings["steps_per_task"] = args.steps_per_task
+    if overrides:  # a config's per-task settings (loss weights) are part of what its runs are
+        settings["overrides"] = overrides[0]
     # The protection and heads a run trained with are part of what it is: a changed default (distillation's weight
     # went from 10 to 3, the sentence heads' own layers from 1 to 2) changes the run behind the same flags, so a
     # folder that holds a finished run trained with others is neither reused nor written over.
@@ -232,6 +234,13 @@ def run_config(args, config: str, seed: int) -> dict:
             f"{folder} holds a run whose heads were {saved}, "
             f"but {config} with these flags now trains {heads}: use another --output_root, or delete the folder to "
             "train it again (--extra --head_layers 1 gives the sentence heads of the runs before 2 became the default)"
+        )
+    weights = {task["name"]: task.get("loss_weight", 1.0) for task in tasks or []}
+    wanted = {name: (overrides[0] if overrides else {}).get(name, {}).get("loss_weight", 1.0) for name in weights}
+    if weights != wanted:
+        raise RuntimeError(
+            f"{folder} holds a run trained with loss weights {weights}, but {config} trains with {wanted}: use another "
+            "--output_root, or delete the folder to train it again"
         )
     if result_path.is_file():  # the same run whichever way its steps were asked for
         cached = json.loads(result_path.read_text())

@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
                 trained = [key[5:] for key, value in entry.items() if key.startswith("loss/") and value != 0]
                 norms[",".join(trained)].append(entry["grad_norm"])
         print(f"{config}: pre-clipping gradient norms over {args.steps} steps (max_grad_norm {max_grad_norm})")
+        weights = {task["name"]: task.get("loss_weight", 1.0) for task in tasks}
         for task, values in norms.items():
-            clipped = sum(value > max_grad_norm for value in values)
+            # the step's threshold: max_grad_norm times the mean weight of its tasks (MultiTaskTrainer._clip_grad_norm)
+            trained = [weights[name] for name in task.split(",") if weights.get(name, 0) > 0]
+            threshold = max_grad_norm * (float(np.mean(trained)) if trained else 1.0)
+            clipped = sum(value > threshold for value in values)
             print(
                 f"  {task:16s} {len(values):3d} steps  min {min(values):7.2f}  median {np.median(values):7.2f}  "
-                f"max {max(values):7.2f}  clipped {clipped}/{len(values)}"
+                f"max {max(values):7.2f}  clipped at {threshold:g}: {clipped}/{len(values)}"
             )
     return 0
 

@@ -505,7 +505,8 @@ class MultiTaskTrainer(Trainer):
             for index, name in enumerate(self.task_names):
                 self._task_log_steps[name] += int(counts[index] > 0)
             self._idle_tasks = [name for index, name in enumerate(self.task_names) if counts[index] == 0]
-            weights = [task["loss_weight"] for task, count in zip(self.task_configs, counts) if count > 0]
+            # A weight-0 task adds nothing to the step's gradient but the protection term's: it does not count.
+            weights = [t["loss_weight"] for t, n in zip(self.task_configs, counts) if n > 0 and t["loss_weight"] > 0]
             self._step_loss_weight = (self.state.global_step, float(np.mean(weights)) if weights else 1.0)
         return dict(zip(self.task_names, counts))
 
@@ -554,13 +555,16 @@ class MultiTaskTrainer(Trainer):
 
     def _clip_grad_norm(self, model):
         """Clip the step's gradient at `max_grad_norm` times the mean `loss_weight` of the tasks it trains (those with
-        labelled rows in its micro-batches, counted over all processes by `_get_num_items_in_batch`).
+        labelled rows in its micro-batches, counted over all processes by `_get_num_items_in_batch`; weight-0 tasks
+        left out, and 1 where none is left).
 
-        A batch holds one task's rows, so one threshold for every step would undo static loss weights wherever a
-        task's gradient is clipped: all-MiniLM-L6-v2's CoSENT gradients on STS-B batches have norms of 20-70, clipped
-        to 1 like every other task's, and STS-B `loss_weight` 1, 2 and 4 trained the same model (docs/RESULTS.md).
-        Scaled, a weight-2 task's clipped step is twice a weight-1 task's, as its unclipped one would be. With every
-        weight 1 (the default) this is the Trainer's own clipping; every process clips alike."""
+        With separate sources a batch holds one task's rows, so one threshold for every step would undo static loss
+        weights wherever a task's gradient is clipped: all-MiniLM-L6-v2's CoSENT gradients on STS-B batches have norms
+        of 20-70, clipped to 1 like every other task's, and STS-B `loss_weight` 1, 2 and 4 trained the same model
+        (docs/RESULTS.md). Scaled, a weight-2 task's clipped step is twice a weight-1 task's, as its unclipped
+        gradient would be. A step that trains several tasks (a source labelled for several, or accumulation over
+        sources) is clipped at their mean weight. With every weight 1 (the default) this is the Trainer's own
+        clipping; every process clips alike."""
         step, factor = self._step_loss_weight
         factor = factor if step == self.state.global_step else 1.0
         if factor == 1.0:

@@ -494,13 +494,15 @@ def test_uncertainty_weighting_is_learned(tiny_bert, tmp_path):
     assert any(weight != 1.0 for weight in weights)
 
 
-def clipped_step_sizes(tiny_bert, tmp_path, weights) -> list[float]:
-    """The size of each of two plain-SGD steps (topic's batch, then sentiment's) when every gradient is clipped."""
+def clipped_step_sizes(tiny_bert, tmp_path, weights, accumulation=1) -> list[float]:
+    """The size of each plain-SGD step over topic's batch, then sentiment's (two steps, or with `accumulation` 2 one
+    step over both) when every gradient is clipped."""
     tasks = separate_sources(tmp_path / "data", sizes=(8, 8, 8))[:2]
     for task, weight in zip(tasks, weights):
         task["loss_weight"] = weight
     data, model = build(tiny_bert, tasks)
-    trainer = trainer_for(model, data, tmp_path / f"out-{weights}", {"task_sampling": "round_robin"}, max_steps=2,
+    trainer = trainer_for(model, data, tmp_path / f"out-{weights}-{accumulation}", {"task_sampling": "round_robin"},
+                          max_steps=2 // accumulation, gradient_accumulation_steps=accumulation,
                           per_device_train_batch_size=8, optim="sgd", learning_rate=1.0, weight_decay=0.0,
                           lr_scheduler_type="constant", max_grad_norm=1e-4, save_strategy="no")  # fmt: skip
     snapshots = [torch.cat([p.detach().flatten().clone() for p in model.parameters()])]
@@ -511,6 +513,7 @@ def clipped_step_sizes(tiny_bert, tmp_path, weights) -> list[float]:
 
     trainer.add_callback(Snapshot())
     trainer.train()
+    assert trainer.args.max_grad_norm == 1e-4  # the scaled threshold is the step's only
     return [float((after - before).norm()) for before, after in itertools.pairwise(snapshots)]
 
 
@@ -520,6 +523,10 @@ def test_clipping_keeps_static_loss_weights(tiny_bert, tmp_path):
     # lr x threshold is a clipped one: the unclipped gradients here are orders of magnitude larger).
     assert clipped_step_sizes(tiny_bert, tmp_path, (1.0, 1.0)) == pytest.approx([1e-4, 1e-4], rel=1e-3)
     assert clipped_step_sizes(tiny_bert, tmp_path, (4.0, 0.5)) == pytest.approx([4e-4, 0.5e-4], rel=1e-3)
+    # One step over both tasks' batches is clipped at their mean weight; a weight-0 task, which adds nothing to the
+    # step's gradient, does not halve the other's step.
+    assert clipped_step_sizes(tiny_bert, tmp_path, (3.0, 1.0), accumulation=2) == pytest.approx([2e-4], rel=1e-3)
+    assert clipped_step_sizes(tiny_bert, tmp_path, (3.0, 0.0), accumulation=2) == pytest.approx([3e-4], rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
