@@ -212,8 +212,6 @@ def run_config(args, config: str, seed: int) -> dict:
     settings = {"steps": args.steps, "train_samples": args.train_samples, "extra": args.extra, "flags": flags}
     if args.steps_per_task:
         settings["steps_per_task"] = args.steps_per_task
-    if overrides:  # a config's per-task settings (loss weights) are part of what its runs are
-        settings["overrides"] = overrides[0]
     # The protection and heads a run trained with are part of what it is: a changed default (distillation's weight
     # went from 10 to 3, the sentence heads' own layers from 1 to 2) changes the run behind the same flags, so a
     # folder that holds a finished run trained with others is neither reused nor written over.

@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_embedding_protection import CONFIGS, task_dicts  # noqa: E402
 
+from multitask_st.trainer import clip_factor  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config}: pre-clipping gradient norms over {args.steps} steps (max_grad_norm {max_grad_norm})")
         weights = {task["name"]: task.get("loss_weight", 1.0) for task in tasks}
         for task, values in norms.items():
-            # the step's threshold: max_grad_norm times the mean weight of its tasks (MultiTaskTrainer._clip_grad_norm)
-            trained = [weights[name] for name in task.split(",") if weights.get(name, 0) > 0]
-            threshold = max_grad_norm * (float(np.mean(trained)) if trained else 1.0)
+            threshold = max_grad_norm * clip_factor(weights[name] for name in task.split(",") if name in weights)
             clipped = sum(value > threshold for value in values)
             print(
                 f"  {task:16s} {len(values):3d} steps  min {min(values):7.2f}  median {np.median(values):7.2f}  "

@@ -306,6 +306,14 @@ def check_trainer_options(
         raise ValueError(f"drift_warning_cosine must be a cosine, in [-1, 1], got {drift_warning_cosine!r}")
 
 
+def clip_factor(loss_weights) -> float:
+    """What a step's clipping threshold is multiplied by: the mean static `loss_weight` of the tasks it trains. A
+    weight-0 task adds nothing to the step's gradient but the protection term's, so it does not count; with none
+    left, 1 (`MultiTaskTrainer._clip_grad_norm`)."""
+    weights = [weight for weight in loss_weights if weight > 0]
+    return float(np.mean(weights)) if weights else 1.0
+
+
 class MultiTaskTrainer(Trainer):
     """A `Trainer` for [`MultiTaskModel`]: the loss is the weighted sum of the per-task losses.
 
@@ -505,9 +513,8 @@ class MultiTaskTrainer(Trainer):
             for index, name in enumerate(self.task_names):
                 self._task_log_steps[name] += int(counts[index] > 0)
             self._idle_tasks = [name for index, name in enumerate(self.task_names) if counts[index] == 0]
-            # A weight-0 task adds nothing to the step's gradient but the protection term's: it does not count.
-            weights = [t["loss_weight"] for t, n in zip(self.task_configs, counts) if n > 0 and t["loss_weight"] > 0]
-            self._step_loss_weight = (self.state.global_step, float(np.mean(weights)) if weights else 1.0)
+            weights = [task["loss_weight"] for task, count in zip(self.task_configs, counts) if count > 0]
+            self._step_loss_weight = (self.state.global_step, clip_factor(weights))
         return dict(zip(self.task_names, counts))
 
     # ------------------------------------------------------------------------------------------- loss
