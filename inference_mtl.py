@@ -7,13 +7,13 @@ model proper (config, modules, forward, losses). This file travels with every ch
 How it is fast (measured in docs/BENCHMARKS.md): every text is tokenised once, in one call, and packed into a flat
 int32 array; texts are sorted by token count and cut into batches that pad at most 10% of a row (`plan_batches`);
 on CPU, batches run side by side on worker threads (`run_concurrently`), because one small batch cannot keep several
-cores busy; results come back in input order.
+cores busy; results come back in input order. Inputs are checked by `validation_mtl`, the same checks the command
+line and the service run.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -21,6 +21,39 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers.utils import logging
+
+try:  # inside a Hub/remote-code package
+    from .tasks_mtl import group_entities
+    from .validation_mtl import (
+        InputError,
+        InputTypeError,
+        UserError,
+        check_batch_size,
+        check_flag,
+        check_int,
+        check_max_seq_length,
+        check_pair,
+        check_tasks,
+        check_text,
+        check_texts,
+        check_words,
+    )
+except ImportError:  # installed as top-level modules, or run from the project folder
+    from tasks_mtl import group_entities
+    from validation_mtl import (
+        InputError,
+        InputTypeError,
+        UserError,
+        check_batch_size,
+        check_flag,
+        check_int,
+        check_max_seq_length,
+        check_pair,
+        check_tasks,
+        check_text,
+        check_texts,
+        check_words,
+    )
 
 logger = logging.get_logger(__name__)
 
@@ -32,27 +65,41 @@ _CHARS_PER_TOKEN_BOUND = 32
 
 
 class PackedTokens:
-    """Token ids of many texts in one flat int32 array (`ids`), with each text's `lengths` and `starts`."""
+    """Token ids of many texts in one flat int32 array (`ids`), with each text's `lengths` and `starts`, and their
+    token type ids (`types`, int8, same layout) for texts that carry segments (a joint text pair)."""
 
-    def __init__(self, ids: np.ndarray, lengths: np.ndarray):
+    def __init__(self, ids: np.ndarray, lengths: np.ndarray, types: np.ndarray | None = None):
         self.ids = ids
         self.lengths = lengths
         self.starts = np.cumsum(lengths) - lengths
+        self.types = types
 
     @classmethod
-    def from_lists(cls, rows: list[list[int]]) -> PackedTokens:
+    def from_lists(cls, rows: list[list[int]], types: list[list[int]] | None = None) -> PackedTokens:
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-        return cls(ids, lengths)
+        count = int(lengths.sum())
+        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=count)
+        packed_types = None
+        if types is not None:
+            packed_types = np.fromiter(itertools.chain.from_iterable(types), dtype=np.int8, count=count)
+        return cls(ids, lengths, packed_types)
 
     @classmethod
     def concatenate(cls, parts: list[PackedTokens]) -> PackedTokens:
         if not parts:
             return cls(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
-        return cls(np.concatenate([part.ids for part in parts]), np.concatenate([part.lengths for part in parts]))
+        types = None
+        if all(part.types is not None for part in parts):
+            types = np.concatenate([part.types for part in parts])
+        return cls(
+            np.concatenate([part.ids for part in parts]), np.concatenate([part.lengths for part in parts]), types
+        )
 
     def row(self, index: int) -> np.ndarray:
         return self.ids[self.starts[index] : self.starts[index] + self.lengths[index]]
+
+    def row_types(self, index: int) -> np.ndarray:
+        return self.types[self.starts[index] : self.starts[index] + self.lengths[index]]
 
 
 def run_concurrently(function: Any, jobs: Iterable[tuple], workers: int, threads_per_worker: int = 1) -> None:
@@ -93,8 +140,8 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.1)
     `batch_size` of them or the next one is shorter than `(1 - max_padding)` times the batch's longest, so a row
     is at most `max_padding` padding. Sorting alone leaves the first batches of a large `batch_size` mostly
     padding (a 55-token sentence next to 20-token ones); exact-length buckets would remove all padding but run
-    many tiny batches, each of which pays for reading every weight from memory. On real sentences 10% was as fast
-    as exact-length batches (0%) and 29% faster than sorting alone at batch size 128 (docs/BENCHMARKS.md).
+    many tiny batches, each of which pays for reading every weight from memory (docs/BENCHMARKS.md measures the
+    choice of 10%).
 
     Args:
         lengths: token count of every text, `(num_texts,)`.
@@ -115,60 +162,6 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.1)
         batches.append(order[start : start + max(size, 1)])
         start += max(size, 1)
     return batches
-
-
-def group_entities(words: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """Group per-word BIO/IOB2 tags (`B-PER`, `I-PER`, `O`; plain `PER` counts as inside) into entity spans."""
-    entities: list[dict[str, Any]] = []
-    current = None
-    for word in words:
-        tag = word["tag"]
-        if tag == "O" or not tag:
-            current = None
-            continue
-        prefix, _, entity_type = tag.partition("-") if tag[:2] in ("B-", "I-", "E-", "S-") else ("I", "", tag)
-        if current is not None and prefix in ("I", "E") and current["entity"] == entity_type:
-            current["end"] = word["end"]
-            current["scores"].append(word["score"])
-        else:
-            current = {"entity": entity_type, "start": word["start"], "end": word["end"], "scores": [word["score"]]}
-            entities.append(current)
-        if prefix in ("E", "S"):
-            current = None
-    return [
-        {
-            "entity": e["entity"],
-            "text": text[e["start"] : e["end"]],
-            "start": e["start"],
-            "end": e["end"],
-            "score": float(np.mean(e["scores"])),
-        }
-        for e in entities
-    ]
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def check_texts(items: Any, argument: str = "sentences") -> list[str]:
-    """`items` as a list of strings, or an error naming the argument and the first bad item (not a string; holding
-    a lone surrogate, which no UTF-8 tokenizer can read)."""
-    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
-        raise TypeError(f"{argument} must be a string or a list of strings, got {type(items).__name__}")
-    texts = list(items)
-    for index, text in enumerate(texts):
-        check_text(text, f"{argument}[{index}]")
-    return texts
-
-
-def check_text(text: Any, where: str) -> None:
-    if not isinstance(text, str):
-        raise TypeError(f"{where} must be a str, got {type(text).__name__}: {text!r:.80}")
-    match = _LONE_SURROGATE.search(text)
-    if match:
-        raise ValueError(
-            f"{where} holds a lone surrogate {match.group()!r} at character {match.start()}: not valid text"
-        )
 
 
 def clip_cosines(products: np.ndarray) -> np.ndarray:
@@ -194,10 +187,11 @@ def _bounded(text: str, max_tokens: int) -> str:
 
 class MultiTaskInferenceMixin:
     """`encode`, `predict` and `similarity` over a backend that provides `config`, `tokenizer`, `device`, `dtype`,
-    `task_names`, `_check_tasks` and four hooks: `_batch_features` (pooled features of a padded batch),
-    `_batch_logits` (every asked task's logits of a padded batch), `_pair_logits` (a pair-classification head on two
-    feature batches) and `_inference_session` (a context for a whole call). `MultiTaskModel` implements them with
-    torch; an exported graph can implement them with another runtime and keep every output identical."""
+    `task_names` and four hooks: `_batch_features` (pooled features of a padded batch), `_batch_logits` (every asked
+    task's logits of a padded batch, with token type ids for tasks whose texts carry segments), `_pair_logits` (a
+    pair-classification head on two feature batches) and `_inference_session` (a context for a whole call).
+    `MultiTaskModel` implements them with torch; an exported graph can implement them with another runtime and keep
+    every output identical. What each task's prediction looks like is its task type's (`tasks_mtl`)."""
 
     # Largest fraction of a row that `encode`/`predict` may pad (see `plan_batches`); an inference-speed knob only.
     inference_max_padding: float = 0.1
@@ -205,14 +199,14 @@ class MultiTaskInferenceMixin:
     # threads split between them; `None` = min(4, torch threads), 1 = one batch at a time. Within one batch,
     # intra-op threads leave cores idle (small matrix multiplies are bound by reading the weights; layer norms,
     # softmax and Python overhead run on one core); a second batch fills them. Each batch is computed exactly as
-    # it is alone. Measured in docs/BENCHMARKS.md; capped at 4 because every worker holds one batch's activations.
+    # it is alone (docs/BENCHMARKS.md); capped at 4 because every worker holds one batch's activations.
     inference_workers: int | None = None
 
     # ------------------------------------------------------------------ tokenisation
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            raise ValueError(
+            raise InputError(
                 "this model has no tokenizer: load it with `from_pretrained`/`from_backbone`, or set `model.tokenizer`"
             )
         return self.tokenizer
@@ -272,8 +266,8 @@ class MultiTaskInferenceMixin:
         return encoding
 
     def _packed_tokens(self, texts: list[str], max_seq_length: int | None = None) -> PackedTokens:
-        # Tokenised in chunks and packed into one flat int32 array: 100k sentences take a few MB instead of the
-        # ~70 MB of Python int lists, so memory grows with the output array, not with the token lists.
+        # Tokenised in chunks and packed into one flat int32 array (docs/BENCHMARKS.md measures the memory it saves
+        # over Python int lists), so memory grows with the output array, not with the token lists.
         chunk = 8192
         return PackedTokens.concatenate(
             [
@@ -288,11 +282,13 @@ class MultiTaskInferenceMixin:
 
     def _padded_batches(
         self, tokens: PackedTokens, batch_size: int, show_progress_bar: bool | None
-    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        """Yield `(indices, input_ids, attention_mask)` for already tokenised texts, in the batches chosen by
-        `plan_batches`: each batch is padded only to its own longest row. `indices` map rows to input order."""
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    ) -> Iterator[
+        tuple[np.ndarray, torch.Tensor, torch.Tensor] | tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]
+    ]:
+        """Yield `(indices, input_ids, attention_mask)` for already tokenised texts (with `token_type_ids` too when
+        they carry them), in the batches chosen by `plan_batches`: each batch is padded only to its own longest row.
+        `indices` map rows to input order."""
+        check_batch_size(batch_size)
         batches = plan_batches(tokens.lengths, batch_size, self.inference_max_padding)
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(tokens.lengths) > 10 * batch_size
@@ -305,6 +301,7 @@ class MultiTaskInferenceMixin:
             width = int(tokens.lengths[indices[0]])
             ids = np.full((len(indices), width), pad_id, dtype=np.int64)  # (batch, seq)
             mask = np.zeros((len(indices), width), dtype=np.int64)  # (batch, seq)
+            types = np.zeros((len(indices), width), dtype=np.int64) if tokens.types is not None else None
             # Always pad on the right, whatever the tokenizer's padding_side: in a single forward pass every real
             # token then keeps the position it has alone (left padding exists for generation, and shifts the
             # absolute positions of BERT-style models).
@@ -312,7 +309,12 @@ class MultiTaskInferenceMixin:
                 length = tokens.lengths[index]
                 ids[row, :length] = tokens.row(index)
                 mask[row, :length] = 1
-            yield indices, torch.from_numpy(ids), torch.from_numpy(mask)
+                if types is not None:
+                    types[row, :length] = tokens.row_types(index)
+            if types is None:
+                yield indices, torch.from_numpy(ids), torch.from_numpy(mask)
+            else:
+                yield indices, torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)
 
     def _for_each_batch(self, function: Any, batches: Iterator[tuple]) -> None:
         """Call `function(*batch)` per batch: side by side on `inference_workers` threads on CPU when there is
@@ -378,24 +380,21 @@ class MultiTaskInferenceMixin:
             `(embedding_dim,)` for a single string.
         """
         if precision not in (None, "float32", "bfloat16"):
-            raise ValueError(f"precision must be None, 'float32' or 'bfloat16', got {precision!r}")
+            raise InputError(f"precision must be None, 'float32' or 'bfloat16', got {precision!r}")
         if precision == "float32" and self.dtype != torch.float32:
-            raise ValueError(f"precision='float32' needs float32 weights, this model's are {self.dtype}: call .float()")
-        for name, value in (("normalize", normalize), ("normalize_embeddings", normalize_embeddings)):
-            if value is not None and not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"{name} must be True, False or None, got {value!r}")
+            raise InputError(f"precision='float32' needs float32 weights, this model's are {self.dtype}: call .float()")
+        normalize = check_flag("normalize", normalize)
+        normalize_embeddings = check_flag("normalize_embeddings", normalize_embeddings)
         if normalize_embeddings and normalize is not None and not normalize:
-            raise ValueError("normalize=False and normalize_embeddings=True disagree: give one of them")
+            raise InputError("normalize=False and normalize_embeddings=True disagree: give one of them")
         unit = bool(normalize or normalize_embeddings)  # unit vectors out, after any cut
-        own = self.config.normalize if normalize is None else bool(normalize)  # the model's own, before any cut
+        own = self.config.normalize if normalize is None else normalize  # the model's own, before any cut
         dim = self.config.embedding_dim
-        if truncate_dim is not None and (
-            isinstance(truncate_dim, (bool, np.bool_))
-            or not isinstance(truncate_dim, (int, np.integer))
-            or not 1 <= truncate_dim <= dim
-        ):
-            raise ValueError(f"truncate_dim must be an int from 1 to the embedding size {dim}, got {truncate_dim!r}")
-        _check_max_seq_length(max_seq_length)
+        if truncate_dim is not None:
+            truncate_dim = check_int("truncate_dim", truncate_dim, minimum=1, maximum=dim)
+        if max_seq_length is not None:
+            check_max_seq_length(max_seq_length, self.config.backbone_config)
+        check_batch_size(batch_size)
         single = isinstance(sentences, str)
         texts = check_texts([sentences] if single else sentences)
         prefix = self._prompt(prompt_name, prompt)
@@ -444,7 +443,7 @@ class MultiTaskInferenceMixin:
         if name is None:
             return ""
         if name not in prompts:
-            raise ValueError(f"prompt_name '{name}' is not one of this model's prompts {sorted(prompts)}")
+            raise InputError(f"prompt_name '{name}' is not one of this model's prompts {sorted(prompts)}")
         return prompts[name]
 
     def encode_tokens(
@@ -501,17 +500,16 @@ class MultiTaskInferenceMixin:
             float32 cosines in [-1, 1]: a numpy array for texts; for embeddings a tensor (on the first side's
             device), as sentence-transformers gives.
         """
-        if not isinstance(pairwise, (bool, np.bool_)):
-            raise TypeError(f"pairwise must be True or False, got {pairwise!r}")
+        pairwise = check_flag("pairwise", pairwise, allow_none=False)
         vectors = [_is_embeddings(side) for side in (texts_a, texts_b)]
         if any(vectors):
             if not all(vectors):
-                raise TypeError("texts_a and texts_b must both be texts or both be embeddings (arrays or tensors)")
-            return _embedding_cosines(texts_a, texts_b, bool(pairwise))
+                raise InputTypeError("texts_a and texts_b must both be texts or both be embeddings (arrays or tensors)")
+            return _embedding_cosines(texts_a, texts_b, pairwise)
         a = check_texts([texts_a] if isinstance(texts_a, str) else texts_a, "texts_a")
         b = check_texts([texts_b] if isinstance(texts_b, str) else texts_b, "texts_b")
         if pairwise and len(a) != len(b):
-            raise ValueError(f"pairwise similarity needs lists of the same length, got {len(a)} and {len(b)}")
+            raise InputError(f"pairwise similarity needs lists of the same length, got {len(a)} and {len(b)}")
         embeddings = self.encode(a + b, batch_size=batch_size, normalize=True)
         left, right = embeddings[: len(a)], embeddings[len(a) :]
         cosines = np.einsum("nd,nd->n", left, right) if pairwise else left @ right.T
@@ -548,11 +546,10 @@ class MultiTaskInferenceMixin:
                 names only pair tasks, or the model has no other), `[text_a, text_b]` lists are pairs too (one
                 such list: one pair), as sentence-transformers' `CrossEncoder.predict` reads them; elsewhere lists
                 are words.
-            tasks: the tasks to predict. Default: every single-text task for texts, every pair task
-                (`pair_classification`, `similarity`, `contrastive`) for pairs.
+            tasks: the tasks to predict. Default: every single-text task for texts, every pair task for pairs.
 
         Returns:
-            Per input, a dict task -> prediction:
+            Per input, a dict task -> prediction, worded by the task's type (`tasks_mtl`):
             - classification / pair_classification: `{"label", "score", "scores": {label: probability}}`
             - multi_label_classification: `{"labels": [labels above the task threshold], "scores": {...}}`
             - regression: `{"value": float}` (one output) or `{"values": {name: float}}`
@@ -563,7 +560,8 @@ class MultiTaskInferenceMixin:
             - similarity / contrastive: `{"cosine": float}`, the cosine of the two embeddings.
         """
         if sentences is None:
-            raise TypeError("sentences must be a string, a list of strings, word lists or pairs, got None")
+            raise InputTypeError("sentences must be a string, a list of strings, word lists or pairs, got None")
+        check_batch_size(batch_size)
         if tasks is not None:
             tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         pair_tasks_only = self._pair_tasks_only(tasks)
@@ -571,13 +569,15 @@ class MultiTaskInferenceMixin:
             sentences = tuple(sentences)
         single = isinstance(sentences, (str, tuple)) or (isinstance(sentences, dict) and is_pair(sentences))
         if isinstance(sentences, dict) and not single:
-            raise TypeError("a dict input must be a pair {'text': ..., 'text_pair': ...}")
+            raise InputTypeError("a dict input must be a pair {'text': ..., 'text_pair': ...}")
         items = [sentences] if single else list(_iterable(sentences))
         if not single and pair_tasks_only:  # no task reads words: [a, b] lists are pairs
             items = [tuple(item) if _two_texts(item) else item for item in items]
         pairs = bool(items) and all(is_pair(item) for item in items)
         if items and not pairs and any(is_pair(item) for item in items):
-            raise TypeError("sentences mixes text pairs (tuples) with single texts: predict them in separate calls")
+            raise InputTypeError(
+                "sentences mixes text pairs (tuples) with single texts: predict them in separate calls"
+            )
         tasks = self._predict_tasks(tasks, pairs)
         if not items:
             return []
@@ -589,30 +589,17 @@ class MultiTaskInferenceMixin:
         return results[0] if single else results
 
     def _pair_tasks_only(self, tasks: list[str] | None) -> bool:
-        """Whether every task `predict` would run scores pairs (unknown names: no; `_check_tasks` names them)."""
+        """Whether every task `predict` would run takes pairs (unknown names: no; `check_tasks` names them)."""
         names = self.task_names if tasks is None else tasks
-        return bool(names) and all(name in self.task_names and self.config.is_pair_task(name) for name in names)
+        return bool(names) and all(
+            isinstance(name, str) and name in self.task_names and self.config.task(name).takes_pairs for name in names
+        )
 
     def _predict_tasks(self, tasks: list[str] | None, pairs: bool) -> list[str]:
-        if tasks is None:
-            chosen = [name for name in self.task_names if self.config.is_pair_task(name) == pairs]
-            if not chosen:
-                hint = (
-                    ""
-                    if pairs
-                    else ": give it pairs: a (text_a, text_b) tuple, or a list of them or of [text_a, text_b] lists"
-                )
-                kind = "pair" if pairs else "single-text"
-                raise ValueError(f"this model has no {kind} tasks (its tasks: {self.task_names}){hint}")
-            return chosen
-        tasks = self._check_tasks(tasks)
-        if not tasks:
-            raise ValueError("tasks is empty: name at least one task, or leave it out for all tasks of that input")
-        wrong = [name for name in tasks if self.config.is_pair_task(name) != pairs]
-        if wrong:
-            needs = "single texts" if pairs else "text pairs ((a, b) tuples, or [a, b] lists)"
-            raise ValueError(f"task(s) {wrong} take {needs}; got {'pairs' if pairs else 'single texts'}")
-        return tasks
+        chosen = check_tasks(tasks, self.config, pairs)
+        if chosen is None:
+            return [name for name in self.task_names if self.config.task(name).takes_pairs == pairs]
+        return chosen
 
     def _predict_texts(
         self, items: list[Any], tasks: list[str], batch_size: int, show_progress_bar: bool | None
@@ -620,13 +607,13 @@ class MultiTaskInferenceMixin:
         split_into_words = all(isinstance(item, list) for item in items)
         if split_into_words:
             for index, words in enumerate(items):
-                for word_index, word in enumerate(words):
-                    check_text(word, f"sentences[{index}][{word_index}]")
+                check_words(words, f"sentences[{index}]")
         else:
             check_texts(items)
-        needs_words = any(self.config.get_task(name)["type"] == "token_classification" for name in tasks)
+        task_objects = [self.config.task(name) for name in tasks]
+        needs_words = any(task.reads_words for task in task_objects)
         if needs_words and not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError("token-classification predictions need a fast tokenizer (word ids and offsets)")
+            raise InputError("token-classification predictions need a fast tokenizer (word ids and offsets)")
         encoding = self._tokenize_unpadded(
             items,
             is_split_into_words=split_into_words,
@@ -639,17 +626,15 @@ class MultiTaskInferenceMixin:
             def predict_batch(indices: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
                 logits = self._batch_logits(input_ids, attention_mask, tasks)
                 # One softmax/sigmoid and one device->host copy per task and batch, not per sentence.
-                scores = {name: self._scores(name, logits[name]) for name in tasks}
+                scores = {task.name: task.scores(logits[task.name]) for task in task_objects}
                 for row, index in enumerate(indices):
                     results[index] = {}
-                    for name in tasks:
-                        if self.config.get_task(name)["type"] != "token_classification":
-                            results[index][name] = self._describe(name, scores[name][row])
+                    for task in task_objects:
+                        if not task.reads_words:
+                            results[index][task.name] = task.describe(scores[task.name][row])
                             continue
-                        length = tokens.lengths[index]
-                        results[index][name] = self._describe_words(
-                            name,
-                            scores[name][row, :length],
+                        results[index][task.name] = task.describe_words(
+                            scores[task.name][row, : tokens.lengths[index]],
                             encoding.word_ids(index),
                             None if split_into_words else encoding["offset_mapping"][index],
                             items[index],
@@ -661,120 +646,67 @@ class MultiTaskInferenceMixin:
     def _predict_pairs(self, items: list[Any], tasks: list[str], batch_size: int) -> list[dict[str, Any]]:
         pairs = [(item["text"], item["text_pair"]) if isinstance(item, dict) else item for item in items]
         for index, (a, b) in enumerate(pairs):
-            for side, text in (("text", a), ("text_pair", b)):
-                check_text(text, f"pair {index}: {side}")
-                if not text.strip():  # as in training: a pair task scores two texts, never an empty one
-                    raise ValueError(f"pair {index}: {side} is empty: both texts of a pair must be given")
-        # Each side is embedded by the fast `encode` path; pair heads and cosines then work on the features.
-        features = self.encode(
-            [a for a, _ in pairs] + [b for _, b in pairs],
-            batch_size=batch_size,
-            normalize=False,
-            convert_to_tensor=True,
+            check_pair(a, b, f"sentences[{index}]")
+        inputs = PairInputs(self, pairs, batch_size)
+        predictions = {name: self.config.task(name).predict_pairs(inputs) for name in tasks}
+        return [{name: predictions[name][row] for name in tasks} for row in range(len(pairs))]
+
+    def _joint_logits(self, name: str, pairs: list[tuple[str, str]], batch_size: int) -> torch.Tensor:
+        """One task's logits of text pairs encoded jointly (`[CLS] a [SEP] b [SEP]`), as a cross-encoder reads them:
+        `(pairs, outputs)` in input order."""
+        tokenizer = self._require_tokenizer()
+        encoding = tokenizer(
+            [a for a, _ in pairs],
+            [b for _, b in pairs],
+            truncation="longest_first",
+            max_length=self.config.max_seq_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=True,
         )
-        u, v = features[: len(pairs)], features[len(pairs) :]
-        results: list[dict[str, Any]] = [{} for _ in pairs]
-        for name in tasks:
-            if self.config.get_task(name)["type"] == "pair_classification":
-                scores = self._scores(name, self._pair_logits(name, u, v))
-                for row, result in enumerate(results):
-                    result[name] = self._describe(name, scores[row])
-            else:
-                cosines = clip_cosines(F.cosine_similarity(u, v, dim=-1).float().cpu().numpy()).tolist()
-                for row, result in enumerate(results):
-                    result[name] = {"cosine": cosines[row]}
-        return results
+        types = encoding.get("token_type_ids") or [[0] * len(ids) for ids in encoding["input_ids"]]
+        tokens = PackedTokens.from_lists(encoding["input_ids"], types)
+        rows: list[torch.Tensor | None] = [None] * len(pairs)
+        with self._inference_session():
 
-    def _scores(self, name: str, logits: torch.Tensor) -> np.ndarray:
-        """Probabilities (classification, multi-label, token tasks) or values (regression) as a numpy array."""
-        task_type = self.config.get_task(name)["type"]
-        logits = logits.float()
-        if task_type == "multi_label_classification":
-            return logits.sigmoid().cpu().numpy()
-        if task_type == "regression":
-            return logits.cpu().numpy()
-        return logits.softmax(-1).cpu().numpy()
+            def score_batch(indices, input_ids, attention_mask, token_type_ids) -> None:
+                logits = self._batch_logits(input_ids, attention_mask, [name], token_type_ids)[name].float().cpu()
+                for row, index in enumerate(indices):
+                    rows[index] = logits[row]
 
-    def _describe(self, name: str, scores: np.ndarray) -> dict[str, Any]:
-        """One input's prediction for a sequence-level task, from its row of `_scores`."""
-        task = self.config.get_task(name)
-        labels = task["labels"]
-        values = scores.tolist()
-        if task["type"] in ("classification", "pair_classification"):
-            best = int(scores.argmax())
-            return {"label": labels[best], "score": values[best], "scores": dict(zip(labels, values))}
-        if task["type"] == "multi_label_classification":
-            chosen = [label for label, p in zip(labels, values) if p >= task["threshold"]]
-            return {"labels": chosen, "scores": dict(zip(labels, values))}
-        return {"value": values[0]} if len(values) == 1 else {"values": dict(zip(labels, values))}
+            self._for_each_batch(score_batch, self._padded_batches(tokens, batch_size, False))
+        return torch.stack(rows)
 
-    def _describe_words(
-        self,
-        name: str,
-        probabilities: np.ndarray,
-        word_ids: list[int | None],
-        offsets: list[tuple[int, int]] | None,
-        item: str | Sequence[str],
-    ) -> dict[str, Any]:
-        """Tags per word (read from each word's first sub-token, as in training) and grouped entity spans.
 
-        Args:
-            probabilities: `(tokens, num_labels)` for this sentence's real tokens.
-            word_ids: the tokenizer's word index of every token (`None` for special tokens).
-            offsets: character offsets of every token, or `None` when the input was a list of words.
-            item: the input string, or its list of words.
-        """
-        labels = self.config.get_task(name)["labels"]
-        best_tags = probabilities.argmax(-1)
-        first_token: dict[int, int] = {}
-        last_token: dict[int, int] = {}
-        for position, word_id in enumerate(word_ids):
-            if word_id is not None:
-                first_token.setdefault(word_id, position)
-                last_token[word_id] = position
-        words = []
-        if offsets is None:
-            # Pre-split words: one entry per input word, offsets into the words joined by single spaces. A word
-            # without any token (an empty string) or beyond the truncation length has no tag.
-            text, cursor = " ".join(item), 0
-            for word_id, word in enumerate(item):
-                start, end = cursor, cursor + len(word)
-                cursor = end + 1
-                words.append(self._word_entry(word, start, end, word_id, first_token, best_tags, probabilities, labels))
-        else:
-            text = item
-            for word_id in sorted(first_token):
-                start = offsets[first_token[word_id]][0]
-                end = offsets[last_token[word_id]][1]  # a word split into sub-tokens ends with its last one
-                words.append(
-                    self._word_entry(
-                        text[start:end], start, end, word_id, first_token, best_tags, probabilities, labels
-                    )
-                )
-        return {"words": words, "entities": group_entities([w for w in words if w["tag"]], text)}
+class PairInputs:
+    """The text pairs of one `predict` call, as the pair task types read them (`tasks_mtl.Task.predict_pairs`):
+    each side's features (the fast `encode` path, computed once for every task that reads them), the cosine of the
+    two embeddings, a pair-classification head on them, or a task's logits of the pairs encoded jointly."""
 
-    @staticmethod
-    def _word_entry(
-        word: str,
-        start: int,
-        end: int,
-        word_id: int,
-        first_token: dict[int, int],
-        best_tags: np.ndarray,
-        probabilities: np.ndarray,
-        labels: list[str],
-    ) -> dict[str, Any]:
-        position = first_token.get(word_id)
-        if position is None:
-            return {"word": word, "start": start, "end": end, "tag": None, "score": None}
-        best = int(best_tags[position])
-        return {
-            "word": word,
-            "start": start,
-            "end": end,
-            "tag": labels[best],
-            "score": float(probabilities[position, best]),
-        }
+    def __init__(self, model: MultiTaskInferenceMixin, pairs: list[tuple[str, str]], batch_size: int):
+        self.model = model
+        self.pairs = pairs
+        self.batch_size = batch_size
+        self._features: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(u, v)`: the pooled (projected) features of each side, before normalisation."""
+        if self._features is None:
+            texts = [a for a, _ in self.pairs] + [b for _, b in self.pairs]
+            features = self.model.encode(texts, batch_size=self.batch_size, normalize=False, convert_to_tensor=True)
+            self._features = features[: len(self.pairs)], features[len(self.pairs) :]
+        return self._features
+
+    def cosines(self) -> np.ndarray:
+        u, v = self.features()
+        return clip_cosines(F.cosine_similarity(u, v, dim=-1).float().cpu().numpy())
+
+    def pair_head_logits(self, name: str) -> torch.Tensor:
+        u, v = self.features()
+        return self.model._pair_logits(name, u, v)
+
+    def joint_logits(self, name: str) -> torch.Tensor:
+        return self.model._joint_logits(name, self.pairs, self.batch_size)
 
 
 def _is_embeddings(value: Any) -> bool:
@@ -797,15 +729,15 @@ def _embedding_cosines(
         side = torch.as_tensor(side).float()
         side = side.unsqueeze(0) if side.dim() == 1 else side
         if side.dim() != 2 or not side.shape[-1]:
-            raise ValueError(f"{name} must be embeddings of shape (n, dim) or (dim,), got {tuple(side.shape)}")
+            raise InputError(f"{name} must be embeddings of shape (n, dim) or (dim,), got {tuple(side.shape)}")
         if not torch.isfinite(side).all():
-            raise ValueError(f"{name} holds a non-finite value")
+            raise InputError(f"{name} holds a non-finite value")
         sides.append(F.normalize(side, p=2, dim=-1))
     left, right = sides
     if left.shape[-1] != right.shape[-1]:
-        raise ValueError(f"embeddings of different sizes: {left.shape[-1]} (texts_a) and {right.shape[-1]} (texts_b)")
+        raise InputError(f"embeddings of different sizes: {left.shape[-1]} (texts_a) and {right.shape[-1]} (texts_b)")
     if pairwise and len(left) != len(right):
-        raise ValueError(f"pairwise similarity needs the same number of rows, got {len(left)} and {len(right)}")
+        raise InputError(f"pairwise similarity needs the same number of rows, got {len(left)} and {len(right)}")
     right = right.to(left.device)
     cosines = (left * right).sum(-1) if pairwise else left @ right.T
     return cosines.clamp(-1.0, 1.0)
@@ -817,22 +749,17 @@ def _two_texts(item: Any) -> bool:
 
 def _iterable(items: Any) -> Iterable:
     if isinstance(items, (bytes, dict)) or not isinstance(items, Iterable):
-        raise TypeError(
+        raise InputTypeError(
             f"sentences must be a string, a list of strings, word lists or pairs, got {type(items).__name__}"
         )
     return items
 
 
-def _check_max_seq_length(max_seq_length: Any) -> None:
-    if max_seq_length is None:
-        return
-    if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length < 2:
-        raise ValueError(f"max_seq_length must be an int >= 2, got {max_seq_length!r}")
-
-
 __all__ = [
     "MultiTaskInferenceMixin",
     "PackedTokens",
+    "PairInputs",
+    "UserError",
     "check_texts",
     "group_entities",
     "is_pair",

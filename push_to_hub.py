@@ -26,6 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from io_mtl import model_code_files
+
+CODE_FILES = tuple(model_code_files())  # what `save_pretrained` copies beside the weights
 # Files of a saved model that are published. Everything else in the folder (checkpoints, optimizer/scheduler
 # states, `training_args.bin`, TensorBoard runs) stays local.
 UPLOAD_PATTERNS = (
@@ -33,9 +36,7 @@ UPLOAD_PATTERNS = (
     "model.safetensors",
     "model-*-of-*.safetensors",
     "model.safetensors.index.json",
-    "configuration_mtl.py",
-    "modeling_mtl.py",
-    "inference_mtl.py",
+    *CODE_FILES,
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -50,7 +51,6 @@ UPLOAD_PATTERNS = (
     "trainer_state.json",
     "training_curves.png",
 )
-CODE_FILES = ("configuration_mtl.py", "modeling_mtl.py", "inference_mtl.py")
 # Cards written by `multitask_st.model_card` carry this; a README.md without it was written by hand.
 GENERATED_CARD_MARK = "multitask_st.model_card"
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")

@@ -6,8 +6,11 @@
     python train.py --tasks tasks.json --output_dir out --num_train_epochs 3 ...
     accelerate launch --multi_gpu --num_processes 2 train.py config.yaml   # same arguments, two processes
 
-Every `TrainingArguments` flag works (see `python train.py --help`); the defaults are the project's measured recipe
-(`RECIPE`), not the plain Trainer's. Tasks are a JSON/YAML list of dicts (`multitask_st.data.TaskDataSpec`), e.g.
+Every `TrainingArguments` flag works, and the multi-task trainer's options are flags of the same
+`MultiTaskTrainingArguments` (see `python train.py --help`); the defaults are the project's measured recipe
+(`RECIPE`), not the plain Trainer's. A configuration, data or training error is one line on stderr (exit code 2;
+`MTL_DEBUG=1` adds its traceback); any other error keeps its traceback. Tasks are a JSON/YAML list of dicts
+(`multitask_st.data.TaskDataSpec`), e.g.
     [{"name": "sentiment", "type": "classification", "dataset": "data/sst2", "text_column": "sentence",
       "label_column": "label", "labels": ["negative", "positive"]},
      {"name": "ner", "type": "token_classification", "dataset": "data/wikiann-en"}]
@@ -19,15 +22,16 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
-from inspect import signature
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback, HfArgumentParser, set_seed
 from transformers.utils import logging
 
-from multitask_st.training import HEAD_SETTINGS, default_head, non_default_hyperparameters
+from multitask_st.arguments import HeadSettings, MultiTaskTrainingArguments
+from multitask_st.errors import InputError, TrainingError, UserError
+from multitask_st.records import non_default_hyperparameters
 
 logger = logging.get_logger("train")
 
@@ -35,7 +39,7 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "multitask_st" / "default_d
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HeadSettings):
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Encoder to start from: Hub id or folder (default: the bundled all-MiniLM-L6-v2)."},
@@ -45,25 +49,6 @@ class ModelArguments:
     normalize: bool | None = field(default=None, metadata={"help": "L2-normalise embeddings (default: checkpoint's)."})
     max_seq_length: int | None = field(
         default=None, metadata={"help": "Truncation length in tokens (default: the checkpoint's, at most 512)."}
-    )
-    head_type: str = field(default="linear", metadata={"help": "Default head for tasks that set none: linear or mlp."})
-    token_head_type: str = field(
-        default="linear",
-        metadata={"help": "Default head of token tasks: linear, mlp, or transformer (a transformer layer of its own)."},
-    )
-    head_layers: int = field(
-        default=2,
-        metadata={"help": "Sentence heads with their own pooling get their own copies of the encoder's top N layers."},
-    )
-    token_head_layers: int = field(
-        default=2, metadata={"help": "Token heads get their own copies of the encoder's top N layers (0: none)."}
-    )
-    head_pooling: str = field(
-        default="attention",
-        metadata={
-            "help": "What sentence-level heads read by default: shared (the embedding's pooled vector) or attention "
-            "(each head its own attention pooling of the token states)."
-        },
     )
     head_dropout: float = field(default=0.1, metadata={"help": "Dropout before each head."})
 
@@ -81,61 +66,13 @@ class DataArguments:
 
 
 @dataclass
-class MultiTaskArguments:
-    task_sampling: str = field(
-        default="temperature",
-        metadata={
-            "help": "How batches are drawn from datasets of different sizes: temperature (p ~ n^(1/T)), "
-            "proportional, uniform or round_robin."
-        },
-    )
-    sampling_temperature: float = field(default=2.0, metadata={"help": "T of temperature sampling."})
-    loss_weighting: str = field(
-        default="static",
-        metadata={"help": "static (each task's loss_weight) or uncertainty (learned, Kendall et al. 2018)."},
-    )
-    head_learning_rate: float | None = field(
-        default=2e-3, metadata={"help": "Learning rate of heads/pooling/projection (fresh weights learn faster)."}
-    )
-    layerwise_lr_decay: float | None = field(
-        default=None, metadata={"help": "Per-layer learning-rate decay factor down the encoder (e.g. 0.9)."}
-    )
-    embedding_protection: str = field(
-        default="auto",
-        metadata={
-            "help": "Keep the sentence embedding while heads train: distillation, isolation, l2sp, none, or auto "
-            "(isolation when a task trains the embedding, distillation otherwise)."
-        },
-    )
-    protection_weight: float | None = field(
-        default=None,
-        metadata={
-            "help": "Factor of the protection term (defaults, measured: distillation 3, l2sp 0.01); for isolation, "
-            "the share of the heads' gradients kept out of the shared encoder (0 to 1, default 0.9; below 1 it only "
-            "means something beside a task that trains the embedding)."
-        },
-    )
-    drift_sample_size: int = field(
-        default=1000, metadata={"help": "Eval texts on which each evaluation measures the embedding's drift (0: off)."}
-    )
-    drift_warning_cosine: float = field(
-        default=0.9,
-        metadata={
-            "help": "Warn when the mean cosine to the initial embedding falls below this (in runs without a task "
-            "that trains the embedding)."
-        },
-    )
+class RunArguments:
+    """What this script does around the trainer: freezing, LoRA, early stopping, the output folder, the report."""
+
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the whole encoder (train heads only)."})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Freeze the encoder's embeddings."})
     freeze_layers: int = field(default=0, metadata={"help": "Freeze the embeddings and the lowest N layers."})
     freeze_heads: list[str] | None = field(default=None, metadata={"help": "Task heads to keep frozen."})
-    freeze_encoder_steps: float = field(
-        default=0,
-        metadata={
-            "help": "Train only the heads for the first N optimizer steps (below 1: that share of the steps), then "
-            "everything: linear probing then fine-tuning (LP-FT)."
-        },
-    )
     lora_rank: int = field(default=0, metadata={"help": "Train LoRA adapters of this rank on the encoder (0: off)."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA adapters' input."})
@@ -157,6 +94,7 @@ class MultiTaskArguments:
 # The project's recipe (docs/TRAINING.md, measured in docs/RESULTS.md), used as the defaults of every run.
 RECIPE: dict[str, Any] = {
     "learning_rate": 1e-4,
+    "head_learning_rate": 2e-3,  # fresh heads (and their own layers) learn faster than the pretrained encoder
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
     "warmup_steps": 0.1,
@@ -198,12 +136,12 @@ DEFAULT_JOB: dict[str, Any] = {
     "tasks": default_tasks(),
 }
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments)
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, RunArguments, MultiTaskTrainingArguments)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise ValueError(f"config file not found: {path}")
+        raise InputError(f"config file not found: {path}")
     text = Path(path).read_text(encoding="utf-8")
     try:
         if path.endswith((".yaml", ".yml")):
@@ -213,9 +151,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         else:
             config = json.loads(text)
     except ValueError as error:
-        raise ValueError(f"config file {path} could not be parsed: {error}") from None
+        raise InputError(f"config file {path} could not be parsed: {error}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"config file {path} must hold a mapping of argument names to values")
+        raise InputError(f"config file {path} must hold a mapping of argument names to values")
     return config
 
 
@@ -227,7 +165,8 @@ class _OneLineErrorParser(HfArgumentParser):
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """The four argument dataclasses from an optional leading YAML/JSON config file and flags (flags win).
+    """The four argument dataclasses from an optional leading YAML/JSON config file and flags (flags win); every
+    option is checked as its dataclass is made, before any model or data is loaded.
 
     Without a config file and without `--tasks`, the flags change the embedded default job (`DEFAULT_JOB`). The
     config's values, `tasks` included, are used as they are (no round trip through command-line strings).
@@ -251,7 +190,7 @@ def parse_arguments(argv: list[str] | None = None):
     known = {f.name for dataclass_type in ARGUMENT_CLASSES for f in fields(dataclass_type)}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} in the config; see `python train.py --help`")
+        raise InputError(f"unknown option(s) {unknown} in the config; see `python train.py --help`")
     parser.set_defaults(**{**RECIPE, **config})
     if _cpu_only_distributed() and not any(arg.startswith("--use_cpu") for arg in argv):
         # Without `use_cpu`, TrainingArguments sets up a non-distributed state on a machine without GPUs, and
@@ -261,18 +200,16 @@ def parse_arguments(argv: list[str] | None = None):
     if not torch.accelerator.is_available() and not pin_memory_given:
         # Pinned memory only speeds up copies to an accelerator; without one, torch warns at every evaluation.
         argv += ["--dataloader_pin_memory", "false"]
-    model_args, data_args, mtl_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.output_dir is None:
         training_args.output_dir = "outputs/multitask-model"
-    return model_args, data_args, mtl_args, training_args
+    return model_args, data_args, run_args, training_args
 
 
 def check_launch() -> None:
     """Refuse launches that would silently train differently from what was asked: `accelerate launch --cpu
     --num_processes N` without an MPI hostfile starts ONE process, and accelerate 1.x ignores an FSDP config on
     CPUs (the processes run plain DDP)."""
-    from multitask_st.training import TrainingError
-
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
         raise TrainingError(
             "the accelerate config asks for FSDP, but accelerate only shards on GPUs: on this CPU-only machine its "
@@ -322,25 +259,25 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         callbacks: extra `TrainerCallback`s (for programmatic use).
     """
     from multitask_st import DEFAULT_BACKBONE_ID
-    from multitask_st.trainer import check_trainer_options, detach_loss_weighting
-    from multitask_st.training import describe_hardware, evaluate_splits, save_run, training_record
+    from multitask_st.records import describe_hardware, evaluate_splits, training_record
+    from multitask_st.saving import save_run
+    from multitask_st.trainer import detach_loss_weighting
 
-    # 1. Arguments, launch, seed, output folder (never another run's model), the checkpoint to resume.
+    # 1. Arguments (each checked as it is parsed), launch, seed, output folder (never another run's model), the
+    #    checkpoint to resume.
     check_launch()
-    model_args, data_args, mtl_args, training_args = parse_arguments(argv)
-    # The trainer's options that need neither model nor data, checked before either is loaded.
-    check_trainer_options(**{name: getattr(mtl_args, name) for name in signature(check_trainer_options).parameters})
+    model_args, data_args, run_args, training_args = parse_arguments(argv)
     set_seed(training_args.seed)
-    resume = _resume_target(training_args, mtl_args)
+    resume = _resume_target(training_args, run_args)
 
     # 2. Tokenizer, truncation length (one resolver, the model's) and the task data, tokenised once.
     specs, tokenizer, max_seq_length, data = _load_data(model_args, data_args, training_args)
 
     # 3. Model: the pretrained encoder with fresh heads; freezing; LoRA adapters.
-    model = _build_model(model_args, mtl_args, data, tokenizer, max_seq_length)
+    model = _build_model(model_args, run_args, data, tokenizer, max_seq_length)
 
-    # 4. Trainer: collator and metrics follow from the model's tasks.
-    trainer = _build_trainer(model, training_args, mtl_args, data, callbacks)
+    # 4. Trainer: collator and metrics follow from the model's tasks, its options from `training_args`.
+    trainer = _build_trainer(model, training_args, run_args, data, callbacks)
 
     # 5. Train (a non-finite loss stops the run with an error: nothing is saved as a model).
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -353,7 +290,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
     # 7. Save: model, metrics, training record and card to a staging folder, then into output_dir, config.json last.
     hyperparameters = non_default_hyperparameters(
-        training_args, model_args, mtl_args, DataArguments(label_all_subtokens=data_args.label_all_subtokens)
+        training_args, model_args, run_args, DataArguments(label_all_subtokens=data_args.label_all_subtokens)
     )
     if learned_weights is not None:
         hyperparameters["learned_task_weights"] = learned_weights
@@ -366,33 +303,35 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         train_result.metrics.get("train_runtime", 0.0),
     )
     record["embedding_protection"] = {"method": trainer.protection.method, "weight": trainer.protection.weight}
-    output_dir = save_run(trainer, training_args.output_dir, metrics, record, lora=bool(mtl_args.lora_rank))
+    output_dir = save_run(trainer, training_args.output_dir, metrics, record, lora=bool(run_args.lora_rank))
     if trainer.is_world_process_zero():
-        _report(trainer, data, metrics, output_dir, mtl_args.num_examples_to_print)
+        _report(trainer, data, metrics, output_dir, run_args.num_examples_to_print)
     return 0
 
 
-def _resume_target(training_args: TrainingArguments, mtl_args: MultiTaskArguments) -> str | None:
-    from multitask_st.training import check_output_dir, last_complete_checkpoint
+def _resume_target(training_args: MultiTaskTrainingArguments, run_args: RunArguments) -> str | None:
+    from multitask_st.checkpoints import last_complete_checkpoint
+    from multitask_st.saving import check_output_dir
 
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
-    check_output_dir(training_args.output_dir, bool(resume), mtl_args.overwrite_output_dir)
+    check_output_dir(training_args.output_dir, bool(resume), run_args.overwrite_output_dir)
     if resume is True:
         return last_complete_checkpoint(training_args.output_dir)
     return resume or None
 
 
-def _load_data(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
-    from modeling_mtl import read_sentence_transformers_settings, resolve_max_seq_length
+def _load_data(model_args: ModelArguments, data_args: DataArguments, training_args: MultiTaskTrainingArguments):
+    from io_mtl import read_sentence_transformers_settings
     from multitask_st import default_backbone
     from multitask_st.data import build_datasets, parse_task_specs
+    from validation_mtl import resolve_max_seq_length
 
     model_name = model_args.model_name_or_path or default_backbone()
     specs = parse_task_specs(data_args.tasks)
     for spec in specs:  # the default head of tasks that set none
-        head = default_head(spec.type, **{name: getattr(model_args, name) for name in HEAD_SETTINGS})
+        head = spec.task_type.default_head(model_args)
         if head and "head" not in spec.model_options:
             spec.model_options["head"] = head
     tokenizer = AutoTokenizer.from_pretrained(model_name)
@@ -412,15 +351,15 @@ def _load_data(model_args: ModelArguments, data_args: DataArguments, training_ar
             cache_dir=data_args.dataset_cache_dir,
         )
     if data.eval is None and training_args.eval_strategy != "no":
-        raise ValueError("eval_strategy needs eval splits: set `eval_split` on the tasks or --eval_strategy no")
+        raise InputError("eval_strategy needs eval splits: set `eval_split` on the tasks or --eval_strategy no")
     return specs, tokenizer, max_seq_length, data
 
 
-def _build_model(model_args: ModelArguments, mtl_args: MultiTaskArguments, data, tokenizer, max_seq_length: int):
+def _build_model(model_args: ModelArguments, run_args: RunArguments, data, tokenizer, max_seq_length: int):
     from modeling_mtl import MultiTaskModel
     from multitask_st import default_backbone
+    from multitask_st.lora import apply_lora
     from multitask_st.trainer import apply_freezing
-    from multitask_st.training import apply_lora
 
     model = MultiTaskModel.from_backbone(
         model_args.model_name_or_path or default_backbone(),
@@ -433,25 +372,25 @@ def _build_model(model_args: ModelArguments, mtl_args: MultiTaskArguments, data,
         head_dropout=model_args.head_dropout,
     )
     frozen = apply_freezing(
-        model, mtl_args.freeze_backbone, mtl_args.freeze_embeddings, mtl_args.freeze_layers, mtl_args.freeze_heads
+        model, run_args.freeze_backbone, run_args.freeze_embeddings, run_args.freeze_layers, run_args.freeze_heads
     )
     if frozen:
         logger.warning(f"froze {len(frozen)} parameter tensors")
-    if mtl_args.lora_rank:
+    if run_args.lora_rank:
         model = apply_lora(
-            model, mtl_args.lora_rank, mtl_args.lora_alpha, mtl_args.lora_dropout, mtl_args.lora_target_modules
+            model, run_args.lora_rank, run_args.lora_alpha, run_args.lora_dropout, run_args.lora_target_modules
         )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
     return model
 
 
-def _build_trainer(model, training_args: TrainingArguments, mtl_args: MultiTaskArguments, data, callbacks):
+def _build_trainer(model, training_args: MultiTaskTrainingArguments, run_args: RunArguments, data, callbacks):
     from multitask_st.trainer import MultiTaskTrainer
 
     callbacks = list(callbacks or [])
-    if mtl_args.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(mtl_args.early_stopping_patience, mtl_args.early_stopping_threshold))
+    if run_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(run_args.early_stopping_patience, run_args.early_stopping_threshold))
     return MultiTaskTrainer(
         model=model,
         args=training_args,
@@ -459,22 +398,12 @@ def _build_trainer(model, training_args: TrainingArguments, mtl_args: MultiTaskA
         eval_dataset=data.eval,
         callbacks=callbacks,
         source_sizes=data.source_sizes,
-        task_sampling=mtl_args.task_sampling,
-        sampling_temperature=mtl_args.sampling_temperature,
-        loss_weighting=mtl_args.loss_weighting,
-        head_learning_rate=mtl_args.head_learning_rate,
-        layerwise_lr_decay=mtl_args.layerwise_lr_decay,
-        embedding_protection=mtl_args.embedding_protection,
-        protection_weight=mtl_args.protection_weight,
-        freeze_encoder_steps=mtl_args.freeze_encoder_steps,
-        drift_sample_size=mtl_args.drift_sample_size,
-        drift_warning_cosine=mtl_args.drift_warning_cosine,
     )
 
 
 def _report(trainer, data, metrics: dict, output_dir: Path, count: int) -> None:
     """Print per-task metrics, the embedding's drift and a few example predictions."""
-    from multitask_st.training import format_prediction
+    from multitask_st.records import format_prediction
 
     for split in ("eval", "test"):
         for task, scores in metrics.get(split, {}).items():
@@ -501,7 +430,7 @@ def _report(trainer, data, metrics: dict, output_dir: Path, count: int) -> None:
                 if isinstance(example, str)
                 else " ".join(example)
             )
-            print(f"  {text[:100]!r}\n    -> {format_prediction(prediction)}")
+            print(f"  {text[:100]!r}\n    -> {format_prediction(prediction, model.config)}")
     print(f"\nModel saved to {output_dir.resolve()}")
     print(
         f"Load it with: MultiTaskModel.from_pretrained({str(output_dir)!r})  (or AutoModel with trust_remote_code=True)"
@@ -509,15 +438,16 @@ def _report(trainer, data, metrics: dict, output_dir: Path, count: int) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """`main` as a command (`python train.py`, `mtl train`): a configuration, data or training error is one line on
-    stderr and exit code 2, not a traceback."""
+    """`main` as a command (`python train.py`, `mtl train`): an error in what the user gave (configuration, data, a
+    run that cannot go on: `UserError`) is one line on stderr and exit code 2, with its traceback when `MTL_DEBUG` is
+    set; any other error keeps its traceback."""
     import gc
-
-    from multitask_st.training import TrainingError
 
     try:
         return main(argv)
-    except (ValueError, TrainingError) as error:
+    except UserError as error:
+        if os.environ.get("MTL_DEBUG"):
+            raise
         message = f"error: {error}"
     # Out of the except block, the error's traceback no longer holds the failed run's frames: its progress bars
     # close (and print) now, before the message, which stays last.

@@ -170,7 +170,7 @@ def last_flag(flags: list[str], option: str, default):
 def expected_protection(names, flags: list[str]) -> dict:
     """The embedding protection (method, weight) train.py resolves for these tasks and flags: what its training
     record must say for a cached run to count as this one."""
-    from multitask_st.embedding import protection_setting
+    from multitask_st.protection import protection_setting
 
     tasks = [{"type": TASKS[name].get("type", "classification")} for name in names]
     weight = last_flag(flags, "--protection_weight", None)
@@ -189,15 +189,21 @@ def own_view(head: dict | None) -> dict:
 def expected_heads(names, flags: list[str]) -> dict:
     """Each task's `own_view` of the head train.py gives these tasks and flags, from its defaults of today: what a
     cached run's saved config must say to count as this one."""
-    from multitask_st.training import HEAD_SETTINGS, default_head
-    from train import ModelArguments
+    from dataclasses import fields
 
-    defaults = ModelArguments()
-    settings = {
-        name: type(getattr(defaults, name))(last_flag(flags, f"--{name}", getattr(defaults, name)))
-        for name in HEAD_SETTINGS
+    from multitask_st.arguments import HeadSettings
+    from tasks_mtl import task_class
+
+    defaults = HeadSettings()
+    settings = HeadSettings(
+        **{
+            f.name: type(getattr(defaults, f.name))(last_flag(flags, f"--{f.name}", getattr(defaults, f.name)))
+            for f in fields(HeadSettings)
+        }
+    )
+    return {
+        name: own_view(task_class(TASKS[name].get("type", "classification")).default_head(settings)) for name in names
     }
-    return {name: own_view(default_head(TASKS[name].get("type", "classification"), **settings)) for name in names}
 
 
 def run_config(args, config: str, seed: int) -> dict:

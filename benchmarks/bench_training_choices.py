@@ -52,7 +52,7 @@ from bench_encode import cpu_name  # noqa: E402
 from bench_multitask_training import TASKS, run_training, task_specs  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from multitask_st.training import continue_training  # noqa: E402
+from multitask_st.continue_training import continue_training  # noqa: E402
 
 GROUPS = ("freezing", "heads", "scarce", "transfer", "seeds")
 FREEZING_RUNS = {

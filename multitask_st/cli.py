@@ -15,8 +15,10 @@ mtl serve --model out/ --host 127.0.0.1 --port 8000
 
 Exit codes (docs/CLI.md): 0 success; 1 the work cannot be done or failed (a file, the model, the device, the port,
 the input); 2 bad command line (unknown option, a value out of range, options that contradict each other);
-130 interrupted. Every problem is one line on stderr, and everything that can be checked before the model runs
-(output paths, inputs, device, model folder, port) is checked first.
+130 interrupted. A problem with what was given is one line on stderr (`MTL_DEBUG=1` adds its traceback); anything
+else, a bug included, keeps its traceback. Everything that can be checked before the model runs (output paths,
+inputs, device, model folder, port) is checked first, by the same checks the Python API and the service run
+(`validation_mtl`, `io_mtl.check_model_folder`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import errno
 import importlib.util
 import json
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -35,19 +36,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from validation_mtl import UserError, check_pair, check_tasks, check_text
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-MODEL_TYPE = "multitask_sentence_transformer"  # `MultiTaskConfig.model_type`
 HEATMAP_SUFFIXES = (".png", ".svg", ".pdf")
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A problem the user can fix; printed as `mtl <command>: error: ...` with exit code 1."""
 
     exit_code = EXIT_FAILED
@@ -112,15 +107,6 @@ def _device(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------- checks
 
 
-def _check_text(text: str, where: str) -> str:
-    bad = _SURROGATE.search(text)
-    if bad:
-        code = ord(bad.group())
-        hint = f"byte 0x{code - 0xDC00:02x} is not UTF-8" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
-        raise CliError(f"{where}: not valid Unicode text (a lone surrogate at character {bad.start()}: {hint})")
-    return text
-
-
 def _check_output(value: str, option: str, suffixes: tuple[str, ...] = ()) -> Path:
     """The output file `value`, or a `CliError` now (before any work) if it cannot be written."""
     path = Path(value).expanduser()
@@ -181,28 +167,19 @@ def _check_device(device: str | None) -> None:
             raise CliError(f"--device {device}: not usable here ({error})") from None
 
 
-def _model_config(name_or_path: str) -> dict | None:
-    """config.json of a local model folder, checked (no weights are loaded); None for a Hub id."""
+def _model_config(name_or_path: str, backend: str = "torch"):
+    """The `MultiTaskConfig` of a local model folder, checked (`io_mtl.check_model_folder`, the rule
+    `from_pretrained` and the service apply; an ONNX export folder for `--backend onnx*`), without loading weights;
+    `None` for a Hub id."""
     path = Path(name_or_path)
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise CliError(f"--model {name_or_path}: no config.json in this folder: not a saved model")
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise CliError(f"--model {name_or_path}: config.json cannot be read ({error})") from None
-        model_type = config.get("model_type") if isinstance(config, dict) else None
-        if model_type != MODEL_TYPE:
-            raise CliError(
-                f"--model {name_or_path}: not a multi-task model (config.json has model_type {model_type!r}, "
-                f"expected {MODEL_TYPE!r}); `mtl train` builds one from an encoder"
-            )
-        if (path / "onnx_config.json").is_file():  # an exported graph (`mtl export`): no safetensors weights
-            return config
-        if not any((path / name).is_file() for name in WEIGHT_FILES):
-            raise CliError(f"--model {name_or_path}: no weights in this folder (expected model.safetensors)")
-        return config
+        from configuration_mtl import MultiTaskConfig
+        from io_mtl import check_model_folder, read_model_config
+
+        if backend != "torch" and (path / "onnx_config.json").is_file():  # an `mtl export` folder: no safetensors
+            return read_model_config(path)
+        check_model_folder(path)
+        return MultiTaskConfig.from_pretrained(path)
     if path.exists():
         raise CliError(f"--model {name_or_path}: not a folder")
     if name_or_path.startswith((".", "/", "~", os.sep)) or name_or_path.count("/") > 1:
@@ -222,9 +199,9 @@ def _load_model(name_or_path: str, device: str | None, quiet: bool = False, back
         transformers_logging.disable_progress_bar()
     try:
         model = MultiTaskModel.from_pretrained(name_or_path)
-    except Exception as error:  # OSError (missing/offline), ValueError, safetensors and shape errors, ...
+    except (UserError, OSError, RuntimeError) as error:  # a damaged folder; a Hub id missing or offline
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CliError(f"--model {name_or_path}: cannot load a multi-task model ({reason})") from None
+        raise CliError(f"--model {name_or_path}: cannot load a multi-task model ({reason})") from error
     finally:
         if bars:
             transformers_logging.enable_progress_bar()
@@ -254,37 +231,23 @@ def _load_onnx(name_or_path: str, device: str | None, backend: str):
         raise CliError(f"--backend {backend} needs the `onnx` extra (pip install '.[onnx]'): {error}") from None
     try:
         return OnnxMultiTaskModel.from_pretrained(name_or_path, int8=backend == "onnx-int8")
-    except Exception as error:
+    except (UserError, OSError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CliError(f"--model {name_or_path}: cannot load it with --backend {backend} ({reason})") from None
+        raise CliError(f"--model {name_or_path}: cannot load it with --backend {backend} ({reason})") from error
 
 
-def _check_tasks(args: argparse.Namespace, tasks_config: list[dict] | None, pairs: bool) -> list[str] | None:
+def _check_tasks(args: argparse.Namespace, config: Any | None, pairs: bool) -> list[str] | None:
     """`--tasks` as a list (None: every task for this input), checked against the model's tasks and the kind of
-    input (texts or pairs); `tasks_config` None (a Hub model not loaded yet) skips the checks."""
+    input (`validation_mtl.check_tasks`, as `predict` and the service check them); `config` None (a Hub model not
+    loaded yet) skips the checks."""
     tasks = None
     if args.tasks is not None:
         tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
         if not tasks:
             raise UsageError(f"--tasks {args.tasks!r}: name at least one task")
-    if tasks_config is None:
+    if config is None:
         return tasks
-    from configuration_mtl import PAIR_TASK_TYPES
-
-    types = {task["name"]: task.get("type", "classification") for task in tasks_config}
-    kind = "pair" if pairs else "single-text"
-    if tasks is None:
-        if not any((task_type in PAIR_TASK_TYPES) == pairs for task_type in types.values()):
-            raise CliError(f"this model has no {kind} tasks (its tasks: {types})")
-        return None
-    unknown = [name for name in tasks if name not in types]
-    if unknown:
-        raise CliError(f"--tasks: unknown task(s) {unknown}; this model's tasks are {list(types)}")
-    wrong = [name for name in tasks if (types[name] in PAIR_TASK_TYPES) != pairs]
-    if wrong:
-        needs = "single texts (arguments or --file)" if pairs else "text pairs (--pairs or --pair)"
-        raise CliError(f"--tasks: task(s) {wrong} take {needs}")
-    return tasks
+    return check_tasks(tasks, config, pairs, argument="--tasks")
 
 
 def _check_listen(host: str, port: int) -> None:
@@ -332,7 +295,7 @@ def _jsonl_rows(path: Path, option: str) -> Iterator[tuple[int, dict]]:
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
     """Texts from the positional arguments and/or `--file` (plain text: one per line; .jsonl: a `text` field)."""
-    texts = [_check_text(text, f"argument {index + 1}") for index, text in enumerate(args.texts or [])]
+    texts = [check_text(text, f"argument {index + 1}") for index, text in enumerate(args.texts or [])]
     if args.file:
         path = Path(args.file)
         if path.suffix.lower() == ".jsonl":
@@ -340,9 +303,10 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
                 value = row.get(args.text_field)
                 if not isinstance(value, str):
                     raise CliError(f"{path}:{number}: expected a string field {args.text_field!r}")
-                texts.append(_check_text(value, f"{path}:{number}"))
+                texts.append(check_text(value, f"{path}:{number}"))
         else:
-            texts.extend(line for line in _read_lines(path, "--file") if line.strip())
+            lines = _read_lines(path, "--file")
+            texts.extend(check_text(line, f"{path}:{number}") for number, line in enumerate(lines, 1) if line.strip())
     return texts
 
 
@@ -372,11 +336,8 @@ def _read_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _pair(a: str, b: str, where: str) -> tuple[str, str]:
-    """A pair of valid texts, neither of them empty (as in training: a pair task scores two texts)."""
-    for side, text in (("first", a), ("second", b)):
-        if not _check_text(text, where).strip():
-            raise CliError(f"{where}: the {side} text of the pair is empty: both texts of a pair must be given")
-    return a, b
+    """A pair of valid texts, neither of them empty (`validation_mtl.check_pair`, as in training)."""
+    return check_pair(a, b, where)
 
 
 def _read_inputs(args: argparse.Namespace, allow_pairs: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
@@ -416,7 +377,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     output = _check_output(args.output, "--output", (".npy", ".jsonl"))
     texts, _ = _read_inputs(args, allow_pairs=False)
     _check_device(args.device)
-    _model_config(args.model)
+    _model_config(args.model, args.backend)
     model = _load_model(args.model, args.device, args.quiet, args.backend)
     normalize = True if args.normalize else (False if args.no_normalize else None)
     vectors = model.encode(
@@ -438,11 +399,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     output = _check_output(args.output, "--output") if args.output else None
     texts, pairs = _read_inputs(args)
     _check_device(args.device)
-    config = _model_config(args.model)
-    tasks = _check_tasks(args, config.get("tasks", []) if config else None, bool(pairs))
+    config = _model_config(args.model, args.backend)
+    tasks = _check_tasks(args, config, bool(pairs))
     model = _load_model(args.model, args.device, args.quiet, args.backend)
     if config is None:  # a Hub id: check the tasks now that its config is here
-        tasks = _check_tasks(args, model.config.tasks, bool(pairs))
+        tasks = _check_tasks(args, model.config, bool(pairs))
     inputs = pairs or texts
     predictions = model.predict(
         inputs, tasks=tasks, batch_size=args.batch_size, show_progress_bar=_progress(args, len(inputs))
@@ -480,7 +441,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     if texts and len(texts) < 2:
         raise CliError("similarity needs at least two texts (or pairs with --pairs / --pair)")
     _check_device(args.device)
-    _model_config(args.model)
+    _model_config(args.model, args.backend)
     model = _load_model(args.model, args.device, args.quiet, args.backend)
     if pairs:
         rows, columns = [a for a, _ in pairs], [b for _, b in pairs]
@@ -540,7 +501,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--api-key is empty: give a key, or leave the option out for no authentication")
     _check_listen(args.host, args.port)
     _check_device(args.device)
-    _model_config(args.model)
+    _model_config(args.model, args.backend)
     model = _load_model(args.model, args.device, args.quiet, args.backend)
     app = create_app(
         model,
@@ -682,7 +643,7 @@ def _add_similarity_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_export_parser(commands: argparse._SubParsersAction) -> None:
-    from .onnx_cli import EXPORT_DESCRIPTION, EXPORT_HELP, add_export_arguments, run_export
+    from .onnx.cli import EXPORT_DESCRIPTION, EXPORT_HELP, add_export_arguments, run_export
 
     export = commands.add_parser("export", help=EXPORT_HELP, description=EXPORT_DESCRIPTION)
     add_export_arguments(export)
@@ -767,9 +728,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"mtl {args.command}"
     try:
         return args.func(args)
-    except CliError as error:
+    except UserError as error:  # what the user gave: one line (a CliError's own exit code, else 1)
+        if os.environ.get("MTL_DEBUG"):
+            raise
         print(f"{prefix}: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return getattr(error, "exit_code", EXIT_FAILED)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -777,15 +740,13 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
-    except (ValueError, TypeError) as error:  # the model refused an input
-        print(f"{prefix}: error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    except (OSError, RuntimeError, MemoryError) as error:  # disk full, out of memory, a device error, ...
+    except (OSError, MemoryError) as error:  # the machine: disk full, out of memory, a file it cannot read
         if os.environ.get("MTL_DEBUG"):
             raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         print(f"{prefix}: error: {type(error).__name__}: {reason} (MTL_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_FAILED
+    # Anything else is not the user's to fix: it keeps its traceback.
 
 
 def _delegate_func(command: str) -> Any:

@@ -7,15 +7,19 @@ of them from one encoder pass. A processed row holds two columns:
 
 - `input_ids`: the token ids of each of the row's texts, `[[...]]` for single-text tasks, `[[a...], [b...]]` for
   similarity / pair classification, `[[anchor], [positive](, [negative])]` for contrastive tasks;
-- `labels`: `{task: label}` for *every* task of the run (missing ones -100 or NaN: `modeling_mtl.labelled_mask`), so
-  that all sources concatenate into one `datasets.Dataset` and every batch carries every task.
+- `labels`: `{task: label}` for *every* task of the run (missing ones -100 or NaN: `layers_mtl.labelled_mask`), so
+  that all sources concatenate into one `datasets.Dataset` and every batch carries every task;
+- `token_type_ids` (only in runs with a task whose texts carry segments, e.g. a cross-encoder's joint pair): each
+  text's token type ids, empty for texts without segments.
+
+What a row of each task type holds, how its labels are read and collated, is the task type's (`tasks_mtl`); this
+module loads the splits, groups tasks into sources and applies those rules.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -41,17 +45,14 @@ from datasets import (
 )
 from transformers.utils import logging
 
-from configuration_mtl import HEADLESS_TASK_TYPES, PAIR_TASK_TYPES, TASK_TYPES, normalize_task
-from modeling_mtl import IGNORE_INDEX, labelled_mask
+from configuration_mtl import normalize_task
+from layers_mtl import labelled_mask
+from tasks_mtl import LabelMapper, Task, is_missing, label_key, make_task, task_class
+from validation_mtl import DataError, InputError, UserError, is_int
 
 logger = logging.get_logger(__name__)
 
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class DataError(ValueError):
-    """Bad training data: the message names the task, file, split, row and column where it can."""
 
 
 @dataclass
@@ -64,7 +65,8 @@ class TaskDataSpec:
 
     Args:
         name: task name (letters, digits, `_`, `-`).
-        type: one of `configuration_mtl.TASK_TYPES`.
+        type: a task type (`tasks_mtl`: classification, multi_label_classification, token_classification,
+            regression, similarity, pair_classification, contrastive, or a registered one).
         labels: label names; inferred from the training split (sorted) when omitted. With integer label columns
             and `labels` given, the integers index into `labels`.
         dataset: a Hub dataset id, a local data file (CSV/TSV/JSON/JSONL/Parquet), a local folder holding
@@ -72,8 +74,8 @@ class TaskDataSpec:
             object: `Dataset`, `DatasetDict`, `IterableDataset` or `IterableDatasetDict`.
         dataset_config: Hub configuration name.
         data_files: `{split: path}`, for local files named otherwise.
-        text_column: the text (default `text`); for similarity / pair classification the first text (default
-            `sentence1`); for contrastive tasks the anchor (default `anchor`).
+        text_column: the text; default the type's (`Task.default_columns`): `text`, for pair tasks the first
+            text `sentence1`, for contrastive tasks the anchor `anchor`.
         text_pair_column: the second text of a pair (default `sentence2`), or the positive of a contrastive row
             (default `positive`).
         negative_column: contrastive only: a column holding a hard negative for every row (optional: without it,
@@ -119,9 +121,9 @@ class TaskDataSpec:
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> TaskDataSpec:
         if not isinstance(spec, dict):
-            raise ValueError(f"each task must be a dict, got {type(spec).__name__}: {spec!r}")
+            raise InputError(f"each task must be a dict, got {type(spec).__name__}: {spec!r}")
         if "name" not in spec:
-            raise ValueError(f"task {spec!r} has no 'name'")
+            raise InputError(f"task {spec!r} has no 'name'")
         data_keys = {f.name for f in fields(cls)} - {"model_options"}
         result = cls(
             **{key: value for key, value in spec.items() if key in data_keys},
@@ -130,35 +132,42 @@ class TaskDataSpec:
         result._validate()
         return result
 
+    @property
+    def task_type(self) -> type[Task]:
+        """The class of this task's type (`tasks_mtl`)."""
+        return task_class(self.type, self.name)
+
+    @property
+    def task(self) -> Task:
+        """The task object (labels must be resolved first)."""
+        return make_task(self.model_task())
+
     def _validate(self) -> None:
-        if self.type not in TASK_TYPES:
-            raise ValueError(f"task '{self.name}': type '{self.type}' is not one of {list(TASK_TYPES)}")
+        cls = self.task_type
         try:  # model options fail here, before any data is read (placeholder labels where they are inferred)
-            placeholder = None if self.type in (*HEADLESS_TASK_TYPES, "regression") else ["a", "b"]
+            placeholder = None if not cls.has_labels or cls.default_labels is not None else ["a", "b"]
             normalize_task(self._model_dict(self.labels if self.labels is not None else placeholder))
-        except ValueError as error:
+        except UserError as error:
             data_keys = sorted({f.name for f in fields(self)} - {"model_options"})
-            raise ValueError(f"{error} (data keys: {data_keys})") from None
+            raise InputError(f"{error} (data keys: {data_keys})") from None
         if self.dataset is None and not self.data_files:
-            raise ValueError(f"task '{self.name}': give `dataset` (Hub id, file or folder) or `data_files`")
+            raise InputError(f"task '{self.name}': give `dataset` (Hub id, file or folder) or `data_files`")
         for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"task '{self.name}': {key} must be a positive int, got {value!r}")
-        if self.negative_column is not None and self.type != "contrastive":
-            raise ValueError(f"task '{self.name}': negative_column only applies to contrastive tasks")
+            if value is not None and (not is_int(value) or value <= 0):
+                raise InputError(f"task '{self.name}': {key} must be a positive int, got {value!r}")
+        if self.negative_column is not None and not cls.hard_negatives:
+            raise InputError(f"task '{self.name}': negative_column only applies to contrastive tasks")
         if self.row_filter is not None and not isinstance(self.row_filter, dict):
-            raise ValueError(f"task '{self.name}': row_filter must be a mapping of column -> value")
-        defaults = {"similarity": ("sentence1", "sentence2"), "pair_classification": ("sentence1", "sentence2")}
-        defaults["contrastive"] = ("anchor", "positive")
-        first, second = defaults.get(self.type, ("text", None))
+            raise InputError(f"task '{self.name}': row_filter must be a mapping of column -> value")
+        first, second = cls.default_columns
         self.text_column = self.text_column or first
         self.text_pair_column = self.text_pair_column or second
-        if self.type not in PAIR_TASK_TYPES and self.text_pair_column is not None:
-            raise ValueError(
-                f"task '{self.name}': text_pair_column only applies to pair tasks ({list(PAIR_TASK_TYPES)})"
+        if not cls.takes_pairs and self.text_pair_column is not None:
+            raise InputError(
+                f"task '{self.name}': text_pair_column only applies to pair tasks (those that take text pairs)"
             )
-        if self.label_column is None and self.type != "contrastive":
+        if self.label_column is None and cls.has_label_column:
             self.label_column = self.name
 
     def _model_dict(self, labels: list[str] | None) -> dict[str, Any]:
@@ -174,10 +183,10 @@ class TaskDataSpec:
     @property
     def input_columns(self) -> list[str]:
         """The columns holding a row's texts, in the order the model reads them (word lists for token tasks)."""
-        if self.type == "token_classification":
+        if self.task_type.reads_words:
             return [self.tokens_column]
         columns = [self.text_column]
-        if self.type in PAIR_TASK_TYPES:
+        if self.task_type.takes_pairs:
             columns.append(self.text_pair_column)
         if self.negative_column:
             columns.append(self.negative_column)
@@ -186,12 +195,13 @@ class TaskDataSpec:
     @property
     def label_source(self) -> str | None:
         """The column holding this task's labels (`None` for contrastive tasks)."""
-        return self.tags_column if self.type == "token_classification" else self.label_column
+        return self.tags_column if self.task_type.reads_words else self.label_column
 
     def source_key(self) -> str:
-        """Tasks with the same key read the same rows."""
+        """Tasks with the same key read the same rows, tokenised the same way."""
         return json.dumps(
             [
+                self.task_type.row_encoding,
                 self.dataset,
                 self.dataset_config,
                 self.data_files,
@@ -220,27 +230,27 @@ class TaskDataSpec:
 def parse_task_specs(tasks: str | list | dict | None) -> list[TaskDataSpec]:
     """Task specs from a list of dicts, a `{name: spec}` mapping, a JSON string, or a JSON/YAML file path."""
     if tasks is None:
-        raise ValueError("no tasks given: pass --tasks (JSON list or a JSON/YAML file) or a config file with `tasks`")
+        raise InputError("no tasks given: pass --tasks (JSON list or a JSON/YAML file) or a config file with `tasks`")
     if isinstance(tasks, (str, os.PathLike)):
         tasks = _read_tasks_argument(str(tasks))
     if isinstance(tasks, dict):  # {name: spec} mapping
         tasks = [{"name": name, **spec} for name, spec in tasks.items()]
     if not isinstance(tasks, list):
-        raise ValueError(f"tasks must be a list of task dicts, got {type(tasks).__name__}")
+        raise InputError(f"tasks must be a list of task dicts, got {type(tasks).__name__}")
     specs = [TaskDataSpec.from_dict(spec) for spec in tasks]
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"duplicate task names {duplicates}")
+        raise InputError(f"duplicate task names {duplicates}")
     if not specs:
-        raise ValueError("the task list is empty")
+        raise InputError("the task list is empty")
     return specs
 
 
 def _read_tasks_argument(text: str) -> Any:
     looks_like_path = text.endswith((".json", ".yaml", ".yml")) and not text.lstrip().startswith(("[", "{"))
     if looks_like_path and not os.path.isfile(text):
-        raise ValueError(f"--tasks file not found: {text}")
+        raise InputError(f"--tasks file not found: {text}")
     if os.path.isfile(text):
         try:
             content = Path(text).read_text(encoding="utf-8")
@@ -250,11 +260,11 @@ def _read_tasks_argument(text: str) -> Any:
                 return yaml.safe_load(content)
             return json.loads(content)
         except (UnicodeDecodeError, ValueError) as error:
-            raise ValueError(f"--tasks file {text} could not be read: {error}") from None
+            raise InputError(f"--tasks file {text} could not be read: {error}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"--tasks is neither a file nor valid JSON: {error}") from None
+        raise InputError(f"--tasks is neither a file nor valid JSON: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -446,36 +456,6 @@ def _select_rows(
 # ---------------------------------------------------------------------------------------------- labels
 
 
-def is_missing(value: Any) -> bool:
-    return (
-        value is None
-        or (isinstance(value, str) and not value.strip())
-        or (isinstance(value, float) and math.isnan(value))
-    )
-
-
-def label_key(task: str, value: Any, where: str) -> str:
-    """The canonical name of a class label, or a `DataError` for a value that cannot be one.
-
-    Normalisations (documented in docs/RELIABILITY.md): integer-valued floats are integers (`1.0` -> `"1"`: a CSV
-    integer column with a blank cell is read as floats), integers and their strings are the same label (`1` and
-    `"1"`), and surrounding whitespace is stripped (`"pos "` -> `"pos"`).
-    """
-    if isinstance(value, bool):
-        raise DataError(f"task '{task}': boolean label {value} in {where}: use 0/1 or label names")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value.is_integer():
-            return str(int(value))
-        raise DataError(f"task '{task}': fractional class label {value} in {where}: class labels are names or integers")
-    if isinstance(value, str):
-        return value.strip()
-    raise DataError(
-        f"task '{task}': label {value!r:.60} in {where} is a {type(value).__name__}, not a label name or id"
-    )
-
-
 def _feature_names(feature: Any) -> list[str] | None:
     if isinstance(feature, ClassLabel):
         return list(feature.names)
@@ -487,12 +467,13 @@ def _feature_names(feature: Any) -> list[str] | None:
 
 def resolve_labels(spec: TaskDataSpec, train: Dataset, source_rows: np.ndarray | None = None) -> list[str]:
     """The task's label names: from the spec, the dataset's `ClassLabel` feature, or the training split (sorted)."""
+    cls = spec.task_type
     if spec.labels is not None:
         return [str(label) for label in spec.labels]
-    if spec.type in HEADLESS_TASK_TYPES:
+    if not cls.has_labels:
         return []
-    if spec.type == "regression":
-        return ["score"]
+    if cls.default_labels is not None:
+        return list(cls.default_labels)
     column = spec.label_source
     if isinstance(train, IterableDataset):
         names = _feature_names((train.features or {}).get(column))
@@ -511,7 +492,7 @@ def resolve_labels(spec: TaskDataSpec, train: Dataset, source_rows: np.ndarray |
     rows = source_rows if source_rows is not None else range(len(train))
     for row, value in zip(rows, train[column]):
         where = f"train row {row}, column '{column}'"
-        if spec.type in ("token_classification", "multi_label_classification"):
+        if cls.label_cell_is_list:
             if value is None:
                 continue
             if not isinstance(value, list):
@@ -533,124 +514,75 @@ def resolve_labels(spec: TaskDataSpec, train: Dataset, source_rows: np.ndarray |
     return sorted(keys)
 
 
-class _LabelMapper:
-    """Maps raw label values (names or ints) to ids, and names the label, row and split when one is unknown."""
-
-    def __init__(self, spec: TaskDataSpec, ints_are_ids: bool):
-        self.spec = spec
-        self.label2id = {label: index for index, label in enumerate(spec.labels)}
-        self.ints_are_ids = ints_are_ids
-
-    def __call__(self, value: Any, where: str) -> int:
-        if self.ints_are_ids and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise DataError(f"task '{self.spec.name}': fractional class id {value} in {where}")
-            if 0 <= value < len(self.spec.labels):
-                return int(value)
-            raise DataError(
-                f"task '{self.spec.name}': label id {value} in {where} is out of range "
-                f"0..{len(self.spec.labels) - 1} ({self.spec.labels})"
-            )
-        key = label_key(self.spec.name, value, where)
-        if key not in self.label2id:
-            raise DataError(
-                f"task '{self.spec.name}': label '{key}' in {where} was never seen in the training data "
-                f"(known labels: {self.spec.labels})"
-            )
-        return self.label2id[key]
-
-
 # ---------------------------------------------------------------------------------------------- processing
 
 
-def _label_feature(task_type: str) -> Any:
-    if task_type in ("classification", "pair_classification", "contrastive"):
-        return Value("int64")
-    if task_type == "token_classification":
-        return List(Value("int64"))
-    if task_type == "similarity":
-        return Value("float32")
-    return List(Value("float32"))  # multi-label, regression
+def _label_feature(task: type[Task]) -> Any:
+    """The `datasets` feature of a task type's processed label (`Task.label_dtype`, `Task.label_per`)."""
+    value = Value(task.label_dtype)
+    return value if task.label_per == "row" else List(value)
 
 
-def _missing_label(spec: TaskDataSpec, num_tokens: int) -> Any:
-    if spec.type == "token_classification":
-        return [IGNORE_INDEX] * num_tokens
-    if spec.type in ("multi_label_classification", "regression"):
-        return [math.nan] * len(spec.labels)
-    return math.nan if spec.type == "similarity" else IGNORE_INDEX
+@dataclass
+class _RowContext:
+    """What a task type may need of a row beside its label cell (`Task.convert_label`): its words and the
+    tokenizer's word index of each token (token labels), and whether every sub-token carries the word's label."""
 
-
-def _finite_number(spec: TaskDataSpec, value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise DataError(f"task '{spec.name}': {where} holds {value!r:.60}, not a number") from None
-        else:
-            raise DataError(f"task '{spec.name}': {where} holds {value!r:.60}, not a number")
-    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-        raise DataError(f"task '{spec.name}': {where} holds {value}, not a finite float32 number")
-    return float(value)
+    words: list[str] | None
+    word_ids: list[int | None] | None
+    label_all_subtokens: bool
 
 
 class _SourceTokenizer:
-    """The `datasets.map` function of one source: tokenises the row's texts and converts every task's label."""
+    """The `datasets.map` function of one source: tokenises the row's texts (as its tasks' type encodes rows) and
+    converts every task's label (`Task.convert_label`)."""
 
     def __init__(
         self, source_specs, all_specs, tokenizer, max_seq_length, split, label_all_subtokens, ints_are_ids, source_rows
     ):
         self.specs = source_specs
         self.source_rows = source_rows  # each row's place in the split as loaded (`_select_rows`), for errors
-        self.all_specs = all_specs
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.split = split
         self.label_all_subtokens = label_all_subtokens and split == "train"
         self.names = {spec.name for spec in source_specs}
-        self.mappers = {spec.name: _LabelMapper(spec, ints_are_ids[spec.name]) for spec in source_specs if spec.labels}
-        self.columns = source_input_columns(source_specs)
-        self.score_ranges = {s.name: s.model_task()["score_range"] for s in source_specs if s.type == "similarity"}
-        self.continuations = {
-            s.name: {
-                index: self.mappers[s.name].label2id.get("I-" + label[2:], index)
-                for index, label in enumerate(s.labels)
-                if label.startswith("B-")
-            }
-            for s in source_specs
-            if s.type == "token_classification"
+        self.tasks = {spec.name: spec.task for spec in source_specs}
+        self.others = [make_task(spec.model_task()) for spec in all_specs if spec.name not in self.names]
+        self.mappers = {
+            spec.name: LabelMapper(spec.name, spec.labels, ints_are_ids[spec.name])
+            for spec in source_specs
+            if spec.labels
         }
-        self.words = any(spec.type == "token_classification" for spec in source_specs)
+        self.columns = source_input_columns(source_specs)
+        self.encoder = source_specs[0].task_type  # every task of a source encodes its rows alike (`source_key`)
+        self.words = any(spec.task_type.reads_words for spec in source_specs)
         self.negative_columns = {spec.negative_column for spec in source_specs if spec.negative_column}
+        self.token_types = any(spec.task_type.uses_token_types for spec in all_specs)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         if self.source_rows is not None:  # the rows as the user's file numbers them
             indices = [int(self.source_rows[index]) for index in indices]
         texts = [self._texts(batch, column, indices) for column in self.columns]  # per column, per row
-        encodings = [
-            self.tokenizer(
-                values,
-                is_split_into_words=self.words and position == 0,
-                truncation=True,
-                max_length=self.max_seq_length,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )
-            for position, values in enumerate(texts)
-        ]
+        first, input_ids, token_types = self.encoder.tokenize_rows(
+            self.tokenizer, texts, self.max_seq_length, self.words
+        )
         rows = len(indices)
-        input_ids = [[encoding["input_ids"][row] for encoding in encodings] for row in range(rows)]
         labels = [{} for _ in range(rows)]
-        for spec in self.all_specs:
-            for row in range(rows):
-                num_tokens = len(input_ids[row][0])
-                labels[row][spec.name] = (
-                    self._label(spec, batch, row, indices[row], encodings[0])
-                    if spec.name in self.names
-                    else _missing_label(spec, num_tokens)
-                )
-        return {"input_ids": input_ids, "labels": labels}
+        for row in range(rows):
+            context = _RowContext(
+                words=batch[self.columns[0]][row] if self.words else None,
+                word_ids=first.word_ids(row) if self.words else None,
+                label_all_subtokens=self.label_all_subtokens,
+            )
+            for spec in self.specs:
+                labels[row][spec.name] = self._label(spec, batch, row, indices[row], context)
+            for task in self.others:
+                labels[row][task.name] = task.missing_label(len(input_ids[row][0]))
+        processed = {"input_ids": input_ids, "labels": labels}
+        if self.token_types:
+            processed["token_type_ids"] = token_types or [[[] for _ in row] for row in input_ids]
+        return processed
 
     def _texts(self, batch: dict[str, list], column: str, indices: list[int]) -> list[Any]:
         values = batch[column]
@@ -670,69 +602,18 @@ class _SourceTokenizer:
                 raise DataError(f"tasks {sorted(self.names)}: {where} is empty: every text of a pair must be given")
         return values
 
-    def _label(self, spec: TaskDataSpec, batch: dict[str, list], row: int, index: int, encoding: Any) -> Any:
-        if spec.type == "contrastive":
-            return 0  # every row of a contrastive source takes part: its positive is the target
-        value = batch[spec.label_source][row]
-        where = f"{self.split} row {index}, column '{spec.label_source}'"
-        if spec.type in ("classification", "pair_classification"):
-            return IGNORE_INDEX if is_missing(value) else self.mappers[spec.name](value, where)
-        if spec.type == "similarity":
-            if is_missing(value):
-                return math.nan
-            score = _finite_number(spec, value, where)
-            low, high = self.score_ranges[spec.name]
-            if not low <= score <= high:
-                raise DataError(f"task '{spec.name}': score {score} in {where} is outside score_range [{low}, {high}]")
-            return score
-        if spec.type == "regression":
-            values = value if isinstance(value, list) else [value]
-            if all(is_missing(v) for v in values):
-                return [math.nan] * len(spec.labels)
-            if len(values) != len(spec.labels):
-                raise DataError(f"task '{spec.name}': {where} has {len(values)} values, expected {len(spec.labels)}")
-            return [math.nan if is_missing(v) else _finite_number(spec, v, where) for v in values]
-        if spec.type == "multi_label_classification":
-            if value is None:
-                return [math.nan] * len(spec.labels)
-            if not isinstance(value, list):
-                raise DataError(f"task '{spec.name}': {where} must hold a list of labels, got {value!r:.60}")
-            hot = [0.0] * len(spec.labels)
-            for label in value:
-                hot[self.mappers[spec.name](label, where)] = 1.0
-            return hot
-        return self._token_labels(spec, value, batch[self.columns[0]][row], encoding.word_ids(row), where)
-
-    def _token_labels(self, spec: TaskDataSpec, tags: Any, words: list[str], word_ids: list, where: str) -> list[int]:
-        """Tags aligned to sub-tokens: the first sub-token of each word carries the word's tag; the others are
-        ignored, or with `label_all_subtokens` (training only) carry it too (`B-X` continuing as `I-X`)."""
-        if tags is None:
-            return [IGNORE_INDEX] * len(word_ids)
-        if not isinstance(tags, list) or len(tags) != len(words):
-            count = len(tags) if isinstance(tags, list) else "no list of"
-            raise DataError(f"task '{spec.name}': {where} has {len(words)} words but {count} tags")
-        mapper = self.mappers[spec.name]
-        ids = [IGNORE_INDEX if is_missing(tag) else mapper(tag, where) for tag in tags]
-        continuation = self.continuations[spec.name]
-        aligned, previous = [], None
-        for word_id in word_ids:
-            if word_id is None:
-                aligned.append(IGNORE_INDEX)
-            elif word_id != previous:
-                aligned.append(ids[word_id])
-            elif self.label_all_subtokens and ids[word_id] != IGNORE_INDEX:
-                aligned.append(continuation.get(ids[word_id], ids[word_id]))
-            else:
-                aligned.append(IGNORE_INDEX)
-            previous = word_id
-        return aligned
+    def _label(self, spec: TaskDataSpec, batch: dict[str, list], row: int, index: int, context: _RowContext) -> Any:
+        column = spec.label_source
+        value = batch[column][row] if column else None
+        where = f"{self.split} row {index}, column '{column}'"
+        return self.tasks[spec.name].convert_label(value, where, self.mappers.get(spec.name), context)
 
 
 def source_input_columns(source_specs: list[TaskDataSpec]) -> list[str]:
     """The input columns of a source: the word list when one of its tasks tags tokens (its sentence-level tasks then
     read the same words), else the columns every task of the source agrees on."""
-    token_columns = {spec.tokens_column for spec in source_specs if spec.type == "token_classification"}
-    layouts = {tuple(spec.input_columns) for spec in source_specs if spec.type != "token_classification"}
+    token_columns = {spec.tokens_column for spec in source_specs if spec.task_type.reads_words}
+    layouts = {tuple(spec.input_columns) for spec in source_specs if not spec.task_type.reads_words}
     if token_columns:
         if len(token_columns) > 1 or any(len(layout) > 1 for layout in layouts):
             raise DataError(
@@ -749,13 +630,15 @@ def source_input_columns(source_specs: list[TaskDataSpec]) -> list[str]:
 
 
 def processed_features(specs: list[TaskDataSpec]) -> Features:
-    """The schema of every processed split: nested token ids and one label per task."""
-    return Features(
-        {
-            "input_ids": List(List(Value("int32"))),
-            "labels": {spec.name: _label_feature(spec.type) for spec in specs},
-        }
-    )
+    """The schema of every processed split: nested token ids, one label per task, and token type ids when a task's
+    texts carry segments."""
+    features = {
+        "input_ids": List(List(Value("int32"))),
+        "labels": {spec.name: _label_feature(spec.task_type) for spec in specs},
+    }
+    if any(spec.task_type.uses_token_types for spec in specs):
+        features["token_type_ids"] = List(List(Value("int8")))
+    return Features(features)
 
 
 def tokenize_source(
@@ -772,7 +655,7 @@ def tokenize_source(
     """Tokenise one source's split and convert its labels (see the module docstring for the row schema).
     `source_rows`: each row's place in the split as loaded, which data errors name (default: its index)."""
     columns = source_input_columns(source_specs)
-    if any(spec.type == "token_classification" for spec in source_specs) and not getattr(tokenizer, "is_fast", False):
+    if any(spec.task_type.reads_words for spec in source_specs) and not getattr(tokenizer, "is_fast", False):
         raise DataError("token-classification tasks need a fast tokenizer (for word ids)")
     needed = columns + [s.label_source for s in source_specs if s.label_source]
     missing = [column for column in needed if dataset.column_names is not None and column not in dataset.column_names]
@@ -792,8 +675,9 @@ def tokenize_source(
         source_rows,
     )
     if isinstance(dataset, IterableDataset):  # tokenised lazily, as rows are drawn
-        mapped = dataset.map(function, batched=True, with_indices=True, features=processed_features(all_specs))
-        return mapped.select_columns(["input_ids", "labels"])
+        features = processed_features(all_specs)
+        mapped = dataset.map(function, batched=True, with_indices=True, features=features)
+        return mapped.select_columns(list(features))
     return dataset.map(
         function,
         batched=True,
@@ -874,6 +758,9 @@ def build_datasets(
     parts: dict[str, list[Dataset]] = {"train": [], "eval": [], "test": []}
     sizes, source_tasks, examples = [], [], {}
     num_train_examples: dict[str, int | None] = {}
+    # Every task's labels first: a row of one source holds a missing label for every other source's tasks, shaped
+    # by their label lists.
+    loaded = []
     for group in sources.values():
         first = group[0]
         train = load_split(first, first.train_split, cache_dir)
@@ -885,6 +772,9 @@ def build_datasets(
             feature = features.get(spec.label_source) if spec.label_source else None
             ints_are_ids[spec.name] = spec.labels is not None or _feature_names(feature) is not None
             spec.labels = resolve_labels(spec, train, train_rows)
+        loaded.append((group, train, train_rows, ints_are_ids))
+    for group, train, train_rows, ints_are_ids in loaded:
+        first = group[0]
         processed = tokenize_source(
             train, group, specs, tokenizer, max_seq_length, "train", label_all_subtokens, ints_are_ids, train_rows
         )
@@ -976,10 +866,12 @@ def _raw_inputs(dataset: Dataset, spec: TaskDataSpec, count: int) -> list[Any]:
 class MultiTaskCollator:
     """Pads a batch to its longest text (dynamic padding, on the right) and builds `labels={task: tensor}`.
 
-    `input_ids` / `attention_mask` come out as `(batch, seq)` when every row has one text, else as
-    `(batch, texts, seq)` (rows with fewer texts get all-padding ones, which the model skips). Every task gets a
-    label tensor in every batch, all missing when no row is labelled for it, so every head takes part in every loss
-    (a zero that depends on its weights): distributed training then never sees a parameter without a gradient.
+    `input_ids` / `attention_mask` (and `token_type_ids`, when rows carry them) come out as `(batch, seq)` when every
+    row has one text, else as `(batch, texts, seq)` (rows with fewer texts get all-padding ones, which the model
+    skips). Every task gets a label tensor in every batch (`Task.collate_labels`), all missing when no row is
+    labelled for it (a row without an entry for a task, e.g. built for fewer tasks than the model has, counts as
+    missing), so every head takes part in every loss (a zero that depends on its weights): distributed training
+    then never sees a parameter without a gradient.
 
     Args:
         tokenizer: gives the padding id.
@@ -991,6 +883,9 @@ class MultiTaskCollator:
     tasks: list[dict[str, Any]]
     pad_to_multiple_of: int | None = None
 
+    def __post_init__(self):
+        self._tasks = [make_task(task) for task in self.tasks]
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [row["input_ids"] for row in features]
         rows, num_texts = len(texts), max(len(row) for row in texts)
@@ -1000,26 +895,24 @@ class MultiTaskCollator:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((rows, num_texts, length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((rows, num_texts, length), dtype=torch.long)
+        segments = [row.get("token_type_ids") for row in features]
+        token_type_ids = torch.zeros_like(input_ids) if any(any(s) for s in segments if s) else None
         for row, row_texts in enumerate(texts):
             for position, ids in enumerate(row_texts):
                 input_ids[row, position, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, position, : len(ids)] = 1
+                if token_type_ids is not None and segments[row] and segments[row][position]:
+                    token_type_ids[row, position, : len(ids)] = torch.tensor(segments[row][position], dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
         if num_texts == 1:
-            input_ids, attention_mask = input_ids[:, 0], attention_mask[:, 0]
-        labels = {
-            task["name"]: self._labels(task, [row["labels"][task["name"]] for row in features], length)
-            for task in self.tasks
+            batch = {key: value[:, 0] for key, value in batch.items()}
+        batch["labels"] = {
+            task.name: task.collate_labels(
+                [row["labels"].get(task.name, task.missing_label(len(row["input_ids"][0]))) for row in features],
+                length,
+            )
+            for task in self._tasks
         }
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-    @staticmethod
-    def _labels(task: dict[str, Any], values: list[Any], length: int) -> torch.Tensor:
-        task_type = task["type"]
-        if task_type == "token_classification":
-            tensor = torch.full((len(values), length), IGNORE_INDEX, dtype=torch.long)
-            for row, value in enumerate(values):
-                tensor[row, : len(value)] = torch.tensor(value[:length], dtype=torch.long)
-            return tensor
-        if task_type in ("classification", "pair_classification", "contrastive"):
-            return torch.tensor(values, dtype=torch.long)
-        return torch.tensor(values, dtype=torch.float32)
+        return batch

@@ -6,8 +6,7 @@
 datasets, `model-index` with one result per task, split and metric) is what the Hub reads. Nothing is invented:
 a section whose source file is missing says so instead of showing numbers.
 
-Only the standard library and `huggingface_hub` (+ Jinja2) are imported, so refreshing a card is fast and needs
-neither torch nor transformers.
+How each task is described (its head, prediction format, Hub task type and tag) is its task type's (`tasks_mtl`).
 """
 
 from __future__ import annotations
@@ -23,31 +22,12 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from configuration_mtl import EMBEDDING_TASK_TYPES, PAIR_TASK_TYPES
 from multitask_st import DEFAULT_BACKBONE_ID
+from tasks_mtl import make_task, task_class
+from validation_mtl import InputError, MissingFileError
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 CURVES_FIGURE = "training_curves.png"
-# Hub `pipeline_tag`/model-index task type of each task type. Regression heads on single texts are scored like
-# text-classification models on the Hub (a `problem_type: regression` classifier).
-HUB_TASK_TYPES = {
-    "classification": "text-classification",
-    "multi_label_classification": "text-classification",
-    "regression": "text-classification",
-    "token_classification": "token-classification",
-    "similarity": "sentence-similarity",
-    "pair_classification": "text-classification",
-    "contrastive": "sentence-similarity",
-}
-TASK_TYPE_TAGS = {
-    "classification": "text-classification",
-    "multi_label_classification": "multi-label-classification",
-    "regression": "text-regression",
-    "token_classification": "token-classification",
-    "similarity": "sentence-similarity",
-    "pair_classification": "text-pair-classification",
-    "contrastive": "retrieval",
-}
 # This project's metric names as the Hub's metric ids (`evaluate` metrics) and their arguments.
 HUB_METRICS = {
     "accuracy": ("accuracy", None),
@@ -74,7 +54,7 @@ def _read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise InputError(f"{path} is not valid JSON: {error}") from None
 
 
 def hub_dataset_id(dataset: str | None) -> str | None:
@@ -130,7 +110,7 @@ def _widget(tasks: list[dict[str, Any]], task_info: dict[str, dict]) -> list[dic
     for task in tasks:
         examples = (task_info.get(task["name"]) or {}).get("examples") or []
         example = examples[0] if examples else None
-        if isinstance(example, list) and task["type"] in PAIR_TASK_TYPES:
+        if isinstance(example, list) and make_task(task).takes_pairs:
             widget.append({"source_sentence": example[0], "sentences": [example[1]], "example_title": task["name"]})
         elif isinstance(example, list):
             widget.append({"text": " ".join(example), "example_title": task["name"]})
@@ -142,7 +122,7 @@ def _widget(tasks: list[dict[str, Any]], task_info: dict[str, dict]) -> list[dic
 def _embedding_view(metrics: dict[str, Any], tasks: list[dict], training: dict[str, Any]) -> dict[str, Any]:
     """How the embedding was trained and kept: protection, embedding tasks, drift from the base, similarity scores."""
     protection = training.get("embedding_protection") or {}
-    embedding_tasks = [t["name"] for t in tasks if t["type"] in EMBEDDING_TASK_TYPES]
+    embedding_tasks = [t["name"] for t in tasks if make_task(t).trains_embedding]
     drift = [
         {"split": split, "cosine": _format_number(values.get("cosine_to_initial")),
          "overlap": _format_number(next((v for k, v in values.items() if k.startswith("knn")), None))}
@@ -213,44 +193,21 @@ def _is_number(value: Any) -> bool:
 
 def _task_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for task in tasks:
-        labels = task.get("labels") or []
+    for spec in tasks:
+        task = make_task(spec)
+        labels = spec.get("labels") or []
         shown = ", ".join(f"`{label}`" for label in labels[:20]) + (
             f" … ({len(labels)} labels)" if len(labels) > 20 else ""
         )
-        head = task.get("head")
-        if head is None:  # similarity / contrastive: scored on the embeddings themselves
-            head_text = f"none: cosine of the two embeddings (scale {task.get('scale', 20.0)})"
-            if task["type"] == "similarity":
-                head_text += f", {task.get('loss', 'cosent')} loss, scores {task.get('score_range', [0, 1])}"
-            shown = "-"
-        else:
-            head_text = head.get("type", "linear")
-            if head_text == "mlp":
-                head_text += f" (hidden {head.get('hidden_size') or 'same as input'}, {head.get('activation', 'gelu')})"
-            if task["type"] == "pair_classification":
-                head_text += f" on ({', '.join(task.get('pair_features', []))})"
-            if head.get("pooling") == "attention":
-                head_text += ", own attention pooling"
-            head_text += f", dropout {head.get('dropout', 0.1)}"
-        hints = {
-            "classification": '{"label": ..., "score": ..., "scores": {label: probability}}',
-            "multi_label_classification": '{"labels": [labels above the threshold], "scores": {label: probability}}',
-            "regression": '{"value": ...}' if len(labels) <= 1 else '{"values": {name: value}}',
-            "token_classification": '{"words": [{"word", "tag", "score", ...}], "entities": [{"entity", "text", ...}]}',
-            "pair_classification": 'model.predict([(text_a, text_b)]) -> {"label": ..., "score": ..., "scores": {...}}',
-            "similarity": 'model.predict([(text_a, text_b)]) -> {"cosine": ...}',
-            "contrastive": 'model.predict([(query, passage)]) -> {"cosine": ...}',
-        }
         rows.append(
             {
-                "name": task["name"],
-                "type": task["type"] + (f" (threshold {task['threshold']})" if "threshold" in task else ""),
-                "labels_text": shown,
-                "head_text": head_text,
-                "loss_weight": task.get("loss_weight", 1.0),
-                "predict_hint": hints.get(task["type"], "..."),
-                "pair": task["type"] in PAIR_TASK_TYPES,
+                "name": task.name,
+                "type": task.describe_type(),
+                "labels_text": shown if task.has_labels else "-",
+                "head_text": task.describe_head(),
+                "loss_weight": spec.get("loss_weight", 1.0),
+                "predict_hint": task.predict_hint,
+                "pair": task.takes_pairs,
             }
         )
     return rows
@@ -316,7 +273,9 @@ def _metric_results(
             info = task_info.get(task_name, {})
             split = info.get(f"{split_key}_split") or ("validation" if split_key == "eval" else "test")
             dataset = info.get("dataset")
-            task_type = (tasks.get(task_name) or {}).get("type") or info.get("type") or "classification"
+            hub_task = task_class(
+                (tasks.get(task_name) or {}).get("type") or info.get("type") or "classification"
+            ).hub_task
             for metric, value in scores.items():
                 if not _is_number(value):
                     continue
@@ -326,7 +285,7 @@ def _metric_results(
                 metric_type, metric_args = HUB_METRICS[metric]
                 results.append(
                     EvalResult(
-                        task_type=HUB_TASK_TYPES.get(task_type, "text-classification"),
+                        task_type=hub_task,
                         task_name=task_name,
                         dataset_type=hub_dataset_id(dataset) or _dataset_label(dataset),
                         dataset_name=_dataset_label(dataset) + ("" if hub_dataset_id(dataset) else " (local files)"),
@@ -356,7 +315,7 @@ def _tasks_sharing_a_dataset(task_info: dict[str, dict], tasks: dict[str, dict])
     groups: dict[tuple, list[str]] = {}
     for name, info in task_info.items():
         task_type = (tasks.get(name) or {}).get("type") or info.get("type") or "classification"
-        key = (HUB_TASK_TYPES.get(task_type), info.get("dataset"), info.get("dataset_config"))
+        key = (task_class(task_type).hub_task, info.get("dataset"), info.get("dataset_config"))
         groups.setdefault(key, []).append(name)
     return {name for names in groups.values() if len(names) > 1 for name in names}
 
@@ -488,9 +447,9 @@ def _read_records(folder: Path) -> tuple[dict[str, Any], dict[str, Any], Any | N
     """`config.json` (required), then `metrics.json`, `training_config.json` and `trainer_state.json` if present."""
     config = _read_json(folder / "config.json")
     if not isinstance(config, dict):
-        raise FileNotFoundError(f"model folder {folder}: no config.json, is this a saved model?")
+        raise MissingFileError(f"model folder {folder}: no config.json, is this a saved model?")
     if "tasks" not in config or "backbone_config" not in config:
-        raise ValueError(f"{folder / 'config.json'} is not a multi-task model config (no `tasks`/`backbone_config`)")
+        raise InputError(f"{folder / 'config.json'} is not a multi-task model config (no `tasks`/`backbone_config`)")
     metrics = _read_json(folder / "metrics.json") or {}
     training = _read_json(folder / "training_config.json")
     state = _read_json(folder / "trainer_state.json")
@@ -502,7 +461,7 @@ def _tags(tasks: list[dict[str, Any]], sentence_transformers: bool, extra: list[
     tags = ["multi-task", "sentence-embeddings", "feature-extraction", "custom_code"]
     if sentence_transformers:
         tags.append("sentence-transformers")
-    tags += [TASK_TYPE_TAGS[t] for t in dict.fromkeys(task["type"] for task in tasks) if t in TASK_TYPE_TAGS]
+    tags += list(dict.fromkeys(make_task(task).card_tag for task in tasks))
     tags += [tag for tag in extra or [] if tag not in tags]
     return tags
 
@@ -601,7 +560,7 @@ def _limitations(
 
 
 def _embedding_limitation(tasks: list[dict], metrics: dict[str, Any], training: dict[str, Any]) -> str:
-    trained = [t["name"] for t in tasks if t["type"] in ("similarity", "pair_classification", "contrastive")]
+    trained = [t["name"] for t in tasks if make_task(t).trains_embedding]
     drift = (metrics.get("embedding") or {}).get("eval") or {}
     cosine = drift.get("cosine_to_initial")
     moved = (

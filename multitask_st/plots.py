@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from validation_mtl import InputError
+
 
 def _pyplot():
     import matplotlib
@@ -87,7 +89,7 @@ def training_curves(trainer_state: str | os.PathLike | dict, path: str | os.Path
         trainer_state = json.loads(state_path.read_text())
     history = trainer_state.get("log_history") or []
     if not history:
-        raise ValueError("trainer_state has an empty log_history: nothing to plot")
+        raise InputError("trainer_state has an empty log_history: nothing to plot")
 
     def series(key: str) -> tuple[list[float], list[float]]:
         points = [(entry.get("step", 0), entry[key]) for entry in history if isinstance(entry.get(key), (int, float))]

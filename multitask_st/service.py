@@ -13,6 +13,9 @@ Requests do not call the model themselves: a scheduler (`_MicroBatcher`) merges 
 of bounded size, shares every call fairly between the requests waiting (a short request is never stuck behind large
 ones), drops the work of clients that went away, and runs the model on one worker thread at a time. An input the
 model fails on fails only its own request (docs/SERVICE.md).
+
+Every check of a request's texts, pairs and tasks is `validation_mtl`'s, the one the Python API and the command line
+run, so the same input gets the same message from each of them (HTTP 422; 413 for a count over a limit).
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ import itertools
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -39,19 +41,27 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference_mtl import clip_cosines
+from validation_mtl import (
+    InputError,
+    InputLimitError,
+    InputTypeError,
+    UserError,
+    check_int,
+    check_number,
+    check_pair,
+    check_tasks,
+    check_texts,
+)
 
 logger = logging.getLogger(__name__)
 
 # What `create_app` needs from a model object: `MultiTaskModel` has it all, and so may another backend (e.g. an
 # ONNX runtime session wrapped with the same `encode` / `predict` / `similarity` API).
 MODEL_ATTRIBUTES = ("config", "tokenizer", "task_names", "encode", "predict", "similarity")
-PAIR_TASK_TYPES = ("similarity", "pair_classification", "contrastive")
 # Paths that stay open when an API key is set: liveness (Docker's HEALTHCHECK sends no key) and the API description.
 OPEN_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json")
 OPEN_PREFIXES = ("/static-docs/",)
 JSON_PATHS = ("/embed", "/predict", "/similarity")
-# A character that is half of a UTF-16 surrogate pair: JSON can carry it ("\ud800"), UTF-8 cannot encode it.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # Characters of a text that count towards a model call's budget, per token of the model's `max_seq_length`: the
 # texts are truncated to that many tokens, so a longer text costs no more.
 _CHARS_PER_TOKEN = 4
@@ -124,6 +134,7 @@ class TaskInfo(BaseModel):
     type: str
     labels: list[str]
     input: str = Field(..., description="`text`: send `texts`; `pair`: send `pairs` to /predict.")
+    output: str = Field(..., description="What its prediction holds.")
 
 
 class InfoResponse(BaseModel):
@@ -143,7 +154,7 @@ class InfoResponse(BaseModel):
 # ---------------------------------------------------------------------------------------------------- scheduling
 
 
-class InputError(Exception):
+class ItemFailure(Exception):
     """The model failed on one input of a request: `index` into the request's items (None: not pinned down)."""
 
     def __init__(self, index: int | None, error: BaseException):
@@ -325,9 +336,9 @@ class _MicroBatcher:
                 job.finish()
 
     async def _isolate(self, op: str, key: Any, job: _Job, start: int, end: int, error: BaseException, parts: int):
-        """Outcome of one job's part after a failed call: its results, or an `InputError` naming the bad item."""
+        """Outcome of one job's part after a failed call: its results, or an `ItemFailure` naming the bad item."""
         if job.cancelled:
-            return InputError(None, error)
+            return ItemFailure(None, error)
         if parts > 1:  # the failure may belong to another request: run this part alone
             try:
                 self.model_calls += 1
@@ -337,7 +348,7 @@ class _MicroBatcher:
             except BaseException as part_error:
                 error = part_error
         if end - start == 1:
-            return InputError(start, error)
+            return ItemFailure(start, error)
         for index in range(start, end):  # pin the failure to one item: the first that fails alone
             try:
                 self.model_calls += 1
@@ -345,8 +356,8 @@ class _MicroBatcher:
             except asyncio.CancelledError:
                 raise
             except BaseException as item_error:
-                return InputError(index, item_error)
-        return InputError(None, error)
+                return ItemFailure(index, item_error)
+        return ItemFailure(None, error)
 
 
 # ---------------------------------------------------------------------------------------------------- middleware
@@ -444,6 +455,26 @@ class _RequestGuard:
 # ---------------------------------------------------------------------------------------------------- the app
 
 
+@contextmanager
+def _as_http_error():
+    """A check's `UserError` as the request's HTTP error: 413 for a count over a limit, 422 for the rest."""
+    try:
+        yield
+    except InputLimitError as error:
+        raise HTTPException(413, str(error)) from None
+    except UserError as error:
+        raise HTTPException(422, str(error)) from None
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("multitask-sentence-transformer")
+    except PackageNotFoundError:  # run from a source folder that was never installed
+        return "unknown"
+
+
 def _swagger_static_dir() -> str | None:
     """Swagger UI's JS/CSS shipped by the `fastapi-offline` package (the `serve` extra), so /docs works offline."""
     try:
@@ -468,16 +499,10 @@ def display_name(name_or_path: str | os.PathLike | None) -> str:
 def _check_model(model: Any) -> None:
     missing = [name for name in MODEL_ATTRIBUTES if not hasattr(model, name)]
     if missing:
-        raise TypeError(
+        raise InputTypeError(
             f"create_app needs a model folder, a Hub id, or a loaded model with {', '.join(MODEL_ATTRIBUTES)}; "
             f"this {type(model).__name__} has no {', '.join(missing)}"
         )
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _locate(field: str) -> Callable[[int], str]:
@@ -504,20 +529,19 @@ class _Limits:
         max_call_chars: Any,
     ) -> _Limits:
         """The limits `create_app` was given, checked; `max_body_bytes=None` follows from the text limits."""
-        max_batch_size = _positive_int("max_batch_size", max_batch_size)
-        max_text_length = _positive_int("max_text_length", max_text_length)
-        max_call_chars = _positive_int("max_call_chars", max_call_chars)
-        if not isinstance(batch_wait_ms, (int, float)) or isinstance(batch_wait_ms, bool) or not batch_wait_ms >= 0:
-            raise ValueError(f"batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
+        max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
+        max_text_length = check_int("max_text_length", max_text_length, minimum=1)
+        max_call_chars = check_int("max_call_chars", max_call_chars, minimum=1)
+        check_number("batch_wait_ms", batch_wait_ms, minimum=0)
         if max_body_bytes is None:
             max_body_bytes = max_batch_size * (6 * max_text_length + 16) + 65_536
-        max_body_bytes = _positive_int("max_body_bytes", max_body_bytes)
+        max_body_bytes = check_int("max_body_bytes", max_body_bytes, minimum=1)
         return cls(max_batch_size, max_text_length, max_body_bytes, max_call_chars, batch_wait_ms)
 
 
 def _check_api_key(api_key: Any) -> None:
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-        raise ValueError("api_key must be a non-empty string (or None for no authentication)")
+        raise InputError("api_key must be a non-empty string (or None for no authentication)")
 
 
 def _load_model(model_or_path: Any, model_name: str | None) -> tuple[Any, str]:
@@ -532,7 +556,7 @@ def _load_model(model_or_path: Any, model_name: str | None) -> tuple[Any, str]:
         _check_model(model)
         name = model_name or display_name(getattr(model.config, "name_or_path", None))
     if model.tokenizer is None:
-        raise ValueError(f"the model {name} has no tokenizer; save one beside the weights")
+        raise InputError(f"the model {name} has no tokenizer; save one beside the weights")
     if callable(getattr(model, "eval", None)):
         model.eval()
     return model, name
@@ -567,10 +591,9 @@ class _Routes:
         self.limits = limits
         self.api_key_required = api_key_required
         self.config = config = model.config
-        self.task_types = {task["name"]: task.get("type", "classification") for task in config.tasks}
-        self.pair_tasks = [task for task in model.task_names if self.task_types.get(task) in PAIR_TASK_TYPES]
-        self.text_tasks = [task for task in model.task_names if task not in self.pair_tasks]
-        self.max_seq_length = int(getattr(config, "max_seq_length", None) or 512)
+        self.pair_tasks = [name for name in model.task_names if config.task(name).takes_pairs]
+        self.text_tasks = [name for name in model.task_names if name not in self.pair_tasks]
+        self.max_seq_length = int(config.max_seq_length)
         self.text_cost_cap = _CHARS_PER_TOKEN * self.max_seq_length
         self.batcher = _MicroBatcher(
             self._call,
@@ -619,35 +642,27 @@ class _Routes:
             raise _ClientGone()
         try:
             return job.future.result()
-        except InputError as error:
+        except ItemFailure as error:
             where = locate(error.index) if error.index is not None else locate(0).split("[")[0]
             reason = f"{type(error.error).__name__}: {error.error}"
-            if isinstance(error.error, (ValueError, TypeError)) or not isinstance(error.error, Exception):
+            if isinstance(error.error, (UserError, ValueError, TypeError)) or not isinstance(error.error, Exception):
                 raise HTTPException(422, f"{where}: the model cannot process this input ({reason})") from None
             logger.error("model failure on %s", where, exc_info=error.error)
             raise HTTPException(500, f"{where}: the model failed ({reason})") from None
 
     # ------------------------------------------------------------------------------------ request checks
+    #
+    # The rules are `validation_mtl`'s (the Python API and the command line run the same ones); here they get the
+    # request's limits, and their errors become HTTP errors naming the field.
 
     def check_texts(self, texts: list[str], field: str) -> None:
-        max_batch_size = self.limits.max_batch_size
-        if not texts:
-            raise HTTPException(422, f"{field} is empty: send at least one text")
-        if len(texts) > max_batch_size:
-            raise HTTPException(413, f"{field} has {len(texts)} texts; at most {max_batch_size} per request")
-        for index, text in enumerate(texts):
-            self.check_text(text, f"{field}[{index}]")
-
-    def check_text(self, text: str, where: str) -> None:
-        max_text_length = self.limits.max_text_length
-        if len(text) > max_text_length:
-            raise HTTPException(422, f"{where} has {len(text)} characters; at most {max_text_length} per text")
-        bad = _SURROGATE.search(text)
-        if bad:
-            raise HTTPException(
-                422,
-                f"{where} holds a lone surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}: "
-                "not valid Unicode (UTF-8 cannot encode it); send valid text",
+        with _as_http_error():
+            check_texts(
+                texts,
+                field,
+                max_items=self.limits.max_batch_size,
+                max_chars=self.limits.max_text_length,
+                allow_empty=False,
             )
 
     def _check_predict_inputs(self, body: PredictRequest) -> bool:
@@ -668,36 +683,16 @@ class _Routes:
                 f"pairs has {len(body.pairs)} pairs ({2 * len(body.pairs)} texts); "
                 f"at most {max_batch_size} texts per request",
             )
-        for index, pair in enumerate(body.pairs):
-            for side, text in enumerate(pair):
-                self.check_text(text, f"pairs[{index}][{side}]")
-                if not text.strip():
-                    raise HTTPException(422, f"pairs[{index}][{side}] is empty: both texts of a pair must be given")
+        with _as_http_error():
+            for index, (a, b) in enumerate(body.pairs):
+                check_pair(a, b, f"pairs[{index}]", self.limits.max_text_length)
         return True
 
     def _predict_tasks(self, tasks: list[str] | None, pairs: bool) -> tuple[str, ...] | None:
         """The tasks a /predict request asks for (None: all those taking its kind of input), checked."""
-        field, available = ("pairs", self.pair_tasks) if pairs else ("texts", self.text_tasks)
-        if tasks is None:
-            if not available:
-                raise HTTPException(
-                    422,
-                    f"this model has no {'pair' if pairs else 'single-text'} tasks for {field} "
-                    f"(text tasks: {self.text_tasks}, pair tasks: {self.pair_tasks})",
-                )
-            return None
-        if not tasks:
-            raise HTTPException(422, "tasks is empty: leave it out for all tasks, or name at least one")
-        unknown = [task for task in tasks if task not in self.task_types]
-        if unknown:
-            raise HTTPException(422, f"unknown task(s) {unknown}; this model's tasks are {self.model.task_names}")
-        wrong = [task for task in tasks if task not in available]
-        if wrong:
-            other, needs = ("texts", "single texts") if pairs else ("pairs", "text pairs")
-            raise HTTPException(
-                422, f"task(s) {wrong} take {needs}: send them in {other}, not {field} (see /info: input)"
-            )
-        return tuple(dict.fromkeys(tasks))
+        with _as_http_error():
+            chosen = check_tasks(tasks, self.config, pairs)
+        return None if chosen is None else tuple(chosen)
 
     def _check_similarity_inputs(self, body: SimilarityRequest) -> list[str]:
         """`texts` (and `texts_b`) within the limits and fit for `pairwise`: all the texts to embed."""
@@ -740,12 +735,13 @@ class _Routes:
             max_seq_length=self.max_seq_length,
             tasks=[
                 TaskInfo(
-                    name=task["name"],
-                    type=self.task_types[task["name"]],
-                    labels=list(task.get("labels") or []),
-                    input="pair" if task["name"] in self.pair_tasks else "text",
+                    name=task.name,
+                    type=task.type,
+                    labels=list(task.labels or []),
+                    input="pair" if task.takes_pairs else "text",
+                    output=task.predict_hint,
                 )
-                for task in config.tasks
+                for task in config.task_objects()
             ],
             max_batch_size=self.limits.max_batch_size,
             max_text_length=self.limits.max_text_length,
@@ -940,7 +936,7 @@ def create_app(
     app = FastAPI(
         title="Multi-task sentence transformer",
         description=f"Sentence embeddings, task predictions and similarities from `{name}`.",
-        version="0.2.0",
+        version=_package_version(),
         lifespan=routes.lifespan,
         # Without local Swagger assets FastAPI's /docs loads them from a CDN, which offline machines cannot reach.
         docs_url=None if static_dir else "/docs",

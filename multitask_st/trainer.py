@@ -1,14 +1,16 @@
 """`MultiTaskTrainer`: the `transformers.Trainer` with a multi-task loss, task sampling, per-task logging,
-adaptive loss weighting, embedding protection and drift, freezing and per-group learning rates.
+adaptive loss weighting, embedding protection and drift, freezing and per-group learning rates. Its options are
+fields of `MultiTaskTrainingArguments` (`multitask_st.arguments`), read from `self.args`.
 
 It overrides only what multi-task training changes:
 - `__init__`: the collator and `compute_metrics` follow from `model.config.tasks` unless given;
-- `_get_train_sampler`: batches drawn per data source by the task-sampling strategy;
+- `_get_train_sampler`: batches drawn per data source by the task-sampling strategy (`multitask_st.sampling`);
 - `_get_num_items_in_batch`: per-task label counts, so gradient accumulation and DDP keep exact means;
 - `compute_loss`: weighted (static or learned) sum of the per-task losses the model returns, plus the embedding
-  protection term (`multitask_st.embedding`);
-- `prediction_step` / `evaluation_loop`: per-task predictions and losses for `compute_metrics`, and the embedding's
-  drift from its initial state;
+  protection term (`multitask_st.protection`);
+- `prediction_step` / `evaluation_loop`: per-task predictions and losses for `compute_metrics` (what each task's
+  metrics need is its type's: `Task.eval_predictions` / `.eval_references`), and the embedding's drift from its
+  initial state (`multitask_st.drift`);
 - `log`: adds `loss/<task>` (train) beside `loss`;
 - `_clip_grad_norm`: the clipping threshold scaled by the step's loss weights, so that clipping does not undo them;
 - `create_optimizer`: separate head learning rate and layer-wise learning-rate decay.
@@ -17,182 +19,37 @@ Everything else (checkpointing, resuming, DDP via accelerate, mixed precision, c
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
-from torch.utils.data import IterableDataset, Sampler
-from transformers import Trainer
+from torch.utils.data import IterableDataset
+from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from modeling_mtl import IGNORE_INDEX, labelled_mask
+from layers_mtl import IGNORE_INDEX, labelled_mask
+from tasks_mtl import make_task
+from validation_mtl import InputError
 
+from .arguments import LOSS_WEIGHTINGS, SAMPLING_STRATEGIES, MultiTaskTrainingArguments  # noqa: F401
+from .checkpoints import PROTECTION_FILE, check_resumable, last_complete_checkpoint
 from .data import MultiTaskCollator, StreamedSources
-from .embedding import EmbeddingDrift, EmbeddingProtection, check_protection, drift_sample, unwrap
-from .metrics import build_compute_metrics, metric_key, retrieval_text_ids
+from .drift import EmbeddingDrift, drift_sample
+from .errors import TrainingError
+from .lora import LORA_CONFIG_FILE, unwrap
+from .metrics import build_compute_metrics, metric_key
+from .protection import EmbeddingProtection
+from .sampling import MultiTaskSampler, MultiTaskStream, sampling_probabilities  # noqa: F401
 
 logger = logging.get_logger(__name__)
 
-SAMPLING_STRATEGIES = ("temperature", "proportional", "uniform", "round_robin")
-LOSS_WEIGHTINGS = ("static", "uncertainty")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.")
-
-
-def sampling_probabilities(sizes: list[int], strategy: str, temperature: float = 2.0) -> np.ndarray:
-    """Probability of drawing each source's next batch.
-
-    - `proportional`: p ∝ n (large datasets dominate; small tasks are seen rarely),
-    - `temperature`: p ∝ n^(1/T) (T=1 is proportional, T→∞ is uniform),
-    - `uniform` / `round_robin`: every source equally often (small datasets repeat many times per epoch).
-    """
-    if strategy not in SAMPLING_STRATEGIES:
-        raise ValueError(f"task_sampling '{strategy}' is not one of {list(SAMPLING_STRATEGIES)}")
-    sizes_array = np.asarray(sizes, dtype=np.float64)
-    if (sizes_array <= 0).any():
-        raise ValueError(f"every source needs at least one training row, got sizes {sizes}")
-    if strategy == "proportional":
-        weights = sizes_array
-    elif strategy == "temperature":
-        if temperature <= 0:
-            raise ValueError(f"sampling_temperature must be > 0, got {temperature}")
-        weights = sizes_array ** (1.0 / temperature)
-    else:
-        weights = np.ones_like(sizes_array)
-    return weights / weights.sum()
-
-
-class MultiTaskSampler(Sampler[int]):
-    """Yields row indices in blocks of `batch_size` that all come from one source, the source of each block drawn
-    by the task-sampling strategy. Deterministic given `(seed, epoch)`, so a resumed run replays the same order.
-
-    An epoch has as many batches as iterating every source once (`sum(ceil(n_i / batch_size))`); sources that
-    are drawn more often than their size allows are reshuffled and repeated, rarer ones are seen partly.
-
-    Args:
-        source_sizes: rows of each source, in the order they are concatenated in the training dataset.
-        batch_size: the per-device batch size (each block becomes one batch).
-        strategy: one of `SAMPLING_STRATEGIES`.
-        temperature: T of the temperature strategy.
-        seed: base seed (the Trainer's `seed`).
-        num_processes: processes of a distributed run. `accelerate` deals the batches out in turn (batch `i` to
-            process `i % num_processes`), so each drawn source gives `num_processes` consecutive batches: at every
-            step all processes train the same task. Their forward passes then make the same collective calls
-            (a contrastive task's gathered negatives), and the step's gradient is that task's over the global
-            batch. The epoch is rounded up to whole steps.
-    """
-
-    def __init__(
-        self,
-        source_sizes: list[int],
-        batch_size: int,
-        strategy: str = "temperature",
-        temperature: float = 2.0,
-        seed: int = 42,
-        num_processes: int = 1,
-    ):
-        self.source_sizes = list(source_sizes)
-        self.batch_size = batch_size
-        self.strategy = strategy
-        self.probabilities = sampling_probabilities(self.source_sizes, strategy, temperature)
-        self.seed = seed
-        self.epoch = 0
-        self.num_processes = num_processes
-        batches = sum(math.ceil(size / batch_size) for size in self.source_sizes)
-        self.num_batches = num_processes * math.ceil(batches / num_processes)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches * self.batch_size
-
-    def batch_sources(self) -> list[int]:
-        """The source of each batch of the current epoch."""
-        rng = np.random.default_rng([self.seed, self.epoch, 1])
-        count = len(self.source_sizes)
-        steps = self.num_batches // self.num_processes
-        if self.strategy == "round_robin":
-            drawn = [step % count for step in range(steps)]
-        else:
-            drawn = rng.choice(count, size=steps, p=self.probabilities).tolist()
-        return [source for source in drawn for _ in range(self.num_processes)]
-
-    def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch, 0])
-        offsets = np.concatenate([[0], np.cumsum(self.source_sizes)[:-1]]).astype(int)
-        orders = [rng.permutation(size) for size in self.source_sizes]
-        cursors = [0] * len(self.source_sizes)
-        for source in self.batch_sources():
-            size = self.source_sizes[source]
-            block = []
-            while len(block) < self.batch_size:
-                if cursors[source] == size:  # source exhausted: reshuffle and go round again
-                    orders[source] = rng.permutation(size)
-                    cursors[source] = 0
-                take = min(self.batch_size - len(block), size - cursors[source])
-                block.extend(orders[source][cursors[source] : cursors[source] + take].tolist())
-                cursors[source] += take
-            for index in block:
-                yield int(offsets[source] + index)
-
-
-class MultiTaskStream(IterableDataset):
-    """The streaming counterpart of `MultiTaskSampler`: rows of several sources (`datasets.IterableDataset`s of
-    processed rows), yielded in blocks of `batch_size` rows that all come from one source, the source of each block
-    drawn by the task-sampling strategy. A source that runs out starts again (reshuffled); nothing is ever
-    materialised beyond a shuffle buffer per source. Deterministic given `(seed, epoch)`.
-
-    The size-based strategies (`temperature`, `proportional`) need every source's size (`num_train_rows` for a
-    stream without metadata); `uniform` and `round_robin` do not.
-    """
-
-    def __init__(self, sources, sizes, batch_size, strategy="temperature", temperature=2.0, seed=42, buffer=1000):
-        if None in sizes and strategy in ("temperature", "proportional"):
-            raise ValueError(
-                f"task_sampling '{strategy}' weighs sources by size, and a streamed source has no known size: give "
-                "its task `num_train_rows`, or use --task_sampling uniform / round_robin"
-            )
-        self.sources = [source.shuffle(seed=seed, buffer_size=buffer) for source in sources]
-        self.batch_size = batch_size
-        self.strategy = strategy
-        known = [size if size is not None else 1 for size in sizes]
-        self.probabilities = sampling_probabilities(known, strategy, temperature)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def block_sources(self) -> Iterator[int]:
-        """The source of each block, endlessly."""
-        rng = np.random.default_rng([self.seed, self.epoch, 3])
-        for block in itertools.count():
-            if self.strategy == "round_robin":
-                yield block % len(self.sources)
-            else:
-                yield int(rng.choice(len(self.sources), p=self.probabilities))
-
-    def __iter__(self) -> Iterator[dict]:
-        passes = [0] * len(self.sources)
-        iterators = [iter(source) for source in self.sources]
-        for source in self.block_sources():
-            for _ in range(self.batch_size):
-                try:
-                    row = next(iterators[source])
-                except StopIteration:  # this source ran out: reshuffle it and go round again
-                    passes[source] += 1
-                    self.sources[source].set_epoch(passes[source])
-                    iterators[source] = iter(self.sources[source])
-                    row = next(iterators[source])
-                yield row
 
 
 class UncertaintyWeighting(nn.Module):
@@ -241,12 +98,12 @@ def apply_freezing(
     heads = set(freeze_heads or [])
     unknown = heads - set(getattr(model, "heads", {}).keys())
     if unknown:
-        raise ValueError(f"freeze_heads: unknown task(s) {sorted(unknown)}; tasks are {list(model.heads.keys())}")
+        raise InputError(f"freeze_heads: unknown task(s) {sorted(unknown)}; tasks are {list(model.heads.keys())}")
     if freeze_layers < 0:
-        raise ValueError(f"freeze_layers must be >= 0, got {freeze_layers}")
+        raise InputError(f"freeze_layers must be >= 0, got {freeze_layers}")
     num_layers = backbone_num_layers(model)
     if freeze_layers > num_layers:
-        raise ValueError(f"freeze_layers={freeze_layers} exceeds the backbone's {num_layers} layers")
+        raise InputError(f"freeze_layers={freeze_layers} exceeds the backbone's {num_layers} layers")
     for name, parameter in model.named_parameters():
         freeze = False
         if name.startswith("backbone."):
@@ -276,36 +133,6 @@ def backbone_num_layers(model: nn.Module) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def check_trainer_options(
-    *,
-    task_sampling: str,
-    sampling_temperature: float,
-    loss_weighting: str,
-    layerwise_lr_decay: float | None,
-    embedding_protection: str,
-    freeze_encoder_steps: float,
-    drift_sample_size: int,
-    drift_warning_cosine: float,
-) -> None:
-    """The checks of `MultiTaskTrainer`'s own options that need neither model nor data, so that train.py can make
-    them before it loads anything (the protection's weight depends on the tasks: checked with them)."""
-    if loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"loss_weighting '{loss_weighting}' is not one of {list(LOSS_WEIGHTINGS)}")
-    sampling_probabilities([1], task_sampling, sampling_temperature)  # the strategy and its temperature
-    if layerwise_lr_decay is not None and not 0.0 < layerwise_lr_decay <= 1.0:
-        raise ValueError(f"layerwise_lr_decay must be in (0, 1], got {layerwise_lr_decay}")
-    check_protection(embedding_protection)
-    if freeze_encoder_steps < 0 or (freeze_encoder_steps > 1 and freeze_encoder_steps != int(freeze_encoder_steps)):
-        raise ValueError(
-            "freeze_encoder_steps must be a whole number of steps or a share of them below 1, "
-            f"got {freeze_encoder_steps}"
-        )
-    if not isinstance(drift_sample_size, int) or isinstance(drift_sample_size, bool) or drift_sample_size < 0:
-        raise ValueError(f"drift_sample_size must be an int >= 0 (0: no drift measured), got {drift_sample_size!r}")
-    if not isinstance(drift_warning_cosine, (int, float)) or not -1.0 <= drift_warning_cosine <= 1.0:
-        raise ValueError(f"drift_warning_cosine must be a cosine, in [-1, 1], got {drift_warning_cosine!r}")
-
-
 def clip_factor(loss_weights) -> float:
     """What a step's clipping threshold is multiplied by: the mean static `loss_weight` of the tasks it trains. A
     weight-0 task adds nothing to the step's gradient but the protection term's, so it does not count; with none
@@ -322,85 +149,52 @@ class MultiTaskTrainer(Trainer):
     eval_dataset=data.eval, source_sizes=data.source_sizes)` is the whole wiring.
 
     Args:
+        args (`MultiTaskTrainingArguments`): the Trainer's arguments and the multi-task options (`task_sampling`,
+            `loss_weighting`, `head_learning_rate`, `embedding_protection`, ...: see `multitask_st.arguments`). A
+            plain `TrainingArguments` gets the options' defaults; an option given as a keyword argument here (as
+            in earlier versions) is set on `args`.
         source_sizes (`list[int]`, *optional*):
             Rows per data source in `train_dataset` (as built by `multitask_st.data.build_datasets`); enables
             per-source batches drawn by `task_sampling`. Without it, batches are the Trainer's usual random ones.
-        task_sampling (`str`, defaults to `"temperature"`): see [`sampling_probabilities`].
-        sampling_temperature (`float`, defaults to 2.0): T of the temperature strategy.
-        loss_weighting (`str`, defaults to `"static"`):
-            `"static"`: the config's `loss_weight` per task; `"uncertainty"`: learned weights (Kendall et al.).
-        head_learning_rate (`float`, *optional*): learning rate of heads, pooling and projection (default: the
-            `learning_rate`).
-        layerwise_lr_decay (`float`, *optional*): multiply the learning rate by this factor per layer going down
-            the encoder (top layer `lr·d`, embeddings `lr·d^(L+1)`); `None` or 1.0 disables it.
-        embedding_protection (`str`, defaults to `"auto"`): how the embedding is kept while heads train:
-            `"distillation"`, `"isolation"`, `"l2sp"` or `"none"` (`multitask_st.embedding`; measured in
-            docs/RESULTS.md); `"auto"`: isolation when a task trains the embedding, distillation otherwise.
-        protection_weight (`float`, defaults to `embedding.DEFAULT_PROTECTION_WEIGHT` of the protection used): its
-            factor in the loss (distillation 3, l2sp 0.01); for isolation, the share of the heads' gradients kept out of
-            the shared encoder (0 to 1, default 0.9; below 1 it only bites beside a task that trains the embedding:
-            Adam rescales a gradient that is scaled down alone).
-        freeze_encoder_steps (`float`, defaults to 0): keep the shared encoder (with pooling and projection) fixed
-            for the first N optimizer steps while the heads train, then train everything: linear probing then
-            fine-tuning (LP-FT, Kumar et al. 2022), so that the encoder is not pushed around by the gradients of
-            untrained heads. A value below 1 is a share of the run's steps (as `warmup_steps`).
         train_tasks (`list[str]`, *optional*): the tasks that have training rows in this run, when not all of the
             model's have (`continue_training`); what `auto` and the protection's warnings go by.
-        drift_sample_size (`int`, defaults to 1000): texts of the eval split on which every evaluation measures the
-            embedding's drift from its initial state (`eval_embedding/cosine_to_initial`, `.../knn_overlap@10`);
-            0 turns it off.
-        drift_warning_cosine (`float`, defaults to 0.9): warn when the mean cosine to the initial embedding drops
-            below this, in a run without a task that trains the embedding (one with it moves it on purpose).
         All other arguments are those of `transformers.Trainer`.
     """
 
     loss_is_scaled_for_ga = True  # each task loss is normalised by its count over the whole accumulated step
 
-    def __init__(
-        self,
-        *args,
-        source_sizes: list[int] | None = None,
-        task_sampling: str = "temperature",
-        sampling_temperature: float = 2.0,
-        loss_weighting: str = "static",
-        head_learning_rate: float | None = None,
-        layerwise_lr_decay: float | None = None,
-        embedding_protection: str = "auto",
-        protection_weight: float | None = None,
-        freeze_encoder_steps: float = 0,
-        train_tasks: list[str] | None = None,
-        drift_sample_size: int = 1000,
-        drift_warning_cosine: float = 0.9,
-        **kwargs,
-    ):
-        check_trainer_options(
-            task_sampling=task_sampling,
-            sampling_temperature=sampling_temperature,
-            loss_weighting=loss_weighting,
-            layerwise_lr_decay=layerwise_lr_decay,
-            embedding_protection=embedding_protection,
-            freeze_encoder_steps=freeze_encoder_steps,
-            drift_sample_size=drift_sample_size,
-            drift_warning_cosine=drift_warning_cosine,
-        )
+    def __init__(self, *args, source_sizes: list[int] | None = None, train_tasks: list[str] | None = None, **kwargs):
+        options = {name: kwargs.pop(name) for name in MultiTaskTrainingArguments.multitask_fields() if name in kwargs}
+        args = list(args)
+        training_args = kwargs.pop("args", args.pop(1) if len(args) > 1 else None)
+        if training_args is None:
+            training_args = MultiTaskTrainingArguments(output_dir="trainer_output")
+        if options or not isinstance(training_args, MultiTaskTrainingArguments):
+            if not isinstance(training_args, TrainingArguments):
+                raise InputError(f"args must be a TrainingArguments, got {type(training_args).__name__}")
+            training_args = MultiTaskTrainingArguments.from_training_arguments(training_args, **options)
+        kwargs["args"] = training_args
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
-            raise ValueError("MultiTaskTrainer needs a `model`")
+            raise InputError("MultiTaskTrainer needs a `model`")
         base = unwrap(model)
         self.task_configs = list(base.config.tasks)
-        self.task_names = [task["name"] for task in self.task_configs]
+        self.tasks = [make_task(task) for task in self.task_configs]
+        self.task_names = [task.name for task in self.tasks]
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = MultiTaskCollator(base.tokenizer, self.task_configs)
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = build_compute_metrics(self.task_configs)
         if kwargs.get("processing_class") is None and base.tokenizer is not None:
             kwargs["processing_class"] = base.tokenizer
-        if loss_weighting == "uncertainty" and not hasattr(base, "loss_weighting"):
+        if training_args.loss_weighting == "uncertainty" and not hasattr(base, "loss_weighting"):
             # Registered on the model so that the optimizer, DDP and checkpoints handle it like any weight;
             # `detach_loss_weighting` removes it before the final save.
             base.add_module("loss_weighting", UncertaintyWeighting(self.task_names))
         # The protection and the drift reference are taken from the model as it is handed over: before training.
-        self.protection = EmbeddingProtection(model, embedding_protection, protection_weight, train_tasks)
+        self.protection = EmbeddingProtection(
+            model, training_args.embedding_protection, training_args.protection_weight, train_tasks
+        )
         self.train_tasks = None if train_tasks is None else list(train_tasks)
         if self.protection.isolates and not self.protection.embedding_tasks:
             # No task would ever send the shared encoder a gradient: freeze it (no optimizer state, no backward).
@@ -408,29 +202,22 @@ class MultiTaskTrainer(Trainer):
                 parameter.requires_grad_(False)
         eval_dataset = kwargs.get("eval_dataset")
         self.drift = None
-        if drift_sample_size and isinstance(eval_dataset, Dataset) and len(eval_dataset):
-            self.drift = EmbeddingDrift(model, drift_sample(eval_dataset, drift_sample_size))
-        self.drift_warning_cosine = drift_warning_cosine
+        if training_args.drift_sample_size and isinstance(eval_dataset, Dataset) and len(eval_dataset):
+            self.drift = EmbeddingDrift(model, drift_sample(eval_dataset, training_args.drift_sample_size))
         if isinstance(kwargs.get("train_dataset"), StreamedSources):  # streamed sources: blocks drawn as they come
-            streamed, args_ = kwargs["train_dataset"], kwargs.get("args", args[1] if len(args) > 1 else None)
+            streamed = kwargs["train_dataset"]
             source_sizes = streamed.sizes
             kwargs["train_dataset"] = MultiTaskStream(
                 streamed.sources,
                 streamed.sizes,
-                args_.per_device_train_batch_size,
-                task_sampling,
-                sampling_temperature,
-                args_.seed,
+                training_args.per_device_train_batch_size,
+                training_args.task_sampling,
+                training_args.sampling_temperature,
+                training_args.seed,
             )
         super().__init__(*args, **kwargs)
         self.protection.to(self.args.device)
         self.source_sizes = source_sizes
-        self.task_sampling = task_sampling
-        self.sampling_temperature = sampling_temperature
-        self.loss_weighting = loss_weighting
-        self.head_learning_rate = head_learning_rate
-        self.layerwise_lr_decay = layerwise_lr_decay
-        self.freeze_encoder_steps = freeze_encoder_steps
         self._log_names = [*self.task_names, self.protection.name]
         self._reset_task_logs()
         self._eval_sums: dict[str, float] = {}
@@ -440,13 +227,11 @@ class MultiTaskTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint, and a checkpoint
-        trained with other tasks or loss weighting is refused (`multitask_st.training.check_resumable`)."""
-        from .training import check_resumable, last_complete_checkpoint
-
+        trained with other tasks or loss weighting is refused (`multitask_st.checkpoints.check_resumable`)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, str):
-            check_resumable(resume_from_checkpoint, self.model, self.loss_weighting, self._protection_record())
+            check_resumable(resume_from_checkpoint, self.model, self.args.loss_weighting, self._protection_record())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _protection_record(self) -> dict[str, Any]:
@@ -458,14 +243,12 @@ class MultiTaskTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """The Trainer's save; a LoRA checkpoint also records the model config (tasks, labels), and every checkpoint
         the embedding protection (which decides what the optimizer holds), which resuming checks
-        (`multitask_st.training.check_resumable`)."""
+        (`multitask_st.checkpoints.check_resumable`)."""
         super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        from .training import LORA_CONFIG_FILE, PROTECTION_FILE
-
         if hasattr(model, "get_base_model"):
             unwrap(model).config.to_json_file(os.path.join(output_dir, LORA_CONFIG_FILE))
         if os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-"):
@@ -479,14 +262,14 @@ class MultiTaskTrainer(Trainer):
         if self.source_sizes is None or isinstance(dataset, IterableDataset):
             return super()._get_train_sampler(train_dataset)
         if sum(self.source_sizes) != len(dataset):
-            raise ValueError(
+            raise InputError(
                 f"source_sizes sum to {sum(self.source_sizes)} but the training set has {len(dataset)} rows"
             )
         return MultiTaskSampler(
             self.source_sizes,
             self._train_batch_size,
-            self.task_sampling,
-            self.sampling_temperature,
+            self.args.task_sampling,
+            self.args.sampling_temperature,
             self.args.seed,
             num_processes=self.args.world_size,
         )
@@ -506,7 +289,7 @@ class MultiTaskTrainer(Trainer):
         if self.is_in_train:
             outside = [n for i, n in enumerate(self.task_names) if counts[i] > 0 and n not in (self.train_tasks or [n])]
             if outside:  # the protection was chosen for train_tasks: rows of other tasks would train unprotected
-                raise ValueError(
+                raise InputError(
                     f"the training data has labelled rows for task(s) {outside}, which are not in train_tasks "
                     f"{self.train_tasks}: add them to train_tasks or leave their rows out"
                 )
@@ -530,7 +313,7 @@ class MultiTaskTrainer(Trainer):
         # gradients over processes, so multiply back to get the gradient of the global mean.
         scale = self.args.world_size if (num_items_in_batch is not None and self.args.world_size > 1) else 1
         steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
-        if self.loss_weighting == "uncertainty" and model.training:
+        if self.args.loss_weighting == "uncertainty" and model.training:
             weighting = unwrap(self.accelerator.unwrap_model(model)).loss_weighting
             static = {task["name"]: task["loss_weight"] for task in self.task_configs}
             weighted, regularizer = weighting(task_losses, static, regularizer_scale=1.0 / steps)
@@ -548,8 +331,6 @@ class MultiTaskTrainer(Trainer):
             for name, value in task_losses.items():
                 self._task_log_sums[name] += value.detach().float() * scale
             if not torch.isfinite(loss.detach()).item():
-                from .training import TrainingError
-
                 losses = {name: round(float(value.detach()), 4) for name, value in task_losses.items()}
                 raise TrainingError(
                     f"the training loss became {float(loss)} at step {self.state.global_step} (task losses: {losses}); "
@@ -566,12 +347,11 @@ class MultiTaskTrainer(Trainer):
         left out, and 1 where none is left).
 
         With separate sources a batch holds one task's rows, so one threshold for every step would undo static loss
-        weights wherever a task's gradient is clipped: all-MiniLM-L6-v2's CoSENT gradients on STS-B batches have norms
-        of 20-70, clipped to 1 like every other task's, and STS-B `loss_weight` 1, 2 and 4 trained the same model
-        (docs/RESULTS.md). Scaled, a weight-2 task's clipped step is twice a weight-1 task's, as its unclipped
-        gradient would be. A step that trains several tasks (a source labelled for several, or accumulation over
-        sources) is clipped at their mean weight. With every weight 1 (the default) this is the Trainer's own
-        clipping; every process clips alike."""
+        weights wherever a task's gradient is clipped: a task whose gradients are far above the threshold (CoSENT's
+        are) would train the same whatever its weight (docs/TRAINING.md §3 has the measurement). Scaled, a weight-2
+        task's clipped step is twice a weight-1 task's, as its unclipped gradient would be. A step that trains
+        several tasks (a source labelled for several, or accumulation over sources) is clipped at their mean weight.
+        With every weight 1 (the default) this is the Trainer's own clipping; every process clips alike."""
         step, factor = self._step_loss_weight
         factor = factor if step == self.state.global_step else 1.0
         if factor == 1.0:
@@ -599,7 +379,7 @@ class MultiTaskTrainer(Trainer):
                 if self._task_log_steps[name] > 0:
                     logs[metric_key("loss", name)] = round(float(sums[index]) / self._task_log_steps[name], 4)
             model = unwrap(self.accelerator.unwrap_model(self.model))
-            if self.loss_weighting == "uncertainty" and hasattr(model, "loss_weighting"):
+            if self.args.loss_weighting == "uncertainty" and hasattr(model, "loss_weighting"):
                 for name, weight in model.loss_weighting.weights().items():
                     logs[metric_key("task_weight", name)] = round(weight, 4)
             self._reset_task_logs()
@@ -622,8 +402,8 @@ class MultiTaskTrainer(Trainer):
         if prediction_loss_only:
             return loss, None, None
         rows = inputs["input_ids"].shape[0]
-        predictions = tuple(self._task_predictions(task, outputs, rows) for task in self.task_configs)
-        references = tuple(self._task_references(task, labels.get(task["name"]), inputs) for task in self.task_configs)
+        predictions = tuple(task.eval_predictions(outputs, rows) for task in self.tasks)
+        references = tuple(task.eval_references(labels.get(task.name), inputs) for task in self.tasks)
         return loss, predictions, references
 
     def _without_padding_rows(self, labels: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
@@ -642,38 +422,6 @@ class MultiTaskTrainer(Trainer):
             masked[name] = tensor.clone()
             masked[name][real:] = float("nan") if tensor.is_floating_point() else IGNORE_INDEX
         return masked
-
-    @staticmethod
-    def _task_references(task: dict, labels: torch.Tensor | None, inputs: dict) -> torch.Tensor | None:
-        """The task's labels, but for a contrastive task `(rows, 2)` ids of each row's anchor and positive text
-        (`IGNORE_INDEX` for rows without the task): retrieval is scored per distinct query over distinct passages,
-        each query's relevant passages the positives of every row with its text (`metrics._retrieval`)."""
-        if task["type"] != "contrastive" or labels is None:
-            return labels
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        if input_ids.dim() < 3:  # a batch of single texts: no row of this task
-            return labels.new_full((len(labels), 2), IGNORE_INDEX)
-        ids = retrieval_text_ids(input_ids[:, :2], attention_mask[:, :2])  # (rows, 2)
-        return torch.where(labelled_mask(labels)[:, None].to(ids.device), ids, IGNORE_INDEX)
-
-    @staticmethod
-    def _task_predictions(task: dict, outputs, rows: int) -> torch.Tensor:
-        """What `compute_metrics` needs of one task for one batch, with the same shape (and device: the Trainer
-        concatenates the batches before moving them to the CPU) in every batch."""
-        logits = outputs.logits.get(task["name"])
-        task_type = task["type"]
-        if task_type == "token_classification":
-            return logits.argmax(-1)  # only the predicted tag, not (batch, seq, labels) logits: saves memory
-        if task_type == "contrastive":  # the anchor and positive embeddings: retrieval is scored over the split
-            embeddings = outputs.embeddings
-            if embeddings.dim() == 3 and embeddings.shape[1] >= 2:
-                return embeddings[:, :2].detach().float()
-            return embeddings.new_zeros((rows, 2, embeddings.shape[-1]), dtype=torch.float32)
-        if logits is None:  # a pair task in a batch of single texts: filler, its references are all missing
-            width = () if task_type == "similarity" else (len(task["labels"]),)
-            filler = float("nan") if task_type == "similarity" else 0.0
-            return outputs.embeddings.new_full((rows, *width), filler, dtype=torch.float32)
-        return logits.detach().float()
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -699,10 +447,10 @@ class MultiTaskTrainer(Trainer):
     def _measure_drift(self, prefix: str) -> dict[str, float]:
         drift = self.drift.measure(self.accelerator.unwrap_model(self.model))
         # A run with a task that trains the embedding moves it on purpose: its similarity scores say how well.
-        if drift["cosine_to_initial"] < self.drift_warning_cosine and not self.protection.embedding_tasks:
+        if drift["cosine_to_initial"] < self.args.drift_warning_cosine and not self.protection.embedding_tasks:
             logger.warning(
                 f"the sentence embedding has drifted: mean cosine to the initial embedding "
-                f"{drift['cosine_to_initial']:.3f} < {self.drift_warning_cosine} (nearest-neighbour overlap "
+                f"{drift['cosine_to_initial']:.3f} < {self.args.drift_warning_cosine} (nearest-neighbour overlap "
                 f"{next(v for k, v in drift.items() if k.startswith('knn')):.2f}); `encode` quality is likely down. "
                 f"Keep embedding_protection='distillation' (or raise protection_weight), or add a similarity task."
             )
@@ -713,7 +461,7 @@ class MultiTaskTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
             return self.optimizer
-        if self.head_learning_rate is None and self.layerwise_lr_decay in (None, 1.0):
+        if self.args.head_learning_rate is None and self.args.layerwise_lr_decay in (None, 1.0):
             optimizer = super().create_optimizer(model)
         else:
             optimizer = self._grouped_optimizer(model)
@@ -722,7 +470,7 @@ class MultiTaskTrainer(Trainer):
 
     def encoder_frozen_steps(self) -> int:
         """How many of the first optimizer steps leave the shared encoder fixed (`freeze_encoder_steps`)."""
-        steps = self.freeze_encoder_steps
+        steps = self.args.freeze_encoder_steps
         return math.ceil(steps * self.state.max_steps) if 0 < steps < 1 else int(steps)
 
     def _skip_idle_parameters(self, optimizer, args, kwargs) -> None:
@@ -730,9 +478,9 @@ class MultiTaskTrainer(Trainer):
         the shared encoder on steps it must not learn from.
 
         An idle head's gradient is an exact zero (`task_loss` keeps every head in the graph, for DDP), and Adam would
-        still move it: along the stale momentum, with a second moment that decays between the task's batches, so with
-        3 tasks a head's effective step is ~1.7x what it would be alone, plus weight decay on steps it has no data
-        for. Dropping the gradient (`None`) makes the optimizer skip those parameters (no update, no weight decay, no
+        still move it: along the stale momentum, with a second moment that decays between the task's batches, so a
+        head's effective step grows with the number of tasks (docs/TRAINING.md), plus weight decay on steps it has no
+        data for. Dropping the gradient (`None`) makes the optimizer skip those parameters (no update, no weight decay, no
         Adam step), so each head sees the same update sequence as when trained alone. Gradients rather than
         `requires_grad`: the optimizer and DDP were built with every parameter.
         """
@@ -771,12 +519,12 @@ class MultiTaskTrainer(Trainer):
 
     def parameter_learning_rate(self, name: str, model: nn.Module) -> float:
         """Learning rate of one parameter: heads (with their own layers), pooling and projection vs backbone, with
-        layer-wise decay. A head's own copies of the top layers learn at the head rate: on validation data (WikiANN,
-        docs/RESULTS.md) that beat the encoder's rate by 5.6 F1, as they have a task to themselves to adapt to."""
+        layer-wise decay. A head's own copies of the top layers learn at the head rate: they have a task to
+        themselves to adapt to (docs/TRAINING.md measures the choice)."""
         base = self.args.learning_rate
         if not name.startswith("backbone."):
-            return self.head_learning_rate if self.head_learning_rate is not None else base
-        decay = self.layerwise_lr_decay
+            return self.args.head_learning_rate if self.args.head_learning_rate is not None else base
+        decay = self.args.layerwise_lr_decay
         if decay in (None, 1.0):
             return base
         num_layers = backbone_num_layers(model)

@@ -237,13 +237,13 @@ def bad_files(tmp_path_factory, model_dir):
     "args, message",
     [
         (["encode", "--model", "/nonexistent/model", "hi", "-o", "x.npy"], "--model /nonexistent/model: no such model"),
-        (["encode", "--model", "{bad}/empty_model", "hi", "-o", "x.npy"], "no config.json in this folder"),
-        (["encode", "--model", "{bad}/garbage_model", "hi", "-o", "x.npy"], "config.json cannot be read"),
-        (["encode", "--model", "{bad}/no_weights", "hi", "-o", "x.npy"], "no weights in this folder"),
+        (["encode", "--model", "{bad}/empty_model", "hi", "-o", "x.npy"], "empty_model holds no config.json"),
+        (["encode", "--model", "{bad}/garbage_model", "hi", "-o", "x.npy"], "config.json is not valid JSON"),
+        (["encode", "--model", "{bad}/no_weights", "hi", "-o", "x.npy"], "holds no model*.safetensors weights"),
         (["encode", "--model", "{bad}/a_file", "hi", "-o", "x.npy"], "a_file: not a folder"),
         (
             ["encode", "--model", "{backbone}", "hi", "-o", "x.npy"],
-            "not a multi-task model (config.json has model_type",
+            "describes a 'bert' model, not a multi-task model",
         ),
         (["encode", "--model", "{model}", "--file", "/nonexistent/in.txt", "-o", "x.npy"], "cannot read --file"),
         (["encode", "--model", "{model}", "--file", "{bad}/latin1.txt", "-o", "x.npy"], "latin1.txt: not UTF-8 text"),
@@ -251,7 +251,10 @@ def bad_files(tmp_path_factory, model_dir):
         (["encode", "--model", "{model}", "--file", "{bad}/nofield.jsonl", "-o", "x.npy"], "string field 'text'"),
         (["encode", "--model", "{model}", "--file", "{bad}/list.jsonl", "-o", "x.npy"], "expected a JSON object"),
         (["encode", "--model", "{model}", "--file", "{bad}/surrogate.jsonl", "-o", "x.npy"], "lone surrogate"),
-        (["encode", "--model", "{model}", "caf\udce9", "-o", "x.npy"], "argument 1: not valid Unicode text"),
+        (
+            ["encode", "--model", "{model}", "caf\udce9", "-o", "x.npy"],
+            "argument 1 holds a lone surrogate (U+DCE9, the byte 0xe9",
+        ),
         (["encode", "--model", "{model}", "-o", "x.npy"], "no input texts"),
         (["encode", "--model", "{model}", "--file", "{bad}/empty.txt", "-o", "x.npy"], "no input texts"),
         (["encode", "--model", "{model}", "hi", "-o", "x.csv"], "--output x.csv: use a .npy or .jsonl file name"),
@@ -265,10 +268,10 @@ def bad_files(tmp_path_factory, model_dir):
         (["predict", "--model", "{model}", "--pairs", "{bad}/three.tsv"], "three.tsv:2: expected 2 tab-separated"),
         (["predict", "--model", "{model}", "--pairs", "{bad}/one.tsv"], "one.tsv:1: expected 2 tab-separated columns"),
         (["predict", "--model", "{model}", "--pairs", "{bad}/nopair.jsonl"], "fields 'text' and 'text_pair'"),
-        (["predict", "--model", "{model}", "--pair", "a", "b\udcff"], "--pair 1: not valid Unicode text"),
-        (["predict", "--model", "{model}", "--pairs", "{bad}/blank.tsv"], "blank.tsv:2: the second text of the pair"),
-        (["predict", "--model", "{model}", "--pairs", "{bad}/upper.JSONL"], "upper.JSONL:1: the second text"),
-        (["similarity", "--model", "{model}", "--pair", "", "b"], "--pair 1: the first text of the pair is empty"),
+        (["predict", "--model", "{model}", "--pair", "a", "b\udcff"], "--pair 1[1] holds a lone surrogate"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/blank.tsv"], "blank.tsv:2[1] is empty: both texts"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/upper.JSONL"], "upper.JSONL:1[1] is empty"),
+        (["similarity", "--model", "{model}", "--pair", "", "b"], "--pair 1[0] is empty: both texts"),
         (["predict", "--model", "{model}", "hi", "-o", "{bad}/a_file/p.json"], "is a file, not a folder"),
         (["similarity", "--model", "{model}", "only one"], "at least two texts"),
         (["similarity", "--model", "{model}", "a", "b", "-o", "heat.txt"], "use a .png, .svg or .pdf file name"),
@@ -357,14 +360,27 @@ def test_device_without_gpu(model_dir, tmp_path, capsys, no_model_loading):
 
 def test_failure_during_the_work_leaves_no_partial_output(model_dir, tmp_path, capsys, monkeypatch):
     from modeling_mtl import MultiTaskModel
+    from multitask_st.cli import main
+    from validation_mtl import InputError
 
-    def fail(*args, **kwargs):
-        raise RuntimeError("device lost\nsecond line")
+    def refuse(*args, **kwargs):  # an input the model refuses: one line, no traceback
+        raise InputError("texts[0] is not something this model reads\nsecond line")
 
-    monkeypatch.setattr(MultiTaskModel, "predict", fail)
-    result = run_main(capsys, "predict", "--model", model_dir, "hi", "-q", "-o", str(tmp_path / "out" / "p.json"))
+    def fail(*args, **kwargs):  # anything else (a bug, a device): the traceback is kept
+        raise RuntimeError("device lost")
+
+    output = ["-q", "-o", str(tmp_path / "out" / "p.json")]
+    monkeypatch.setattr(MultiTaskModel, "predict", refuse)
+    result = run_main(capsys, "predict", "--model", model_dir, "hi", *output)
     assert result.returncode == 1
-    assert result.stderr.strip() == "mtl predict: error: RuntimeError: device lost (MTL_DEBUG=1 shows the traceback)"
+    assert result.stderr.strip() == "mtl predict: error: texts[0] is not something this model reads\nsecond line"
+    monkeypatch.setenv("MTL_DEBUG", "1")  # the one-line error with its traceback
+    with pytest.raises(InputError, match="not something this model reads"):
+        main(["predict", "--model", model_dir, "hi", *output])
+    monkeypatch.delenv("MTL_DEBUG")
+    monkeypatch.setattr(MultiTaskModel, "predict", fail)
+    with pytest.raises(RuntimeError, match="device lost"):
+        main(["predict", "--model", model_dir, "hi", *output])
     assert list((tmp_path / "out").iterdir()) == []  # no output and no temporary file
 
     def interrupt(*args, **kwargs):

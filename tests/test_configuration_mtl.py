@@ -112,8 +112,8 @@ def test_default_backbone_config_has_minilm_shape():
             for head in ({"pooling": "attention"}, {"pooling": "attention", "layers": 1}, "transformer")
         ),
         ({"tasks": [{"name": "a", "labels": "xy"}]}, "`labels` must be a list"),
-        ({"projection_dim": 0}, "projection_dim must be a positive int"),
-        ({"max_seq_length": 100000}, "exceeds the backbone's max_position_embeddings"),
+        ({"projection_dim": 0}, "projection_dim must be an int >= 1"),
+        ({"max_seq_length": 100000}, "exceeds the 512 token positions the backbone can encode"),
         ({"backbone_config": {"hidden_size": 8}}, "needs a 'model_type' key"),
         ({"head_dropout": 1.5}, "head_dropout must be a number in [0, 1)"),
     ],

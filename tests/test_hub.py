@@ -22,6 +22,7 @@ from train_helpers import separate_sources
 
 import push_to_hub
 import train
+from push_to_hub import CODE_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_test_write_token"
@@ -101,7 +102,7 @@ def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model,
     files = stored_files(hub, repo_id)
     published = set(files) - {".gitattributes"}
     expected = {
-        "README.md", "config.json", "model.safetensors", "configuration_mtl.py", "modeling_mtl.py", "inference_mtl.py",
+        "README.md", "config.json", "model.safetensors", *CODE_FILES,
         "tokenizer.json", "tokenizer_config.json", "metrics.json", "training_config.json", "trainer_state.json",
         "training_curves.png",
     }  # fmt: skip

@@ -266,11 +266,11 @@ def test_encode_contract(model):
     tensor = model.encode(SENTENCES, convert_to_tensor=True)
     assert isinstance(tensor, torch.Tensor)
     np.testing.assert_allclose(tensor.numpy(), many[:3], atol=1e-6)
-    with pytest.raises(TypeError, match=r"sentences\[1\] must be a str, got int"):
+    with pytest.raises(TypeError, match=r"sentences\[1\] must be a string, got int"):
         model.encode(["fine", 3])
-    with pytest.raises(TypeError, match=r"sentences\[0\] must be a str, got NoneType"):
+    with pytest.raises(TypeError, match=r"sentences\[0\] must be a string, got NoneType"):
         model.encode([None])
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         model.encode(["x"], batch_size=0)
 
 
@@ -415,7 +415,8 @@ def test_pairs_as_lists_where_every_task_predicted_takes_pairs(model, tiny_bert)
     assert pair_only.predict(list(pairs[0]))["sts"] == pair_only.predict(pairs[0])["sts"]
     assert model.predict(list(pairs[0]), tasks=["sts"])["sts"] == model.predict(pairs[0], tasks=["sts"])["sts"]
     with pytest.raises(
-        ValueError, match=r"no single-text tasks .*: give it pairs: a \(text_a, text_b\) tuple, or a list of them"
+        ValueError,
+        match=r"no single-text tasks .*; give it pairs: \(text, text_pair\) tuples or \[text, text_pair\] lists",
     ):
         pair_only.predict(["one", "two", "three"])
 
@@ -455,16 +456,16 @@ def test_similarity_stays_within_minus_one_and_one(model, monkeypatch):
         (lambda m: m.predict(["a", ("b", "c")]), TypeError, "mixes text pairs"),
         (lambda m: m.predict([("a", "b")], tasks=["topic"]), ValueError, r"task\(s\) \['topic'\] take single texts"),
         (lambda m: m.predict(["a"], tasks=["paraphrase"]), ValueError, r"\['paraphrase'\] take text pairs"),
-        (lambda m: m.predict([("a", 3)]), TypeError, "pair 0: text_pair must be a str, got int"),
-        (lambda m: m.predict([["a", 3]]), TypeError, r"sentences\[0\]\[1\] must be a str"),
+        (lambda m: m.predict([("a", 3)]), TypeError, r"sentences\[0\]\[1\] must be a string, got int"),
+        (lambda m: m.predict([["a", 3]]), TypeError, r"sentences\[0\]\[1\] must be a string"),
         (lambda m: m.similarity(["a", "b"], ["c"], pairwise=True), ValueError, "lists of the same length, got 2 and 1"),
-        (lambda m: m.similarity(["a", None], ["c"]), TypeError, r"texts_a\[1\] must be a str"),
+        (lambda m: m.similarity(["a", None], ["c"]), TypeError, r"texts_a\[1\] must be a string"),
         (lambda m: m.similarity(["a"], ["c"], pairwise="no"), TypeError, "pairwise must be True or False, got 'no'"),
-        (lambda m: m.predict([("a", "b"), ("c", "")]), ValueError, "pair 1: text_pair is empty"),
+        (lambda m: m.predict([("a", "b"), ("c", "")]), ValueError, r"sentences\[1\]\[1\] is empty"),
         (lambda m: m.predict("a", tasks=[]), ValueError, "tasks is empty"),
         (lambda m: m.encode("a", normalize=False, normalize_embeddings=True), ValueError, "disagree"),
         (lambda m: m.encode("a", normalize_embeddings=1), TypeError, "normalize_embeddings must be True, False"),
-        (lambda m: m.encode("a", truncate_dim=0), ValueError, "truncate_dim must be an int from 1 to the embedding"),
+        (lambda m: m.encode("a", truncate_dim=0), ValueError, "truncate_dim must be an int from 1 to 32, got 0"),
         (lambda m: m.encode("a", truncate_dim=10_000), ValueError, "truncate_dim must be an int from 1"),
         (lambda m: m.similarity(np.ones((2, 3)), ["a"]), TypeError, "both be texts or both be embeddings"),
         (lambda m: m.similarity(np.ones((2, 3)), np.ones((2, 4))), ValueError, r"different sizes: 3 \(texts_a\)"),

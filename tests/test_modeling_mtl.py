@@ -15,6 +15,7 @@ from train_helpers import SENTENCES, TEXT_TASKS
 from transformers import AutoModel, AutoTokenizer
 
 from configuration_mtl import POOLING_MODES
+from io_mtl import model_code_files
 from modeling_mtl import (
     IGNORE_INDEX,
     MultiTaskModel,
@@ -224,14 +225,17 @@ def test_backbone_families_encode_forward_save_load(tiny_backbones, family, tmp_
 def test_saved_folder_contents_and_auto_model_without_remote_code(model, tmp_path):
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {
-        "config.json",
-        "model.safetensors",
+    code = {
         "configuration_mtl.py",
         "modeling_mtl.py",
+        "tasks_mtl.py",
+        "layers_mtl.py",
         "inference_mtl.py",
-        "tokenizer_config.json",
-    } <= files
+        "validation_mtl.py",
+        "io_mtl.py",
+    }
+    assert set(model_code_files()) == code  # what push_to_hub publishes is what save_pretrained copies
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", *code} <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_mtl.MultiTaskConfig",
@@ -242,7 +246,7 @@ def test_saved_folder_contents_and_auto_model_without_remote_code(model, tmp_pat
     assert json.loads((tmp_path / "modules.json").read_text())[1]["path"] == "1_Pooling"  # sentence-transformers
     # The copied code files are the project's own.
     root = Path(__file__).resolve().parent.parent
-    for name in ("modeling_mtl.py", "configuration_mtl.py", "inference_mtl.py"):
+    for name in code:
         assert (tmp_path / name).read_text() == (root / name).read_text()
     # With the package imported, the Auto classes resolve it locally (no trust_remote_code needed).
     loaded = AutoModel.from_pretrained(tmp_path)

@@ -30,7 +30,7 @@ from multitask_st.onnx import (  # noqa: E402
     OnnxMultiTaskModel,
     export_onnx,
 )
-from multitask_st.onnx_cli import SCHEMES, add_export_arguments, run_export  # noqa: E402
+from multitask_st.onnx.cli import SCHEMES, add_export_arguments, run_export  # noqa: E402
 
 TASKS = [
     {"name": "sentiment", "labels": ["negative", "positive"], "head": {"type": "mlp", "hidden_size": 16}},
@@ -212,13 +212,13 @@ def test_int8_graph_is_quantized_and_close(tiny):
 def test_cpu_sessions_keep_the_slow_fusions_apart(tiny, tmp_path):
     import onnxruntime
 
-    from multitask_st.onnx import CPU_DISABLED_FUSIONS, _disabled_fusions
+    from multitask_st.onnx import CPU_DISABLED_FUSIONS, disabled_fusions
 
     cpu, both = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert _disabled_fusions(cpu, both) == list(CPU_DISABLED_FUSIONS)
-    assert _disabled_fusions([("CPUExecutionProvider", {})], both) == list(CPU_DISABLED_FUSIONS)
-    assert _disabled_fusions(both, both) == []  # an accelerator keeps onnxruntime's fused kernels
-    assert _disabled_fusions(both, cpu) == list(CPU_DISABLED_FUSIONS)  # ... unless it falls back to CPU
+    assert disabled_fusions(cpu, both) == list(CPU_DISABLED_FUSIONS)
+    assert disabled_fusions([("CPUExecutionProvider", {})], both) == list(CPU_DISABLED_FUSIONS)
+    assert disabled_fusions(both, both) == []  # an accelerator keeps onnxruntime's fused kernels
+    assert disabled_fusions(both, cpu) == list(CPU_DISABLED_FUSIONS)  # ... unless it falls back to CPU
 
     def optimized_ops(disabled: list[str]) -> set[str]:
         options = onnxruntime.SessionOptions()
@@ -228,8 +228,8 @@ def test_cpu_sessions_keep_the_slow_fusions_apart(tiny, tmp_path):
         return {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
 
     assert "SkipLayerNormalization" in optimized_ops([])  # onnxruntime's default fuses them back at load time
-    assert "SkipLayerNormalization" not in optimized_ops(_disabled_fusions(cpu, cpu))
-    assert "LayerNormalization" in optimized_ops(_disabled_fusions(cpu, cpu))
+    assert "SkipLayerNormalization" not in optimized_ops(disabled_fusions(cpu, cpu))
+    assert "LayerNormalization" in optimized_ops(disabled_fusions(cpu, cpu))
 
 
 def test_runtime_options_and_errors(tiny):
@@ -304,7 +304,7 @@ def test_cli_functions_export_and_report_errors(tiny, tmp_path, capsys):
         parser.parse_args([str(tmp_path / "model"), "--quantization", "nope"])
     assert SCHEMES == tuple(QUANTIZATION)
     # The command-line half stays light: the `mtl` parser can import it without torch.
-    probe = "import sys, multitask_st.onnx_cli; assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules"
+    probe = "import sys, multitask_st.onnx.cli; assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules"
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 

@@ -35,7 +35,11 @@ def test_wheel_contains_modules_and_data_and_installs(tmp_path):
     for module in (
         "configuration_mtl.py",
         "modeling_mtl.py",
+        "tasks_mtl.py",
+        "layers_mtl.py",
         "inference_mtl.py",
+        "validation_mtl.py",
+        "io_mtl.py",
         "train.py",
         "push_to_hub.py",
         "multitask_st/__init__.py",

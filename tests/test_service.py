@@ -363,7 +363,7 @@ SURROGATE = "\ud800"
         ("/predict", {"pairs": [["a", LONG]]}, 422, "pairs[0][1] has 501 characters; at most 500"),
         ("/predict", {"pairs": [["a", "b"], [SURROGATE, "b"]]}, 422, "pairs[1][0] holds a lone surrogate"),
         ("/predict", {"pairs": [["a", "b"], ["a", " "]]}, 422, "pairs[1][1] is empty: both texts of a pair"),
-        ("/predict", {"texts": ["hi"], "tasks": ["nli"]}, 422, "task(s) ['nli'] take text pairs: send them in pairs"),
+        ("/predict", {"texts": ["hi"], "tasks": ["nli"]}, 422, "tasks: task(s) ['nli'] take text pairs"),
         ("/predict", {"pairs": [["a", "b"]], "tasks": ["sentiment", "sts"]}, 422, "task(s) ['sentiment'] take single"),
         ("/similarity", {"texts": ["a"], "texts_b": ["b"] * 16}, 413, "texts + texts_b have 17 texts; at most 16"),
         ("/similarity", {"texts": ["a"], "texts_b": []}, 422, "texts_b is empty"),
@@ -480,7 +480,7 @@ def test_create_app_rejects_bad_arguments(model):
 
     with pytest.raises(TypeError, match="has no config, tokenizer, task_names, encode, predict, similarity"):
         create_app(object())
-    with pytest.raises(ValueError, match="max_batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="max_batch_size must be an int >= 1, got 0"):
         create_app(model, max_batch_size=0)
     with pytest.raises(ValueError, match="api_key must be a non-empty string"):
         create_app(model, api_key=" ")

@@ -49,12 +49,12 @@ def test_config_file_keeps_tasks_as_data_and_flags_override_it(tmp_path):
 
 
 def test_defaults_are_the_recipe_and_flags_alone_change_the_default_job(tmp_path):
-    _, data_args, mtl_args, training_args = train.parse_arguments([])
+    _, data_args, _, training_args = train.parse_arguments([])
     assert [spec.name for spec in parse_task_specs(data_args.tasks)] == ["topic", "sentiment", "ner"]
     assert training_args.metric_for_best_model == "combined_score"
-    assert (training_args.learning_rate, mtl_args.head_learning_rate) == (1e-4, 2e-3)
+    assert (training_args.learning_rate, training_args.head_learning_rate) == (1e-4, 2e-3)
     assert (training_args.warmup_steps, training_args.weight_decay) == (0.1, 0.01)
-    assert mtl_args.embedding_protection == "auto"
+    assert training_args.embedding_protection == "auto"
     # Flags without --tasks apply to the embedded default job.
     _, data_args, _, training_args = train.parse_arguments(["--output_dir", str(tmp_path / "x"), "--seed", "3"])
     assert [spec.name for spec in parse_task_specs(data_args.tasks)] == ["topic", "sentiment", "ner"]
@@ -172,7 +172,7 @@ def test_bad_runs_exit_2_with_one_line_naming_the_problem(tiny_bert, tmp_path):
         # Checked before anything is loaded: the (missing) model folder is never reached.
         (["--tasks", json.dumps(three_tasks(files)), "--drift_sample_size", "-1", "--model_name_or_path",
           str(tmp_path / "no-model")],
-         "drift_sample_size must be an int >= 0 (0: no drift measured), got -1"),
+         "drift_sample_size must be an int >= 0, got -1"),
     ]  # fmt: skip
     for args, message in cases:
         result = script(*args, cwd=tmp_path)
@@ -205,10 +205,31 @@ def test_a_bad_flag_value_is_one_line_not_the_usage_block(capsys):
     assert len(err.strip().splitlines()) == 1 and "--max_steps" in err and "invalid int value: 'abc'" in err
 
 
+def test_user_errors_are_one_line_and_anything_else_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """`train.run` turned every ValueError into one line, so a bug inside transformers or datasets lost its
+    traceback: only what the user can fix (`UserError`) is one line now, with `MTL_DEBUG` showing its traceback."""
+    from validation_mtl import UserError
+
+    bad = ["--output_dir", str(tmp_path / "o"), "--drift_sample_size", "-1"]
+    assert train.run(bad) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: drift_sample_size must be an int >= 0, got -1"
+    monkeypatch.setenv("MTL_DEBUG", "1")
+    with pytest.raises(UserError, match="drift_sample_size"):
+        train.run(bad)
+    monkeypatch.delenv("MTL_DEBUG")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug deep inside a library")
+
+    monkeypatch.setattr(train, "_load_data", bug)
+    with pytest.raises(ValueError, match="a bug deep inside a library"):
+        train.run(["--output_dir", str(tmp_path / "p")])
+
+
 def test_the_record_names_the_batch_size_and_learning_rate_even_at_trainingarguments_defaults(tmp_path):
     from transformers import TrainingArguments
 
-    from multitask_st.training import non_default_hyperparameters
+    from multitask_st.records import non_default_hyperparameters
 
     record = non_default_hyperparameters(
         TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=5e-5)

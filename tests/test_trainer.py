@@ -20,9 +20,9 @@ from multitask_st.trainer import (
     MultiTaskSampler,
     MultiTaskTrainer,
     apply_freezing,
-    check_trainer_options,
     sampling_probabilities,
 )
+from tasks_mtl import make_task
 
 
 def build(tiny_bert, tasks, max_seq_length=32):
@@ -436,7 +436,7 @@ def test_rows_of_a_task_outside_train_tasks_stop_training_with_one_error(tiny_be
 def test_resuming_where_the_protection_froze_the_encoder_and_now_would_not_is_refused(tiny_bert, tmp_path):
     # Isolation at weight 1 freezes the shared encoder only when no embedding task trains: the same method and
     # weight with the similarity task now training would need optimizer state the checkpoint does not hold.
-    from multitask_st.training import TrainingError
+    from multitask_st.errors import TrainingError
 
     data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
     heads, sizes = ["topic", "sentiment", "ner"], data.source_sizes
@@ -455,7 +455,7 @@ def test_resuming_where_the_protection_froze_the_encoder_and_now_would_not_is_re
 
 
 def test_a_checkpoint_records_its_protection_and_resuming_with_another_is_refused(tiny_bert, tmp_path):
-    from multitask_st.training import TrainingError
+    from multitask_st.errors import TrainingError
 
     data, model = build(tiny_bert, isolation_tasks(tmp_path, with_similarity=True))
     arguments = {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 4}
@@ -659,26 +659,37 @@ def test_freeze_encoder_steps_trains_the_heads_alone_first_then_everything(tiny_
     [
         ({"drift_sample_size": -1}, "drift_sample_size must be an int >= 0"),
         ({"drift_sample_size": 2.5}, "drift_sample_size must be an int >= 0"),
-        ({"drift_warning_cosine": 1.5}, r"drift_warning_cosine must be a cosine, in \[-1, 1\], got 1.5"),
+        ({"drift_warning_cosine": 1.5}, r"drift_warning_cosine must be a finite number in \[-1, 1\], got 1.5"),
         ({"embedding_protection": "freeze"}, "embedding_protection 'freeze' is not one of"),
-        ({"task_sampling": "temperature", "sampling_temperature": 0}, "sampling_temperature must be > 0, got 0"),
+        (
+            {"task_sampling": "temperature", "sampling_temperature": 0},
+            r"sampling_temperature must be a finite number > 0",
+        ),
         ({"loss_weighting": "gradnorm"}, "loss_weighting 'gradnorm' is not one of"),
+        ({"head_learning_rate": -1e-3}, r"head_learning_rate must be a finite number > 0, got -0.001"),
+        ({"layerwise_lr_decay": 1.5}, r"layerwise_lr_decay must be a finite number in \(0, 1\], got 1.5"),
+        ({"protection_weight": -1.0}, r"protection_weight must be a finite number >= 0"),
     ],
 )
-def test_trainer_options_are_checked_without_model_or_data(option, message):
-    defaults = dict(
-        task_sampling="temperature",
-        sampling_temperature=2.0,
-        loss_weighting="static",
-        layerwise_lr_decay=None,
-        embedding_protection="auto",
-        freeze_encoder_steps=0,
-        drift_sample_size=1000,
-        drift_warning_cosine=0.9,
-    )
-    check_trainer_options(**defaults)  # the defaults pass
-    with pytest.raises(ValueError, match=message):
-        check_trainer_options(**{**defaults, **option})
+def test_trainer_options_are_checked_when_the_arguments_are_made(tmp_path, option, message):
+    """Each option is declared once, as a field of MultiTaskTrainingArguments, and checked when the arguments are
+    made: before any model or data is loaded (train.py parses them first). The same check runs when an option is
+    given to the trainer as a keyword argument."""
+    from multitask_st.arguments import MultiTaskTrainingArguments
+    from validation_mtl import UserError
+
+    MultiTaskTrainingArguments(output_dir=str(tmp_path))  # the defaults pass
+    with pytest.raises(UserError, match=message):
+        MultiTaskTrainingArguments(output_dir=str(tmp_path), **option)
+
+
+def test_trainer_options_given_as_keywords_land_in_args(tiny_bert, tmp_path):
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    trainer = trainer_for(model, data, tmp_path / "out", {"task_sampling": "uniform", "head_learning_rate": 0.01})
+    assert trainer.args.task_sampling == "uniform" and trainer.args.head_learning_rate == 0.01
+    assert trainer.args.output_dir == str(tmp_path / "out")  # the TrainingArguments fields carried over
+    name = next(name for name, _ in model.named_parameters() if name.startswith("heads."))
+    assert trainer.parameter_learning_rate(name, model) == 0.01
 
 
 @pytest.mark.parametrize("steps", [-1, 2.5])
@@ -750,6 +761,6 @@ def test_the_filler_predictions_of_a_pair_task_are_made_on_the_batchs_device():
     ]
     shapes = {"sts": (4,), "mrpc": (4, 2), "sst2": (4, 2)}
     for task in tasks:
-        predictions = MultiTaskTrainer._task_predictions(task, outputs, 4)
+        predictions = make_task(task).eval_predictions(outputs, 4)
         assert predictions.device == meta, task["name"]
         assert tuple(predictions.shape) == shapes[task["name"]]

@@ -14,16 +14,10 @@ from transformers import TrainerCallback
 
 import train
 from modeling_mtl import MultiTaskModel
-from multitask_st.training import (
-    TrainingError,
-    check_output_dir,
-    check_resumable,
-    commit_model_folder,
-    continue_training,
-    last_complete_checkpoint,
-    strict_json,
-    write_json,
-)
+from multitask_st.checkpoints import check_resumable, last_complete_checkpoint
+from multitask_st.continue_training import continue_training
+from multitask_st.errors import TrainingError
+from multitask_st.saving import check_output_dir, commit_model_folder, strict_json, write_json
 
 NER_TAGS = ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O"]
 
@@ -139,7 +133,7 @@ def test_resuming_a_different_run_names_what_changed(tiny_bert, tmp_path, change
 def test_lora_trains_adapters_and_heads_and_saves_a_merged_model(tiny_bert, tmp_path):
     from train_helpers import three_tasks, train_flags
 
-    from multitask_st.training import load_lora_model
+    from multitask_st.lora import load_lora_model
 
     files = make_dataset(tmp_path / "data", 24, 8)
     output = tmp_path / "out"

@@ -1,10 +1,9 @@
-"""Keeping the sentence embedding while heads train: protection during training, and drift measured at every
-evaluation.
+"""Keeping the sentence embedding while heads train (its drift is measured by `multitask_st.drift`).
 
 Heads for classification, tagging or regression pull the shared encoder toward whatever their labels need; nothing in
-their losses asks the pooled vector to keep meaning what it meant, so `encode` quietly gets worse (STS-B Spearman 82 ->
-42-64 in the measurements of docs/RESULTS.md). The protections, measured there (`auto`, the default: isolation when a
-task of the run trains the embedding, distillation otherwise):
+their losses asks the pooled vector to keep meaning what it meant, so `encode` quietly gets worse (docs/RESULTS.md
+measures how much). The protections, measured there (`auto`, the default: isolation when a task of the run trains
+the embedding, distillation otherwise):
 
 - `distillation`: every batch of a task that does not itself train the embedding also pulls each of its
   sentences' current embedding toward the embedding the *initial* encoder gives it, `1 - cos(current, initial)`,
@@ -17,9 +16,10 @@ task of the run trains the embedding, distillation otherwise):
 - `isolation`: the heads of single-text tasks train only their own layers (their copies of the encoder's top
   layers, pooling, linear layers): their gradients stop where they read the shared encoder's states
   (`MultiTaskModel.forward(head_gradient_scale=0)`). The shared encoder then learns only from the tasks that train
-  the embedding (similarity, pair classification, contrastive), or, in a run without any, not at all (it is
-  frozen). A weight below 1 lets `1 - weight` of the heads' gradients through; without an embedding task that
-  protects nothing (Adam rescales a gradient scaled down alone to full-size steps), and such a run warns.
+  the embedding (`Task.trains_embedding`: similarity, pair classification, contrastive), or, in a run without any,
+  not at all (it is frozen). A weight below 1 lets `1 - weight` of the heads' gradients through; without an
+  embedding task that protects nothing (Adam rescales a gradient scaled down alone to full-size steps), and such a
+  run warns.
 
 `none` trains as before. LoRA (`train.py --lora_rank`) is a third option that limits how far the encoder can move.
 """
@@ -29,26 +29,22 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers.utils import logging
 
-from configuration_mtl import EMBEDDING_TASK_TYPES
-from inference_mtl import PackedTokens
-from modeling_mtl import labelled_mask
+from layers_mtl import labelled_mask
+from tasks_mtl import make_task
+from validation_mtl import InputError
+
+from .arguments import PROTECTIONS, check_choice
+from .lora import unwrap
 
 logger = logging.get_logger(__name__)
 
-PROTECTIONS = ("auto", "distillation", "isolation", "l2sp", "none")
-# The factor of each embedding protection in the loss, chosen on validation data (docs/RESULTS.md). Distillation,
-# with SST-2 + TREC + WikiANN heads: 3 and 10 both kept the embedding (cosine 0.99, STS-B validation within 0.15 of
-# the base model on each of 3 seeds), and 3, the weaker pull, left the token head +0.3 to +0.8 F1 more (every seed),
-# the sentence heads the same within noise; 2 gained the token head nothing consistent (+1.3 / -0.3 / -0.1 against 3);
-# an early run at 1 drifted to a mean cosine of 0.86.
-# Isolation: the share of the heads' gradient kept out of the shared encoder; with STS-B similarity in the mix, 0.9
-# kept the heads' validation scores within ~2 points of the distilled mix where 1.0 cost them 3-5.
+# The factor of each embedding protection in the loss (for isolation: the share of the heads' gradient kept out of
+# the shared encoder), chosen on validation data: docs/TRAINING.md gives the reasons and the runs behind each.
 DEFAULT_PROTECTION_WEIGHT = {"distillation": 3.0, "isolation": 0.9, "l2sp": 0.01, "none": 0.0}
 
 
@@ -57,12 +53,11 @@ def resolve_protection(method: str, tasks: list[dict[str, Any]]) -> str:
     classification, contrastive), `distillation` otherwise; the choice is measured in docs/RESULTS.md."""
     if method != "auto":
         return method
-    return "isolation" if any(task["type"] in EMBEDDING_TASK_TYPES for task in tasks) else "distillation"
+    return "isolation" if any(make_task(task).trains_embedding for task in tasks) else "distillation"
 
 
 def check_protection(method: str) -> None:
-    if method not in PROTECTIONS:
-        raise ValueError(f"embedding_protection '{method}' is not one of {list(PROTECTIONS)}")
+    check_choice("embedding_protection", method, PROTECTIONS)
 
 
 def protection_setting(method: str, weight: float | None, tasks: list[dict[str, Any]]) -> tuple[str, float]:
@@ -72,19 +67,14 @@ def protection_setting(method: str, weight: float | None, tasks: list[dict[str, 
     resolved = resolve_protection(method, tasks)
     weight = DEFAULT_PROTECTION_WEIGHT[resolved] if weight is None else weight
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
-        raise ValueError(f"protection_weight must be a number >= 0, got {weight!r}")
+        raise InputError(f"protection_weight must be a number >= 0, got {weight!r}")
     if resolved == "isolation" and weight > 1:
-        raise ValueError(
+        raise InputError(
             f"protection_weight {weight!r} is out of range for isolation (the embedding protection in use"
             + (", chosen by 'auto' because a task trains the embedding" if method == "auto" else "")
             + "): it is the share of the heads' gradients kept out of the shared encoder, between 0 and 1"
         )
     return (resolved if weight > 0 else "none"), float(weight)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The `MultiTaskModel` inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def frozen_embedding_copy(model: nn.Module) -> nn.Module:
@@ -116,16 +106,16 @@ class EmbeddingProtection:
     ):
         tasks = unwrap(model).config.tasks
         if isinstance(train_tasks, str):
-            raise ValueError(f"train_tasks must be a list of task names, got the string {train_tasks!r}")
+            raise InputError(f"train_tasks must be a list of task names, got the string {train_tasks!r}")
         if train_tasks is not None:
             unknown = sorted(set(train_tasks) - {task["name"] for task in tasks})
             if unknown:
-                raise ValueError(f"train_tasks {unknown} are not tasks of the model ({[t['name'] for t in tasks]})")
+                raise InputError(f"train_tasks {unknown} are not tasks of the model ({[t['name'] for t in tasks]})")
             tasks = [task for task in tasks if task["name"] in train_tasks]
         self.method, self.weight = protection_setting(method, weight, tasks)
         if method == "auto":
-            logger.info(f"embedding_protection 'auto' -> '{self.method}' (multitask_st.embedding.resolve_protection)")
-        self.embedding_tasks = [task["name"] for task in tasks if task["type"] in EMBEDDING_TASK_TYPES]
+            logger.info(f"embedding_protection 'auto' -> '{self.method}' (multitask_st.protection.resolve_protection)")
+        self.embedding_tasks = [task["name"] for task in tasks if make_task(task).trains_embedding]
         if self.method == "isolation" and self.weight < 1 and not self.embedding_tasks:
             # Adam divides each parameter's step by the size of its own gradients, so scaling every gradient the
             # shared encoder gets by the same factor changes (almost) nothing: the factor only bites against the
@@ -202,50 +192,3 @@ class EmbeddingProtection:
             if labels is not None:
                 rows &= ~labelled_mask(labels).to(rows.device)
         return rows
-
-
-class EmbeddingDrift:
-    """How far the embedding has moved from where it started, without labels: on a fixed sample of texts, the mean
-    cosine between each text's initial and current embedding, and the overlap of each text's `k` nearest neighbours
-    (within the sample) under the initial and the current embedding.
-
-    Args:
-        model: the model at the start of training.
-        token_ids: the sample's texts as token id lists.
-        k: neighbours compared per text.
-    """
-
-    def __init__(self, model: nn.Module, token_ids: list[list[int]], k: int = 10, batch_size: int = 64):
-        self.tokens = PackedTokens.from_lists(token_ids)
-        self.k = min(k, max(1, len(token_ids) - 1))
-        self.batch_size = batch_size
-        self.initial = self._embed(model)
-        self.initial_neighbours = self._neighbours(self.initial)
-
-    def _embed(self, model: nn.Module) -> np.ndarray:
-        return unwrap(model).encode_tokens(self.tokens, batch_size=self.batch_size, normalize=True)
-
-    def _neighbours(self, embeddings: np.ndarray) -> np.ndarray:
-        similarity = embeddings @ embeddings.T
-        np.fill_diagonal(similarity, -np.inf)
-        return np.argpartition(-similarity, self.k - 1, axis=1)[:, : self.k]
-
-    def measure(self, model: nn.Module) -> dict[str, float]:
-        current = self._embed(model)
-        cosine = float(np.mean(np.sum(current * self.initial, axis=1)))
-        neighbours = self._neighbours(current)
-        overlap = np.mean(
-            [len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(neighbours, self.initial_neighbours)]
-        )
-        return {"cosine_to_initial": cosine, f"knn_overlap@{self.k}": float(overlap / self.k)}
-
-
-def drift_sample(dataset: Any, size: int, seed: int = 0) -> list[list[int]]:
-    """Up to `size` distinct texts (token id lists) of a processed split, every text of every row counted, drawn
-    with a fixed seed so that every evaluation of a run measures the same texts."""
-    texts = {tuple(ids) for row in dataset["input_ids"] for ids in row if ids}
-    ordered = sorted(texts)
-    if len(ordered) > size:
-        chosen = np.random.default_rng(seed).choice(len(ordered), size=size, replace=False)
-        ordered = [ordered[index] for index in sorted(chosen)]
-    return [list(ids) for ids in ordered]

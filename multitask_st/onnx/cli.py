@@ -1,4 +1,4 @@
-"""The command-line half of `multitask_st.onnx`: `mtl export MODEL -o OUT [--int8]`.
+"""The command line of the ONNX export: `mtl export MODEL -o OUT [--int8]` (also `python -m multitask_st.onnx`).
 
 Importing this module is cheap (no torch, no onnxruntime), so the `mtl` parser (`cli._add_export_parser`) adds the
 `export` command without slowing every other command down; `run_export` imports the exporter when it runs.
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-ONNX_CONFIG_NAME = "onnx_config.json"
-DEFAULT_OPSET = 17
-# The int8 schemes of `multitask_st.onnx.QUANTIZATION` (which checks that both lists agree), default first.
-SCHEMES = ("outlier-split", "per-channel", "per-tensor")
-DEFAULT_QUANTIZATION = SCHEMES[0]
+from validation_mtl import UserError
+
+from .options import DEFAULT_OPSET, DEFAULT_QUANTIZATION, ONNX_CONFIG_NAME, SCHEMES
 
 EXPORT_HELP = "saved model -> ONNX folder (one graph with every head; --int8)"
 EXPORT_DESCRIPTION = (
@@ -56,14 +55,14 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"mtl export: error: {args.model} is not a local folder: give the export folder with -o", file=sys.stderr)
         return 1
     try:
-        from .onnx import export_onnx
+        from .export import export_onnx
 
         calibration = None
         if getattr(args, "calibration_file", None):
             lines = Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
             calibration = [line for line in lines if line.strip()]
             if not calibration:
-                raise ValueError(f"--calibration-file {args.calibration_file} holds no text")
+                raise UserError(f"--calibration-file {args.calibration_file} holds no text")
         folder = export_onnx(
             args.model,
             args.output,
@@ -73,7 +72,9 @@ def run_export(args: argparse.Namespace) -> int:
             opset=args.opset,
             calibration_texts=calibration,
         )
-    except (OSError, ValueError, RuntimeError, ImportError) as error:
+    except (UserError, OSError, ImportError) as error:  # what the user can fix; anything else keeps its traceback
+        if os.environ.get("MTL_DEBUG"):
+            raise
         print(f"mtl export: error: {error}", file=sys.stderr)
         return 1
     if not args.quiet:
@@ -86,7 +87,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m multitask_st.onnx MODEL -o OUT [--int8]` (or `-m multitask_st.onnx_cli`): `mtl export`."""
+    """`python -m multitask_st.onnx MODEL -o OUT [--int8]`: `mtl export`."""
     parser = add_export_arguments(argparse.ArgumentParser(prog="mtl export", description=EXPORT_DESCRIPTION))
     return run_export(parser.parse_args(argv))
 

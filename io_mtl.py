@@ -1,0 +1,336 @@
+"""Files of a saved multi-task model: the checks of a model folder before it loads, and the sentence-transformers
+module files, read from a checkpoint (`from_backbone`) and written beside a saved model (`save_pretrained`).
+
+This file travels with every checkpoint (relative imports from `modeling_mtl`), so it stays self-contained: standard
+library, torch, safetensors, huggingface_hub and the other model files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+try:  # inside a Hub/remote-code package
+    from .configuration_mtl import MultiTaskConfig
+    from .validation_mtl import FileError, InputError, MissingFileError, UserError
+except ImportError:  # installed as top-level modules, or run from the project folder
+    from configuration_mtl import MultiTaskConfig
+    from validation_mtl import FileError, InputError, MissingFileError, UserError
+
+# ---------------------------------------------------------------------------------------------- code files
+
+
+def model_code_files() -> list[str]:
+    """The code files a saved model carries, which `save_pretrained` copies beside the weights: `modeling_mtl.py`,
+    `configuration_mtl.py` and every file they import relatively (found as transformers finds them)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    here = Path(__file__).resolve().parent
+    names = {"modeling_mtl.py", "configuration_mtl.py"}
+    for entry in ("modeling_mtl.py", "configuration_mtl.py"):
+        names.update(Path(path).name for path in get_relative_import_files(here / entry))
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------- folder checks
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def read_model_config(folder: str | os.PathLike) -> MultiTaskConfig:
+    """The `MultiTaskConfig` in `folder/config.json`, or one error naming the file: missing, not JSON, another model
+    type (a plain encoder: use `from_backbone`), or invalid options and tasks."""
+    folder = str(folder)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise MissingFileError(f"{folder} holds no config.json: not a saved model (or an interrupted save)")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise FileError(f"{config_path} is not valid JSON ({error}): the file is damaged or truncated") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != MultiTaskConfig.model_type:
+        raise InputError(
+            f"{config_path} describes a '{model_type}' model, not a multi-task model: to start from a plain encoder "
+            "use MultiTaskModel.from_backbone(folder, tasks=[...])"
+        )
+    try:
+        return MultiTaskConfig.from_dict(dict(config))
+    except (UserError, ValueError, TypeError, KeyError) as error:
+        raise InputError(f"{config_path}: {error}") from None
+
+
+def check_model_folder(folder: str | os.PathLike, need_tokenizer: bool = True) -> None:
+    """Raise one clear error naming the file when `folder` is not a complete saved multi-task model: its config
+    (`read_model_config`), missing or truncated safetensors weights, or no tokenizer files. The one rule for a model
+    folder: the Python API, the command line and the service all call it. Weights must be safetensors: pickled
+    weights (`pytorch_model.bin`) can run code when loaded, and this project never writes them."""
+    read_model_config(folder)
+    folder = str(folder)
+    weights = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors") and name.startswith("model"))
+    if not weights:
+        pickled = [name for name in os.listdir(folder) if name.endswith(".bin")]
+        hint = (
+            f" ({', '.join(pickled)} is pickled weights, which are not loaded: save again as safetensors)"
+            if pickled
+            else ""
+        )
+        raise FileError(f"{folder} holds no model*.safetensors weights{hint}")
+    for name in weights:
+        _check_safetensors(os.path.join(folder, name))
+    if need_tokenizer and not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise FileError(
+            f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer beside the weights "
+            "(`model.tokenizer.save_pretrained(folder)`) or pass `tokenizer=` to from_pretrained"
+        )
+
+
+def _check_safetensors(path: str) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header and the tensor bytes it lists: check all three
+    (a header that parses but lists no valid offsets counts as damaged)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise FileError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+            ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
+            raise FileError(f"{path} has a damaged header: the file is truncated or not a safetensors file") from None
+    if 8 + length + max(ends, default=0) > size:
+        raise FileError(f"{path} is truncated: its header lists {8 + length + max(ends)} bytes, the file has {size}")
+
+
+# ---------------------------------------------------------------------------------------------- sentence-transformers
+#
+# Both directions, in the sentence-transformers 2.x file format (which every later version, 6.x included, reads):
+# `modules.json` lists Transformer -> Pooling -> [Dense] -> [Normalize], `sentence_bert_config.json` holds the
+# max length, `config_sentence_transformers.json` the prompts. Reading refuses what this model cannot reproduce.
+
+_ST_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": "weighted_mean",
+    "pooling_mode_lasttoken": "last_token",
+}
+_ST_POOLING_NAMES = {
+    "mean_tokens": "mean",
+    "cls_token": "cls",
+    "max_tokens": "max",
+    "lasttoken": "last_token",
+    "weightedmean": "weighted_mean",
+    "weightedmean_tokens": "weighted_mean",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+}
+# Projection activations with a torch class sentence-transformers can name (ACT2FN's "gelu" is the exact erf GELU).
+_ST_ACTIVATIONS = {
+    None: "torch.nn.modules.linear.Identity",
+    "tanh": "torch.nn.modules.activation.Tanh",
+    "gelu": "torch.nn.modules.activation.GELU",
+    "relu": "torch.nn.modules.activation.ReLU",
+    "sigmoid": "torch.nn.modules.activation.Sigmoid",
+    "silu": "torch.nn.modules.activation.SiLU",
+}
+
+
+def _checkpoint_file(name_or_path: str | os.PathLike, filename: str, **hub_kwargs) -> str | None:
+    """Local path of one file of a folder or Hub repo, or `None` when it has no such file (or the Hub is offline)."""
+    if os.path.isdir(str(name_or_path)):
+        path = os.path.join(str(name_or_path), filename)
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(str(name_or_path), filename, **hub_kwargs)
+    except Exception:  # no such file in the repo, or offline: a plain transformers model
+        return None
+
+
+def read_sentence_transformers_settings(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any]:
+    """What a sentence-transformers checkpoint adds to its encoder, or `{}` for a plain model: `pooling`,
+    `normalize`, `max_seq_length`, `prompts` / `default_prompt_name`, `add_pooling_layer` (False for an encoder
+    saved without its pooler), and `dense` (in/out features, bias,
+    activation and the weights file) for a Dense layer after pooling. Modules this model cannot reproduce (a second
+    Dense, several poolings concatenated, a pooling that leaves out the prompt, any other module type) are an error
+    naming them, never silently dropped."""
+
+    def read_json(filename: str) -> Any | None:
+        path = _checkpoint_file(name_or_path, filename, **hub_kwargs)
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    modules = read_json("modules.json")
+    if not modules:
+        return {}
+    settings: dict[str, Any] = {"normalize": False}
+    for position, module in enumerate(modules):
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        where = f"{name_or_path}: module {position} ({module.get('type')})"
+        if kind == "Transformer" and position == 0:
+            continue
+        if kind == "Pooling" and "pooling" not in settings:
+            settings["pooling"] = _sentence_transformers_pooling(
+                read_json(f"{module['path']}/config.json") or {}, where
+            )
+        elif kind == "Dense" and "pooling" in settings and "dense" not in settings and not settings["normalize"]:
+            settings["dense"] = _sentence_transformers_dense(name_or_path, module["path"], where, **hub_kwargs)
+        elif kind == "Normalize" and "pooling" in settings and not settings["normalize"]:
+            settings["normalize"] = True
+        else:
+            raise InputError(
+                f"{where} cannot be carried by MultiTaskModel, which reproduces Transformer -> Pooling -> [Dense] -> "
+                "[Normalize] exactly; start from the underlying encoder instead"
+            )
+    bert_config = read_json("sentence_bert_config.json") or {}
+    if bert_config.get("max_seq_length"):
+        settings["max_seq_length"] = int(bert_config["max_seq_length"])
+    model_kwargs = bert_config.get("model_kwargs") or bert_config.get("model_args") or {}
+    if model_kwargs.get("add_pooling_layer") is False:  # an encoder saved without its pooler (an export of ours)
+        settings["add_pooling_layer"] = False
+    st_config = read_json("config_sentence_transformers.json") or {}
+    prompts = {name: text for name, text in (st_config.get("prompts") or {}).items() if text}
+    if prompts:
+        settings["prompts"] = prompts
+    if st_config.get("default_prompt_name"):
+        settings["default_prompt_name"] = st_config["default_prompt_name"]
+    return settings
+
+
+def _sentence_transformers_pooling(pooling_config: dict[str, Any], where: str) -> str:
+    if pooling_config.get("include_prompt") is False:
+        raise InputError(
+            f"{where}: a pooling that leaves out the prompt tokens (include_prompt=false) is not supported"
+        )
+    mode = pooling_config.get("pooling_mode")
+    if isinstance(mode, str):
+        return _ST_POOLING_NAMES.get(mode, mode)
+    chosen = [mode for flag, mode in _ST_POOLING_FLAGS.items() if pooling_config.get(flag)]
+    if len(chosen) > 1:
+        raise InputError(f"{where} concatenates poolings {chosen}; MultiTaskModel pools one way")
+    return chosen[0] if chosen else "mean"
+
+
+def _sentence_transformers_dense(name_or_path, folder: str, where: str, **hub_kwargs) -> dict[str, Any]:
+    config_path = _checkpoint_file(name_or_path, f"{folder}/config.json", **hub_kwargs)
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    names = {name: key for key, name in _ST_ACTIVATIONS.items()}
+    activation = config.get("activation_function", _ST_ACTIVATIONS[None])
+    if activation not in names:
+        raise InputError(f"{where}: Dense activation {activation} is not one of {sorted(names)}")
+    weights = _checkpoint_file(name_or_path, f"{folder}/model.safetensors", **hub_kwargs)
+    if weights is None:
+        raise InputError(f"{where}: no {folder}/model.safetensors (Dense weights in another format are not read)")
+    return {
+        "in_features": int(config["in_features"]),
+        "out_features": int(config["out_features"]),
+        "bias": bool(config.get("bias", True)),
+        "activation": names[activation],
+        "weights": weights,
+    }
+
+
+def unsupported_by_sentence_transformers(config: Any) -> str | None:
+    """Why sentence-transformers cannot express this model's embedding, or `None` when it can."""
+    if config.pooling in _ST_POOLING_FLAGS.values() and config.projection_activation in _ST_ACTIVATIONS:
+        return None
+    return (
+        f"sentence-transformers cannot express this embedding (pooling '{config.pooling}', projection activation "
+        f"{config.projection_activation!r}); supported: {sorted(_ST_POOLING_NAMES.values())} pooling and "
+        f"activations {sorted(a for a in _ST_ACTIVATIONS if a)}"
+    )
+
+
+def write_sentence_transformers_files(
+    model: Any, folder: str | os.PathLike, model_args: dict[str, Any] | None = None
+) -> bool:
+    """Write the sentence-transformers module files for `model`'s embedding into `folder` (whose root holds the
+    encoder and tokenizer), so that `SentenceTransformer(folder)` embeds exactly as `model.encode` does;
+    `model_args`: keyword arguments for loading the encoder there (`sentence_bert_config.json`). Returns
+    `False`, writing nothing, when the embedding has a part sentence-transformers cannot express (learned
+    attention pooling, a projection activation it has no class for)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if unsupported_by_sentence_transformers(config):
+        return False
+    flags = {mode: flag for flag, mode in _ST_POOLING_FLAGS.items()}
+    folder = str(folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+
+    def add(kind: str, settings: dict[str, Any]) -> str:
+        path = f"{len(modules)}_{kind}"
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": path,
+                "type": f"sentence_transformers.models.{kind}",
+            }
+        )
+        os.makedirs(os.path.join(folder, path), exist_ok=True)
+        with open(os.path.join(folder, path, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=2)
+        return os.path.join(folder, path)
+
+    add(
+        "Pooling",
+        {
+            "word_embedding_dimension": config.hidden_size,
+            **{flag: config.pooling == mode for mode, flag in flags.items()},
+        },
+    )
+    if model.projection is not None:
+        dense = add(
+            "Dense",
+            {
+                "in_features": config.hidden_size,
+                "out_features": config.projection_dim,
+                "bias": model.projection.bias is not None,
+                "activation_function": _ST_ACTIVATIONS[config.projection_activation],
+            },
+        )
+        tensors = {"linear.weight": model.projection.weight.detach().cpu().contiguous()}
+        if model.projection.bias is not None:
+            tensors["linear.bias"] = model.projection.bias.detach().cpu().contiguous()
+        save_file(tensors, os.path.join(dense, "model.safetensors"))
+    if config.normalize:
+        add("Normalize", {})
+    bert_config = {"max_seq_length": config.max_seq_length, "do_lower_case": False}
+    if model_args:
+        bert_config["model_args"] = model_args
+    for name, content in (
+        ("modules.json", modules),
+        ("sentence_bert_config.json", bert_config),
+        (
+            "config_sentence_transformers.json",
+            {
+                "prompts": dict(config.prompts or {}),
+                "default_prompt_name": config.default_prompt_name,
+                "similarity_fn_name": "cosine",
+            },
+        ),
+    ):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=2)
+    return True
+
+
+__all__ = [
+    "TOKENIZER_FILES",
+    "model_code_files",
+    "check_model_folder",
+    "read_model_config",
+    "read_sentence_transformers_settings",
+    "unsupported_by_sentence_transformers",
+    "write_sentence_transformers_files",
+]
