@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 
 try:  # inside a Hub/remote-code package
     from .layers_mtl import backbone_depth
-    from .tasks_mtl import HEAD_TYPES, REGISTRY, Task, make_task, task_class
+    from .tasks_mtl import DEFAULT_TASK_TYPE, HEAD_TYPES, REGISTRY, Task, make_task, task_class
     from .validation_mtl import (
         InputError,
         check_flag,
@@ -27,7 +27,7 @@ try:  # inside a Hub/remote-code package
     )
 except ImportError:  # installed as top-level modules, or run from the project folder
     from layers_mtl import backbone_depth
-    from tasks_mtl import HEAD_TYPES, REGISTRY, Task, make_task, task_class
+    from tasks_mtl import DEFAULT_TASK_TYPE, HEAD_TYPES, REGISTRY, Task, make_task, task_class
     from validation_mtl import (
         InputError,
         check_flag,
@@ -82,7 +82,7 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
         raise InputError(f"task name must be a non-empty string of letters, digits, '_' or '-', got {name!r}")
     if name in _RESERVED_TASK_NAMES:
         raise InputError(f"task name '{name}' is reserved (it would shadow a torch module attribute): rename the task")
-    cls = task_class(task.get("type", "classification"), name)
+    cls = task_class(task.get("type", DEFAULT_TASK_TYPE), name)
     allowed = _COMMON_KEYS | set(cls.options)
     unknown = set(task) - allowed
     if unknown:

@@ -12,6 +12,7 @@ in `io_mtl.py`; training code lives in the `multitask_st` package, never here.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -327,6 +328,12 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
     def _check_tasks(self, tasks: Iterable[str]) -> list[str]:
         return check_tasks(tasks, self.config)
 
+    @property
+    def takes_token_type_ids(self) -> bool:
+        """Whether the encoder reads token type ids (segment embeddings, as BERT does); those given to one that does
+        not are left out."""
+        return _takes_token_type_ids(type(self.backbone))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -412,8 +419,11 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
     def _encode(self, texts: _TextGroups, output_hidden_states: bool | None = None, depth: int = 0) -> EncodedBatch:
         """One backbone pass over the present texts. `depth`: the most top layers a head of this pass runs copies
         of; the hidden states entering them are kept for it."""
+        inputs = texts.backbone_inputs()
+        if "token_type_ids" in inputs and not self.takes_token_type_ids:
+            del inputs["token_type_ids"]  # an encoder without segment embeddings (DistilBERT, ModernBERT)
         encoder_outputs = self.backbone(
-            **texts.backbone_inputs(), output_hidden_states=bool(output_hidden_states or depth), return_dict=True
+            **inputs, output_hidden_states=bool(output_hidden_states or depth), return_dict=True
         )
         token_states = encoder_outputs.last_hidden_state  # (present texts, seq, hidden), first texts first
         features = texts.scatter(self.pool(token_states, texts.present_mask))  # (batch, texts, dim)
@@ -695,6 +705,11 @@ class _TextGroups:
             raise InputError("contrastive tasks need input_ids (to recognise duplicate texts), not inputs_embeds")
         mask = self._tensors["attention_mask"]
         return text_fingerprints(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]))
+
+
+@functools.lru_cache(maxsize=32)
+def _takes_token_type_ids(backbone_class: type) -> bool:
+    return "token_type_ids" in inspect.signature(backbone_class.forward).parameters
 
 
 def _drop_backbone_pooler(backbone: nn.Module) -> None:

@@ -338,6 +338,7 @@ class Task:
 # ---------------------------------------------------------------------------------------------- the registry
 
 REGISTRY: dict[str, type[Task]] = {}
+DEFAULT_TASK_TYPE = "classification"  # a task that names no type
 
 
 def register_task_type(cls: type[Task]) -> type[Task]:
@@ -1223,6 +1224,7 @@ __all__ = [
     "HEAD_TYPES",
     "PAIR_FEATURES",
     "SIMILARITY_LOSSES",
+    "DEFAULT_TASK_TYPE",
     "REGISTRY",
     "ClassificationTask",
     "ContrastiveTask",

@@ -47,7 +47,7 @@ from transformers.utils import logging
 
 from configuration_mtl import normalize_task
 from layers_mtl import labelled_mask
-from tasks_mtl import LabelMapper, Task, is_missing, label_key, make_task, task_class
+from tasks_mtl import DEFAULT_TASK_TYPE, LabelMapper, Task, is_missing, label_key, make_task, task_class
 from validation_mtl import DataError, InputError, UserError, is_int
 
 logger = logging.get_logger(__name__)
@@ -96,7 +96,7 @@ class TaskDataSpec:
     """
 
     name: str
-    type: str = "classification"
+    type: str = DEFAULT_TASK_TYPE
     labels: list[str] | None = None
     dataset: str | None = None
     dataset_config: str | None = None
@@ -517,8 +517,8 @@ def resolve_labels(spec: TaskDataSpec, train: Dataset, source_rows: np.ndarray |
 # ---------------------------------------------------------------------------------------------- processing
 
 
-def _label_feature(task: type[Task]) -> Any:
-    """The `datasets` feature of a task type's processed label (`Task.label_dtype`, `Task.label_per`)."""
+def _label_feature(task: Task) -> Any:
+    """The `datasets` feature of a task's processed label (`Task.label_dtype`, `Task.label_per`)."""
     value = Value(task.label_dtype)
     return value if task.label_per == "row" else List(value)
 
@@ -634,7 +634,7 @@ def processed_features(specs: list[TaskDataSpec]) -> Features:
     texts carry segments."""
     features = {
         "input_ids": List(List(Value("int32"))),
-        "labels": {spec.name: _label_feature(spec.task_type) for spec in specs},
+        "labels": {spec.name: _label_feature(spec.task) for spec in specs},
     }
     if any(spec.task_type.uses_token_types for spec in specs):
         features["token_type_ids"] = List(List(Value("int8")))

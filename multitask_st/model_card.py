@@ -23,7 +23,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from multitask_st import DEFAULT_BACKBONE_ID
-from tasks_mtl import make_task, task_class
+from tasks_mtl import DEFAULT_TASK_TYPE, make_task, task_class
 from validation_mtl import InputError, MissingFileError
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -274,7 +274,7 @@ def _metric_results(
             split = info.get(f"{split_key}_split") or ("validation" if split_key == "eval" else "test")
             dataset = info.get("dataset")
             hub_task = task_class(
-                (tasks.get(task_name) or {}).get("type") or info.get("type") or "classification"
+                (tasks.get(task_name) or {}).get("type") or info.get("type") or DEFAULT_TASK_TYPE
             ).hub_task
             for metric, value in scores.items():
                 if not _is_number(value):
@@ -314,7 +314,7 @@ def _metric_results(
 def _tasks_sharing_a_dataset(task_info: dict[str, dict], tasks: dict[str, dict]) -> set[str]:
     groups: dict[tuple, list[str]] = {}
     for name, info in task_info.items():
-        task_type = (tasks.get(name) or {}).get("type") or info.get("type") or "classification"
+        task_type = (tasks.get(name) or {}).get("type") or info.get("type") or DEFAULT_TASK_TYPE
         key = (task_class(task_type).hub_task, info.get("dataset"), info.get("dataset_config"))
         groups.setdefault(key, []).append(name)
     return {name for names in groups.values() if len(names) > 1 for name in names}

@@ -480,8 +480,8 @@ class MultiTaskTrainer(Trainer):
         An idle head's gradient is an exact zero (`task_loss` keeps every head in the graph, for DDP), and Adam would
         still move it: along the stale momentum, with a second moment that decays between the task's batches, so a
         head's effective step grows with the number of tasks (docs/TRAINING.md), plus weight decay on steps it has no
-        data for. Dropping the gradient (`None`) makes the optimizer skip those parameters (no update, no weight decay, no
-        Adam step), so each head sees the same update sequence as when trained alone. Gradients rather than
+        data for. Dropping the gradient (`None`) makes the optimizer skip those parameters (no update, no weight
+        decay, no Adam step), so each head sees the same update sequence as when trained alone. Gradients rather than
         `requires_grad`: the optimizer and DDP were built with every parameter.
         """
         base = unwrap(self.accelerator.unwrap_model(self.model))

@@ -100,9 +100,11 @@ def _task_lists(config) -> tuple[list[str], list[str], list[str]]:
     return sequence, token, pair
 
 
-def uses_token_types(config) -> bool:
-    """Whether the text graph takes `token_type_ids` (a task of it reads texts with segments, a joint pair)."""
-    return any(task.onnx_graph == "text" and task.uses_token_types for task in config.task_objects())
+def text_graph_inputs(model) -> list[str]:
+    """The text graph's inputs: `token_type_ids` too when a task of it reads texts with segments (a joint pair) and
+    the encoder takes them."""
+    segments = any(task.onnx_graph == "text" and task.uses_token_types for task in model.config.task_objects())
+    return ["input_ids", "attention_mask"] + (["token_type_ids"] if segments and model.takes_token_type_ids else [])
 
 
 def _fingerprint(path: str | os.PathLike) -> str | None:
@@ -140,7 +142,7 @@ def _export_text_graph(model, path: Path, opset: int, sequence: list[str], token
     output_names = ["features", "embeddings"] + [
         output_name(name) for name in model.config.task_names if name in sequence or name in token
     ]
-    inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(model.config) else [])
+    inputs = text_graph_inputs(model)
     dynamic_axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in inputs}
     dynamic_axes.update(features={0: "batch"}, embeddings={0: "batch"})
     for name in sequence:
@@ -333,7 +335,7 @@ def export_onnx(
         model.train(was_training)
     config.save_pretrained(output_dir)
     model.tokenizer.save_pretrained(output_dir)
-    description = _export_description(config, written, tasks, opset, int8, quantization, source, started)
+    description = _export_description(model, written, tasks, opset, int8, quantization, source, started)
     # Written last: its presence marks a complete export.
     (output_dir / ONNX_CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     return output_dir
@@ -526,7 +528,7 @@ def _write_pair_graph(
 
 
 def _export_description(
-    config,
+    model,
     written: _WrittenGraphs,
     tasks: tuple[list[str], list[str], list[str]],
     opset: int,
@@ -539,11 +541,12 @@ def _export_description(
     import onnxruntime
     import transformers
 
+    config = model.config
     sequence, token, pair = tasks
     return {
         "format_version": FORMAT_VERSION,
         "files": written.files,
-        "inputs": ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(config) else []),
+        "inputs": text_graph_inputs(model),
         "outputs": written.output_names,
         "tasks": {name: output_name(name) for name in sequence + token + pair},
         "pair_inputs": ["u", "v"] if pair else [],
