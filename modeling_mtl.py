@@ -443,17 +443,21 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         return logits
 
     def embed(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sentence embeddings of tokenised texts, without running any head.
 
         Args:
-            input_ids / attention_mask: `(batch, seq)` or `(batch, texts, seq)`, as for `forward`.
+            input_ids / attention_mask / token_type_ids: `(batch, seq)` or `(batch, texts, seq)`, as for `forward`.
             normalize: L2-normalise (default `config.normalize`).
 
         Returns: `(batch, embedding_dim)` or `(batch, texts, embedding_dim)`.
         """
-        texts = _TextGroups(input_ids, attention_mask, None, None, None)
+        texts = _TextGroups(input_ids, attention_mask, None, token_type_ids, None)
         features = self._encode(texts).features
         if self.config.normalize if normalize is None else normalize:
             features = F.normalize(features, p=2, dim=-1)

@@ -176,8 +176,9 @@ class EmbeddingProtection:
         if not rows.any():
             return None
         input_ids, attention_mask = inputs["input_ids"][rows], inputs["attention_mask"][rows]
-        with torch.no_grad():
-            target = self.teacher.embed(input_ids, attention_mask, normalize=True)
+        token_type_ids = inputs["token_type_ids"][rows] if inputs.get("token_type_ids") is not None else None
+        with torch.no_grad():  # the initial encoder sees what the trained one saw, segments included
+            target = self.teacher.embed(input_ids, attention_mask, normalize=True, token_type_ids=token_type_ids)
         current = F.normalize(embeddings[rows].float(), dim=-1)
         present = attention_mask.bool().any(-1)  # (rows[, texts]): absent texts of a mixed batch do not count
         distance = 1.0 - (current * target.float()).sum(-1)

@@ -227,6 +227,21 @@ def test_distillation_is_zero_at_the_start_and_one_minus_cosine_after(tiny_bert,
     assert protection.loss(model, pair_batch, model(**pair_batch).embeddings) is None
 
 
+def test_the_distillation_teacher_sees_the_token_type_ids_the_model_sees(tiny_bert, tmp_path):
+    """Rows whose texts carry segments (a pair encoded as one sequence) are distilled against the initial encoder's
+    embedding of the same input, segments included: zero at the start, as for plain texts."""
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    model.eval()
+    trainer = trainer_for(model, data, tmp_path / "out", {"embedding_protection": "distillation"})
+    batch = trainer.data_collator([data.train[i] for i in range(4)])
+    batch["token_type_ids"] = (torch.arange(batch["input_ids"].shape[1]) >= 3).long().expand_as(batch["input_ids"])
+    embeddings = model(**batch).embeddings
+    loss = trainer.protection.loss(model, batch, embeddings)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
+    without_segments = trainer.protection.teacher.embed(batch["input_ids"], batch["attention_mask"], normalize=True)
+    assert not torch.allclose(without_segments, torch.nn.functional.normalize(embeddings, dim=-1), atol=1e-3)
+
+
 def test_l2sp_penalty_is_the_squared_distance_to_the_initial_encoder(tiny_bert, tmp_path):
     data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
     trainer = trainer_for(model, data, tmp_path / "out", {"embedding_protection": "l2sp", "protection_weight": 0.5})
