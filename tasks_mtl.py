@@ -1213,6 +1213,118 @@ class ContrastiveTask(_BiEncoderPairTask):
         )
 
 
+# ---------------------------------------------------------------------------------------------- joint pairs
+
+
+@register_task_type
+class CrossEncoderTask(_SentenceTask):
+    """A pair scored by one joint pass of the shared encoder over `[CLS] a [SEP] b [SEP]` (token type ids mark the
+    second text where the encoder has them), with a sentence head on that pass, as sentence-transformers'
+    `CrossEncoder` scores pairs: one checkpoint then serves bi-encoder embeddings, a reranker and the classifiers.
+
+    One label (default `["score"]`): a relevance or similarity score, a sigmoid over one logit trained with binary
+    cross-entropy against the gold score mapped from `score_range` to [0, 1] (`CrossEncoder(num_labels=1)` with
+    `BinaryCrossEntropyLoss`); predictions `{"score": p}`, scored by Spearman / Pearson. Two labels or more: a
+    label per pair, softmax and cross-entropy, as `classification`. It reads no sentence embedding of either text,
+    so it does not train the embedding (the protection keeps it, as for the other heads).
+    """
+
+    type = "cross_encoder"
+    options = ("score_range",)
+    takes_pairs = True
+    row_encoding = "joint"
+    uses_token_types = True
+    min_labels = 1
+    default_labels = ["score"]
+    default_columns = ("sentence1", "sentence2")
+    card_tag = "cross-encoder"
+
+    @classmethod
+    def normalize_options(cls, name, task):
+        labels = task.get("labels")
+        if labels is not None and isinstance(labels, (list, tuple)) and len(labels) > 1:
+            if "score_range" in task:
+                raise InputError(f"task '{name}': score_range only applies to a cross_encoder with one score label")
+            return {}
+        return {"score_range": _score_range_option(name, task)}
+
+    @property
+    def scores_pairs(self) -> bool:
+        """One score per pair (one label) rather than a label among several."""
+        return len(self.labels) == 1
+
+    @property
+    def label_dtype(self) -> str:  # type: ignore[override]
+        return "float32" if self.scores_pairs else "int64"
+
+    @property
+    def primary_metric(self) -> str:  # type: ignore[override]
+        return "spearman" if self.scores_pairs else "macro_f1"
+
+    @property
+    def problem_type(self) -> str | None:  # type: ignore[override]
+        return None if self.scores_pairs else "single_label_classification"  # None: the pipeline's sigmoid
+
+    @property
+    def predict_hint(self) -> str:  # type: ignore[override]
+        if self.scores_pairs:
+            return 'model.predict([(query, passage)]) -> {"score": relevance in [0, 1]}'
+        return 'model.predict([(text_a, text_b)]) -> {"label": ..., "score": ..., "scores": {...}}'
+
+    @classmethod
+    def tokenize_rows(cls, tokenizer, columns, max_length, words=False):
+        """Each row's two texts as one sequence, with their token type ids, as `CrossEncoder` tokenizes pairs."""
+        first, second = columns[:2]
+        encoding = tokenizer(
+            first,
+            second,
+            truncation="longest_first",
+            max_length=max_length,
+            return_attention_mask=False,
+            return_token_type_ids=True,
+        )
+        types = encoding.get("token_type_ids") or [[0] * len(ids) for ids in encoding["input_ids"]]
+        return encoding, [[ids] for ids in encoding["input_ids"]], [[row] for row in types]
+
+    def loss(self, logits, labels, batch):
+        if not self.scores_pairs:
+            return ClassificationTask.loss(self, logits, labels, batch)
+        labels = _float_labels(self.name, labels, logits.shape[:1])
+        return elementwise_loss(logits[:, 0], _score_targets(self, labels), "bce")
+
+    def convert_label(self, value, where, mapper, row=None):
+        if self.scores_pairs:
+            return _checked_score(self, value, where)
+        return ClassificationTask.convert_label(self, value, where, mapper, row)
+
+    def metrics(self, predictions, references, load_metric):
+        if not self.scores_pairs:
+            return ClassificationTask.metrics(self, predictions, references, load_metric)
+        scores = 1.0 / (1.0 + np.exp(-np.asarray(predictions, dtype=np.float64).reshape(-1)))
+        return correlation_metrics(scores, references, ["score"], load_metric)
+
+    def scores(self, logits):
+        if self.scores_pairs:
+            return logits.float().sigmoid().cpu().numpy()
+        return super().scores(logits)
+
+    def describe(self, scores):
+        if self.scores_pairs:
+            return {"score": float(scores[0])}
+        return super().describe(scores)
+
+    def predict_pairs(self, pairs):
+        return [self.describe(row) for row in self.scores(pairs.joint_logits(self.name))]
+
+    def format_prediction(self, prediction):
+        if self.scores_pairs:
+            return f"{self.name}={prediction['score']:.3f}"
+        return super().format_prediction(prediction)
+
+    def describe_head(self):
+        return super().describe_head() + ", on the two texts encoded together"
+
+
 def retrieval_text_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The text ids a contrastive task's references hold: equal for equal token sequences, and non-negative, so
     that no id can read as `IGNORE_INDEX`."""
@@ -1228,6 +1340,7 @@ __all__ = [
     "REGISTRY",
     "ClassificationTask",
     "ContrastiveTask",
+    "CrossEncoderTask",
     "LabelMapper",
     "MultiLabelClassificationTask",
     "PairClassificationTask",
