@@ -17,7 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /app
-COPY setup.cfg pyproject.toml README.md configuration_mtl.py modeling_mtl.py inference_mtl.py train.py push_to_hub.py ./
+COPY setup.cfg pyproject.toml README.md *.py ./
 COPY multitask_st ./multitask_st
 RUN pip install ".[serve]"
 

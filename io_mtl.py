@@ -36,7 +36,9 @@ def model_code_files() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- folder checks
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+# A saved tokenizer's vocabulary: one of these must be there (a `tokenizer_config.json` alone rebuilds a tokenizer
+# of a handful of special tokens, which fails only at encode time).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 def read_model_config(folder: str | os.PathLike) -> MultiTaskConfig:
@@ -63,12 +65,14 @@ def read_model_config(folder: str | os.PathLike) -> MultiTaskConfig:
         raise InputError(f"{config_path}: {error}") from None
 
 
-def check_model_folder(folder: str | os.PathLike, need_tokenizer: bool = True) -> None:
+def check_model_folder(folder: str | os.PathLike, need_tokenizer: bool = True, need_config: bool = True) -> None:
     """Raise one clear error naming the file when `folder` is not a complete saved multi-task model: its config
     (`read_model_config`), missing or truncated safetensors weights, or no tokenizer files. The one rule for a model
     folder: the Python API, the command line and the service all call it. Weights must be safetensors: pickled
-    weights (`pytorch_model.bin`) can run code when loaded, and this project never writes them."""
-    read_model_config(folder)
+    weights (`pytorch_model.bin`) can run code when loaded, and this project never writes them. `need_config`:
+    False when the caller brings the config (AutoModel passes the one it read)."""
+    if need_config:
+        read_model_config(folder)
     folder = str(folder)
     weights = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors") and name.startswith("model"))
     if not weights:
@@ -86,6 +90,42 @@ def check_model_folder(folder: str | os.PathLike, need_tokenizer: bool = True) -
             f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer beside the weights "
             "(`model.tokenizer.save_pretrained(folder)`) or pass `tokenizer=` to from_pretrained"
         )
+
+
+def check_loaded_weights(
+    model: Any, loading_info: dict[str, Any], folder: str, allow_missing: bool = False, allow_mismatched: bool = False
+) -> None:
+    """Refuse a model whose weights did not all come from the file: a tensor the config has and the file lacks (a
+    head, a layer), unless `allow_missing`, or one of another shape, unless `allow_mismatched` (they then start
+    fresh, as transformers does); and any weight that is NaN or infinite. The error names the file and tensors."""
+    missing = [] if allow_missing else sorted(loading_info.get("missing_keys") or [])
+    mismatched = (
+        []
+        if allow_mismatched
+        else sorted(
+            f"{key} (file {tuple(saved)}, model {tuple(expected)})"
+            for key, saved, expected in loading_info.get("mismatched_keys") or []
+        )
+    )
+    if missing or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"no tensor for {_listed(missing)}")
+        if mismatched:
+            problems.append(f"tensors of another shape: {_listed(mismatched)}")
+        raise FileError(
+            f"{folder}: the weights do not match the config ({'; '.join(problems)}): the file is incomplete, or the "
+            "config was changed after saving (add tasks with model.add_tasks; pass allow_missing_weights=True to "
+            "start the missing tensors fresh on purpose)"
+        )
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            bad = int((~tensor.isfinite()).sum())
+            raise FileError(f"{folder}: weight {name} holds {bad} NaN or infinite value(s): the model is damaged")
+
+
+def _listed(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _check_safetensors(path: str) -> None:
@@ -328,6 +368,7 @@ def write_sentence_transformers_files(
 __all__ = [
     "TOKENIZER_FILES",
     "model_code_files",
+    "check_loaded_weights",
     "check_model_folder",
     "read_model_config",
     "read_sentence_transformers_settings",

@@ -32,6 +32,7 @@ try:  # inside a Hub/remote-code package
     from .configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
     from .inference_mtl import MultiTaskInferenceMixin, plan_batches, run_concurrently
     from .io_mtl import (
+        check_loaded_weights,
         check_model_folder,
         read_sentence_transformers_settings,
         unsupported_by_sentence_transformers,
@@ -44,6 +45,7 @@ except ImportError:  # installed as top-level modules, or run from the project f
     from configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
     from inference_mtl import MultiTaskInferenceMixin, plan_batches, run_concurrently
     from io_mtl import (
+        check_loaded_weights,
         check_model_folder,
         read_sentence_transformers_settings,
         unsupported_by_sentence_transformers,
@@ -223,26 +225,44 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         return model
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, tokenizer: Any | None = None, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus the tokenizer saved beside the weights.
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        tokenizer: Any | None = None,
+        allow_missing_weights: bool = False,
+        **kwargs,
+    ):
+        """`PreTrainedModel.from_pretrained`, plus the tokenizer saved beside the weights, and a model that is whole.
 
         A local folder is checked first, so that a wrong or damaged folder is one clear error naming the file
-        (`io_mtl.check_model_folder`) instead of a model with guessed weights or an empty tokenizer. `tokenizer`
+        (`io_mtl.check_model_folder`) instead of a model with guessed weights or an empty tokenizer; after loading,
+        a tensor the config has and the weights lack (a head, a layer), one of another shape, or a weight that is
+        NaN or infinite is an error naming it (`io_mtl.check_loaded_weights`), where transformers would warn and
+        initialise it afresh. `allow_missing_weights=True` starts missing tensors fresh on purpose. `tokenizer`
         supplies a tokenizer for a folder saved without one.
         """
         hub_kwargs = {
             key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }
-        if os.path.isdir(str(pretrained_model_name_or_path)) and "config" not in kwargs:
-            check_model_folder(pretrained_model_name_or_path, need_tokenizer=tokenizer is None)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        folder = str(pretrained_model_name_or_path)
+        if os.path.isdir(folder):  # AutoModel passes the config it read: the weights and tokenizer still count
+            check_model_folder(folder, need_tokenizer=tokenizer is None, need_config="config" not in kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        # Mismatched shapes are left to `check_loaded_weights`, whose error names the tensors (transformers' own
+        # refers to a report printed above it).
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        check_loaded_weights(model, info, folder, allow_missing_weights, allow_mismatched)
         if tokenizer is None:
             # Passing the config keeps AutoTokenizer from re-reading config.json (and asking about remote code).
             tokenizer = AutoTokenizer.from_pretrained(
                 pretrained_model_name_or_path, config=model.config.backbone_config, **hub_kwargs
             )
         model.tokenizer = tokenizer
-        return model
+        return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus the tokenizer (so the folder is complete on its own) and the

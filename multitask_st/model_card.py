@@ -22,7 +22,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from multitask_st import DEFAULT_BACKBONE_ID
+from multitask_st import DEFAULT_BACKBONE_ID, default_backbone
 from tasks_mtl import DEFAULT_TASK_TYPE, make_task, task_class
 from validation_mtl import InputError, MissingFileError
 
@@ -148,8 +148,6 @@ def _base_model_id(base_model: str | None) -> str | None:
     if not base_model:
         return None
     try:
-        from multitask_st import default_backbone
-
         if os.path.realpath(base_model) == os.path.realpath(default_backbone()):
             return DEFAULT_BACKBONE_ID
     except Exception:  # pragma: no cover - the default backbone package is optional
@@ -163,8 +161,6 @@ def _base_model_metadata(base_model: str | None) -> dict[str, Any]:
     if base_model and os.path.isdir(base_model):
         candidates.append(Path(base_model) / "README.md")
     if _base_model_id(base_model) == DEFAULT_BACKBONE_ID:
-        from multitask_st import default_backbone
-
         if os.path.isdir(default_backbone()):
             candidates.append(Path(default_backbone()) / "README.md")
     for readme in candidates:

@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import TrainingError
 from .lora import save_lora_adapter
+from .model_card import write_model_card
 
 # The files a saved model consists of; `config.json` is written last, so a folder holding a `config.json` holds a
 # complete model (see `commit_model_folder`).
@@ -85,8 +86,6 @@ def save_run(trainer, output_dir: str | os.PathLike, metrics: dict, record: dict
         trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     trainer.save_model(str(staging))
     if main:
-        from .model_card import write_model_card
-
         write_json(staging / "metrics.json", metrics)
         write_json(staging / "training_config.json", record)
         if (output_dir / "trainer_state.json").is_file():

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference_mtl import clip_cosines
+from modeling_mtl import MultiTaskModel
 from validation_mtl import (
     InputError,
     InputLimitError,
@@ -547,8 +548,6 @@ def _check_api_key(api_key: Any) -> None:
 def _load_model(model_or_path: Any, model_name: str | None) -> tuple[Any, str]:
     """The model to serve, in eval mode (loaded when given a folder or Hub id), and the name the service shows."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        from modeling_mtl import MultiTaskModel
-
         model = MultiTaskModel.from_pretrained(model_or_path)
         name = model_name or display_name(model_or_path)
     else:

@@ -76,3 +76,21 @@ def test_wheel_contains_modules_and_data_and_installs(tmp_path):
     )
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().startswith(str(target))
+
+
+def test_the_dockerfile_copies_every_top_level_module_setup_cfg_installs():
+    """`pip install ".[serve]"` in the image needs every module of `py_modules`; the code files that travel with a
+    checkpoint are among them (`io_mtl.model_code_files`)."""
+    import configparser
+    import fnmatch
+
+    from io_mtl import model_code_files
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    modules = [f"{name}.py" for name in config["options"]["py_modules"].split()]
+    assert set(model_code_files()) <= set(modules)
+    copies = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    patterns = [pattern for line in copies for pattern in line]
+    missing = [module for module in modules if not any(fnmatch.fnmatch(module, p) for p in patterns)]
+    assert not missing, f"the Dockerfile does not copy {missing}"

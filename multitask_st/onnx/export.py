@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from modeling_mtl import MultiTaskModel, _TextGroups
 from validation_mtl import InputError
 
 from .options import (
@@ -49,12 +50,6 @@ CHECK_TEXTS = (
 )
 
 
-def _load_model_class():
-    from modeling_mtl import MultiTaskModel
-
-    return MultiTaskModel
-
-
 class _TextGraph(nn.Module):
     """What `model.onnx` computes: the model's `_batch_features` and `_batch_logits` in one pass."""
 
@@ -66,8 +61,6 @@ class _TextGraph(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        from modeling_mtl import _TextGroups
-
         # The model's own pass and its own rule for what each head reads (`Task.logits`).
         texts = _TextGroups(input_ids, attention_mask, None, token_type_ids, None)
         depth = max((self.model.heads[name].branch_depth for name in self.tasks if name in self.model.heads), default=0)
@@ -343,7 +336,7 @@ def export_onnx(
 
 def _model_and_source(model_or_path: Any) -> tuple[Any, str | None]:
     """The model to export, and the path or Hub id it was loaded from (`None` for an in-memory model)."""
-    model_class = _load_model_class()
+    model_class = MultiTaskModel
     if isinstance(model_or_path, model_class):
         return model_or_path, None
     source = str(model_or_path)

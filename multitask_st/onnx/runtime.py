@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
+from configuration_mtl import MultiTaskConfig
 from inference_mtl import MultiTaskInferenceMixin, PackedTokens
 from validation_mtl import FileError, InputError, MissingFileError, check_batch_size
 
@@ -125,10 +127,6 @@ class OnnxMultiTaskModel(MultiTaskInferenceMixin):
         file_name: str | None = None,
         session_config: dict[str, str] | None = None,
     ) -> OnnxMultiTaskModel:
-        from transformers import AutoTokenizer
-
-        from configuration_mtl import MultiTaskConfig
-
         config = MultiTaskConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, config=config.backbone_config)
         return cls(
