@@ -34,11 +34,54 @@ def model_code_files() -> list[str]:
     return sorted(names)
 
 
+# ---------------------------------------------------------------------------------------------- saving
+
+# Written last: a folder holding a `config.json` holds a complete model (see `commit_model_folder`).
+MODEL_COMMIT_FILE = "config.json"
+# Files of an earlier save that a new one replaces even where it writes no file of the same name (a sharded model
+# saved over by a single file: a stale index would load the old shards).
+_REPLACED_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+
+
+def commit_model_folder(staging: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Move a fully written model from `staging` into `output_dir`, so that a kill at any moment leaves either the
+    old model, or no model (no `config.json`: loading fails with a clear error), never a new config with old
+    weights. The old `config.json` goes first, then the old weight files, every other file is moved in (each
+    `os.replace` is atomic), and the new `config.json` comes last."""
+    import shutil
+
+    staging, output_dir = Path(staging), Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / MODEL_COMMIT_FILE).unlink(missing_ok=True)
+    for pattern in _REPLACED_PATTERNS:
+        for old in output_dir.glob(pattern):
+            if not (staging / old.name).exists():
+                old.unlink()
+    for path in sorted(staging.iterdir()):
+        if path.name != MODEL_COMMIT_FILE:
+            target = output_dir / path.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(path, target)
+    os.replace(staging / MODEL_COMMIT_FILE, output_dir / MODEL_COMMIT_FILE)
+    staging.rmdir()
+
+
 # ---------------------------------------------------------------------------------------------- folder checks
 
 # A saved tokenizer's vocabulary: one of these must be there (a `tokenizer_config.json` alone rebuilds a tokenizer
 # of a handful of special tokens, which fails only at encode time).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def holds_model(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a saved model (weights, or an ONNX export): a place no other output may be written."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    names = [path.name for path in folder.iterdir()]
+    weights = any(name.endswith((".safetensors", ".bin", ".onnx")) for name in names)
+    return weights or "onnx_config.json" in names
 
 
 def read_model_config(folder: str | os.PathLike) -> MultiTaskConfig:
@@ -368,8 +411,11 @@ def write_sentence_transformers_files(
 __all__ = [
     "TOKENIZER_FILES",
     "model_code_files",
+    "MODEL_COMMIT_FILE",
     "check_loaded_weights",
+    "commit_model_folder",
     "check_model_folder",
+    "holds_model",
     "read_model_config",
     "read_sentence_transformers_settings",
     "unsupported_by_sentence_transformers",

@@ -15,9 +15,11 @@ import copy
 import functools
 import inspect
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,8 +34,10 @@ try:  # inside a Hub/remote-code package
     from .configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
     from .inference_mtl import MultiTaskInferenceMixin, plan_batches, run_concurrently
     from .io_mtl import (
+        MODEL_COMMIT_FILE,
         check_loaded_weights,
         check_model_folder,
+        commit_model_folder,
         read_sentence_transformers_settings,
         unsupported_by_sentence_transformers,
         write_sentence_transformers_files,
@@ -45,8 +49,10 @@ except ImportError:  # installed as top-level modules, or run from the project f
     from configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
     from inference_mtl import MultiTaskInferenceMixin, plan_batches, run_concurrently
     from io_mtl import (
+        MODEL_COMMIT_FILE,
         check_loaded_weights,
         check_model_folder,
+        commit_model_folder,
         read_sentence_transformers_settings,
         unsupported_by_sentence_transformers,
         write_sentence_transformers_files,
@@ -267,12 +273,20 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus the tokenizer (so the folder is complete on its own) and the
         sentence-transformers module files, so that `SentenceTransformer(folder, trust_remote_code=True)` embeds
-        exactly as `encode` does."""
+        exactly as `encode` does. Saved over a model, the new one is written beside it and moved in with its
+        `config.json` last (`io_mtl.commit_model_folder`): a kill midway never leaves new labels over old weights."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
-        super().save_pretrained(save_directory, *args, **kwargs)
+        target = str(save_directory)
+        replacing = os.path.isfile(os.path.join(target, MODEL_COMMIT_FILE)) and not kwargs.get("push_to_hub")
+        folder = os.path.join(target, f".staging-{os.getpid()}") if replacing else target
+        for stale in Path(target).glob(".staging-*"):  # what an interrupted save left behind
+            shutil.rmtree(stale, ignore_errors=True)
+        super().save_pretrained(folder, *args, **kwargs)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(save_directory)
-            write_sentence_transformers_files(self, save_directory)
+            self.tokenizer.save_pretrained(folder)
+            write_sentence_transformers_files(self, folder)
+        if replacing:
+            commit_model_folder(folder, target)
 
     def export_sentence_transformers(self, folder: str | os.PathLike) -> None:
         """Save the embedding part alone as a plain sentence-transformers folder (the encoder as its own

@@ -172,10 +172,11 @@ def parse_arguments(argv: list[str] | None = None):
     config's values, `tasks` included, are used as they are (no round trip through command-line strings).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    default_job = False
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         config = read_config_file(argv.pop(0))
     elif "--tasks" not in argv and not any(arg.startswith("--tasks=") for arg in argv):
-        config = dict(DEFAULT_JOB)
+        config, default_job = dict(DEFAULT_JOB), True
     else:
         config = {}
     parser = _OneLineErrorParser(ARGUMENT_CLASSES)
@@ -184,7 +185,7 @@ def parse_arguments(argv: list[str] | None = None):
         "The defaults shown are the embedded default job's (no --tasks and no config file), which flags change. "
         f"With --tasks or a config file, unset options take the recipe's values ({recipe}, overwrite_output_dir "
         "False, output_dir outputs/multitask-model), then TrainingArguments' own."
-        if config == DEFAULT_JOB
+        if default_job
         else f"Unset options take the recipe's values ({recipe}), then TrainingArguments' own."
     )
     known = {f.name for dataclass_type in ARGUMENT_CLASSES for f in fields(dataclass_type)}
@@ -203,6 +204,10 @@ def parse_arguments(argv: list[str] | None = None):
     model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.output_dir is None:
         training_args.output_dir = "outputs/multitask-model"
+    overwrite_asked = any(arg.startswith("--overwrite_output_dir") for arg in argv)
+    if default_job and training_args.output_dir != DEFAULT_JOB["output_dir"] and not overwrite_asked:
+        # The default job replaces its own earlier output, never a model in a folder the user pointed it at.
+        run_args.overwrite_output_dir = False
     return model_args, data_args, run_args, training_args
 
 

@@ -115,6 +115,10 @@ def _check_output(value: str, option: str, suffixes: tuple[str, ...] = ()) -> Pa
         raise CliError(f"{option} {value}: use a {names} file name")
     if path.is_dir():
         raise CliError(f"{option} {value}: is a folder; give a file name")
+    from io_mtl import holds_model  # here, not above: `mtl --help` stays clear of torch
+
+    if holds_model(path.parent):
+        raise CliError(f"{option} {value}: {path.parent} holds a model; write outputs outside a model's folder")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

@@ -11,13 +11,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from io_mtl import MODEL_COMMIT_FILE, commit_model_folder  # noqa: F401  (commit_model_folder: re-exported)
+
 from .errors import TrainingError
 from .lora import save_lora_adapter
 from .model_card import write_model_card
 
-# The files a saved model consists of; `config.json` is written last, so a folder holding a `config.json` holds a
-# complete model (see `commit_model_folder`).
-MODEL_COMMIT_FILE = "config.json"
 STAGING_DIR = ".final-model-staging"
 
 
@@ -32,25 +31,6 @@ def check_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: b
         f"output_dir {folder} already holds a model ({MODEL_COMMIT_FILE}): pass --overwrite_output_dir true to "
         "replace it, --resume_from_checkpoint to continue its run, or choose another --output_dir"
     )
-
-
-def commit_model_folder(staging: Path, output_dir: Path) -> None:
-    """Move a fully written model from `staging` into `output_dir`, so that a kill at any moment leaves either the
-    old model, or no model (no `config.json`: loading fails with a clear error), never new config with old weights.
-
-    The old `config.json` is removed first, every other file is moved in (each `os.replace` is atomic), and the new
-    `config.json` comes last.
-    """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / MODEL_COMMIT_FILE).unlink(missing_ok=True)
-    for path in sorted(staging.iterdir()):
-        if path.name != MODEL_COMMIT_FILE:
-            target = output_dir / path.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(path, target)
-    os.replace(staging / MODEL_COMMIT_FILE, output_dir / MODEL_COMMIT_FILE)
-    staging.rmdir()
 
 
 def strict_json(value: Any) -> Any:

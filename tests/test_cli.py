@@ -276,6 +276,10 @@ def bad_files(tmp_path_factory, model_dir):
         (["similarity", "--model", "{model}", "only one"], "at least two texts"),
         (["similarity", "--model", "{model}", "a", "b", "-o", "heat.txt"], "use a .png, .svg or .pdf file name"),
         (["similarity", "--model", "{model}", "a", "b", "--json", "{bad}/a_file/s.json"], "is a file, not a folder"),
+        # Never into a model's folder: an output there could replace one of its files.
+        (["predict", "--model", "{model}", "hi", "-o", "{model}/config.json"], "holds a model; write outputs outside"),
+        (["similarity", "--model", "{model}", "a", "b", "--json", "{model}/s.json"], "holds a model; write outputs"),
+        (["encode", "--model", "{model}", "hi", "-o", "{model}/x.npy"], "holds a model; write outputs outside"),
         (["encode", "--model", "user/model", "--backend", "onnx", "hi", "-o", "x.npy"], "mtl export user/model -o DIR"),
         (["export", "user/model"], "user/model is not a local folder: give the export folder with -o"),
         (["serve", "--model", "/nonexistent/model", "--port", "{free}"], "no such model folder"),

@@ -297,6 +297,13 @@ def test_cli_functions_export_and_report_errors(tiny, tmp_path, capsys):
     exported = OnnxMultiTaskModel.from_pretrained(tmp_path / "out", int8=True)
     assert exported.int8 and exported.task_names == model.task_names
 
+    # An export into another model's folder would replace its config and tokenizer: refused, nothing written.
+    model.save_pretrained(tmp_path / "other")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "other").iterdir() if path.is_file()}
+    assert run_export(parser.parse_args([str(tmp_path / "model"), "-o", str(tmp_path / "other"), "-q"])) == 1
+    assert "holds a model's weights: an export there would replace" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (tmp_path / "other").iterdir() if path.is_file()} == before
+
     args = parser.parse_args([str(tmp_path / "missing"), "-o", str(tmp_path / "out2"), "-q"])
     assert run_export(args) == 1
     assert "mtl export: error:" in capsys.readouterr().err

@@ -79,6 +79,70 @@ def test_a_commit_killed_midway_leaves_no_loadable_mixture(tiny_bert, tmp_path, 
         MultiTaskModel.from_pretrained(output)
 
 
+def test_save_pretrained_over_a_model_is_atomic(tiny_bert, tmp_path, monkeypatch):
+    """Saved over an existing model, a kill while the new one is written leaves the old one whole, and a kill
+    while it is moved in leaves no loadable model: never the new labels over the old weights."""
+    import io_mtl
+
+    output = saved_model(tiny_bert, tmp_path / "out", labels=("old1", "old2"))
+    before = MultiTaskModel.from_pretrained(output).predict("hello")["t"]
+    new = MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": ["new1", "new2", "new3"]}])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("modeling_mtl.write_sentence_transformers_files", killed)  # while writing
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(output)
+    monkeypatch.undo()
+    assert MultiTaskModel.from_pretrained(output).predict("hello")["t"] == before  # the old model, whole
+    import os
+
+    original, calls = os.replace, []
+
+    def dies_after_the_weights(source, target):
+        calls.append(target)
+        if str(target).endswith("config.json"):
+            raise KeyboardInterrupt  # killed just before the new config goes in
+        return original(source, target)
+
+    monkeypatch.setattr(io_mtl.os, "replace", dies_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(output)
+    monkeypatch.undo()
+    assert any(str(target).endswith("model.safetensors") for target in calls)  # the new weights were moved in
+    with pytest.raises(OSError, match="holds no config.json"):
+        MultiTaskModel.from_pretrained(output)
+    new.save_pretrained(output)  # a clean save over the remains
+    assert set(MultiTaskModel.from_pretrained(output).predict("hello")["t"]["scores"]) == {"new1", "new2", "new3"}
+    assert not any(path.name.startswith(".staging") for path in output.iterdir())
+
+
+def test_a_save_over_a_sharded_model_leaves_no_stale_shards(tiny_bert, tmp_path):
+    output = saved_model(tiny_bert, tmp_path / "out")
+    MultiTaskModel.from_pretrained(output).save_pretrained(output, max_shard_size="100KB")
+    assert (output / "model.safetensors.index.json").is_file()
+    new = MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": ["x", "y"]}])
+    new.save_pretrained(output)  # one file now: a stale index would load the old shards
+    names = {path.name for path in output.iterdir()}
+    assert "model.safetensors" in names and not any(name.startswith("model-") for name in names)
+    assert "model.safetensors.index.json" not in names
+    assert MultiTaskModel.from_pretrained(output).predict("hi")["t"]["label"] in ("x", "y")
+
+
+def test_the_default_job_replaces_only_its_own_output(tiny_bert, tmp_path, capsys):
+    """`python train.py --output_dir <a trained model>` (the embedded default job, which replaces its own earlier
+    output) used to replace that model: only the default job's own folder is replaced without asking."""
+    output = saved_model(tiny_bert, tmp_path / "trained")
+    assert train.run(["--output_dir", str(output)]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    assert MultiTaskModel.from_pretrained(output).config.task_names == ["t"]
+    _, _, run_args, _ = train.parse_arguments(["--output_dir", str(output), "--overwrite_output_dir", "true"])
+    assert run_args.overwrite_output_dir
+    _, _, run_args, _ = train.parse_arguments([])
+    assert run_args.overwrite_output_dir  # its own folder: outputs/multitask-minilm-default
+
+
 def test_metrics_json_is_strict_json(tmp_path):
     value = {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}}
     assert strict_json(value) == {"a": None, "b": [1.0, None], "c": {"d": 2.5}}

@@ -352,6 +352,11 @@ def _prepare_output_dir(model, source: str | None, output_dir: str | os.PathLike
     if model.tokenizer is None:
         raise InputError("the model has no tokenizer; the export folder needs one (set `model.tokenizer`)")
     output_dir = Path(output_dir)
+    if any(output_dir.glob("*.safetensors")) or any(output_dir.glob("*.bin")):
+        raise InputError(
+            f"{output_dir} holds a model's weights: an export there would replace its config and tokenizer with "
+            f"another's; export into a folder of its own (default: the model's onnx/ subfolder)"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     # An export in progress (or interrupted) is never taken for a complete one: the description goes first.
     (output_dir / ONNX_CONFIG_NAME).unlink(missing_ok=True)
