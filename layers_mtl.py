@@ -121,7 +121,10 @@ def backbone_layers(backbone: nn.Module) -> nn.ModuleList:
     for module in backbone.modules():
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return module
-    raise ValueError(f"cannot find the {depth} transformer layers of a {type(backbone).__name__}")
+    raise InputError(
+        f"cannot find the {depth} transformer layers of a {type(backbone).__name__} (its layers are shared or nested): "
+        "use heads without `layers` for this backbone"
+    )
 
 
 # The arguments a layer of a BERT-style encoder takes besides its hidden states and attention mask, and which the
@@ -239,6 +242,66 @@ def run_layers(
     return states
 
 
+# The norm a family applies after its last layer (pre-LayerNorm encoders), which a head's copies of the top layers
+# apply too, by attribute path in the backbone.
+FINAL_NORMS = {
+    "modernbert": "final_norm",
+    "megatron-bert": "encoder.ln",
+    "xlm-roberta-xl": "encoder.LayerNorm",
+    "roberta-prelayernorm": "LayerNorm",
+}
+
+
+def final_norm(backbone: nn.Module) -> nn.Module | None:
+    """The backbone's norm after its last layer (`FINAL_NORMS`), or `None` for a post-LayerNorm family."""
+    path = FINAL_NORMS.get(getattr(backbone.config, "model_type", None))
+    module = backbone
+    for part in path.split(".") if path else []:
+        module = getattr(module, part, None)
+    return module if path and isinstance(module, nn.Module) else None
+
+
+def check_top_layers(backbone: nn.Module, depth: int) -> None:
+    """Run the backbone's own top `depth` layers as a head's copies will run them, on a small padded batch, and
+    refuse the family (an `InputError` naming it) when that does not give the backbone's output: a family whose
+    layers need something this file does not give them fails here, when the head is built, not silently later.
+    Skipped for a backbone whose weights are not there yet (built on the meta device while loading)."""
+    parameter = next(backbone.parameters(), None)
+    if parameter is None or parameter.device.type == "meta":
+        return
+    vocab = int(getattr(backbone.config, "vocab_size", 100) or 100)
+    ids = (torch.arange(16) * 7 % max(vocab - 1, 1) + 1).view(2, 8).to(parameter.device)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    model_type = getattr(backbone.config, "model_type", None)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            try:
+                states = run_layers(backbone_layers(backbone)[-depth:], out.hidden_states[-depth - 1], mask, backbone)
+            except (TypeError, ValueError, RuntimeError, IndexError) as error:
+                raise InputError(
+                    f"heads with layers of their own cannot run the layers of a '{model_type}' encoder on their own "
+                    f"({type(error).__name__}: {error}); use heads without `layers` for this backbone"
+                ) from None
+            norm = final_norm(backbone)
+            states = norm(states) if norm is not None else states
+    finally:
+        backbone.train(was_training)
+    real = mask.bool()
+    expected = out.last_hidden_state[real].float()
+    difference = float((states[real].float() - expected).abs().max())
+    tolerance = (1e-4 if parameter.dtype == torch.float32 else 5e-2) * max(1.0, float(expected.abs().max()))
+    if not difference <= tolerance:
+        raise InputError(
+            f"heads with layers of their own: running the top {depth} layer(s) of a '{model_type}' encoder on their "
+            f"own does not give its output (max difference {difference:.3g}); use heads without `layers` for this "
+            "backbone"
+        )
+
+
 class TopLayers(nn.Module):
     """A task's own copies of the encoder's top layers (and its final norm, where the architecture has one), run on
     the hidden states that enter the shared copies, with the same masks and position encodings, so that the task
@@ -248,9 +311,10 @@ class TopLayers(nn.Module):
     def __init__(self, backbone: nn.Module, depth: int):
         super().__init__()
         layer_arguments(backbone)  # a family whose layers cannot be run on their own fails here, when built
+        check_top_layers(backbone, depth)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in backbone_layers(backbone)[-depth:])
-        norm = getattr(backbone, "final_norm", None)
-        self.final_norm = copy.deepcopy(norm) if isinstance(norm, nn.Module) else None
+        norm = final_norm(backbone)
+        self.final_norm = copy.deepcopy(norm) if norm is not None else None
         for module in self.modules():
             if hasattr(module, "config") and not isinstance(module, TopLayers):
                 module.config = backbone.config

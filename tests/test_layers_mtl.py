@@ -9,9 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModel, DebertaV2Config, ElectraConfig, MPNetConfig, XLMRobertaConfig
+from transformers import (
+    AutoModel,
+    DebertaV2Config,
+    ElectraConfig,
+    MegatronBertConfig,
+    MPNetConfig,
+    RobertaPreLayerNormConfig,
+    XLMRobertaConfig,
+    XLMRobertaXLConfig,
+)
 
-from layers_mtl import TaskHead, TopLayers, backbone_layers, run_layers
+from layers_mtl import TaskHead, TopLayers, backbone_layers, final_norm, run_layers
 from modeling_mtl import MultiTaskModel
 from validation_mtl import InputError
 
@@ -21,6 +30,10 @@ CONFIGS = {
     "deberta-v2": lambda: DebertaV2Config(vocab_size=100, relative_attention=True, position_buckets=8, **TINY),
     "electra": lambda: ElectraConfig(vocab_size=100, embedding_size=32, **TINY),
     "xlm-roberta": lambda: XLMRobertaConfig(vocab_size=100, max_position_embeddings=66, **TINY),
+    # pre-LayerNorm families: their norm after the last layer lives at a different path in each (FINAL_NORMS)
+    "megatron-bert": lambda: MegatronBertConfig(vocab_size=100, **TINY),
+    "xlm-roberta-xl": lambda: XLMRobertaXLConfig(vocab_size=100, max_position_embeddings=66, **TINY),
+    "roberta-prelayernorm": lambda: RobertaPreLayerNormConfig(vocab_size=100, max_position_embeddings=66, **TINY),
 }
 
 
@@ -51,14 +64,14 @@ def test_running_a_backbones_own_top_layers_explicitly_gives_its_output(tiny_bac
             layers = backbone_layers(backbone)
             for depth in range(1, len(layers) + 1):
                 states = run_layers(layers[-depth:], out.hidden_states[-depth - 1], mask, backbone)
-                norm = getattr(backbone, "final_norm", None)
-                states = norm(states) if isinstance(norm, nn.Module) else states
+                norm = final_norm(backbone)
+                states = norm(states) if norm is not None else states
                 real = mask.bool()  # what padded positions hold is never read
                 torch.testing.assert_close(
                     states[real], out.last_hidden_state[real], atol=1e-5, rtol=1e-5, msg=f"{family}, depth {depth}"
                 )
         checked.append(family)
-    assert checked == ["bert", "distilbert", "roberta", "modernbert", "mpnet", "deberta-v2", "electra", "xlm-roberta"]
+    assert checked == ["bert", "distilbert", "roberta", "modernbert", *CONFIGS]
 
 
 def test_a_family_whose_layers_take_unknown_arguments_is_refused_when_the_head_is_built():
@@ -76,6 +89,24 @@ def test_a_family_whose_layers_take_unknown_arguments_is_refused_when_the_head_i
         TopLayers(Backbone(), 1)
     head = {"type": "linear", "dropout": 0.1, "pooling": "attention"}
     assert TaskHead(32, 2, head).branch is None  # heads without layers of their own never ask
+
+
+def test_a_family_whose_copied_layers_would_not_give_its_output_is_refused_when_the_head_is_built(monkeypatch):
+    import layers_mtl
+
+    backbone = AutoModel.from_config(MegatronBertConfig(vocab_size=100, **TINY))
+    TopLayers(backbone, 1)  # with its final norm known, the copies give the backbone's output
+    monkeypatch.setitem(layers_mtl.FINAL_NORMS, "megatron-bert", "no_such_norm")  # as if the norm were unknown
+    with pytest.raises(InputError, match=r"top 1 layer\(s\) of a 'megatron-bert' encoder on their own does not give"):
+        TopLayers(backbone, 1)
+
+
+def test_an_encoder_whose_layers_are_shared_is_refused_for_heads_with_layers():
+    from transformers import AlbertConfig
+
+    albert = AutoModel.from_config(AlbertConfig(vocab_size=100, embedding_size=16, **TINY))
+    with pytest.raises(InputError, match=r"cannot find the 3 transformer layers of a AlbertModel"):
+        TopLayers(albert, 1)
 
 
 def test_the_copies_share_the_backbones_config_and_follow_its_attention_implementation(tiny_bert):
