@@ -175,12 +175,15 @@ def check_texts(
     return texts
 
 
-def check_pair(a: Any, b: Any, where: str, max_chars: int | None = None) -> tuple[str, str]:
-    """A pair of valid texts, neither of them empty: a pair task scores two texts (as in training)."""
-    for side, text in enumerate((a, b)):
-        check_text(text, f"{where}[{side}]", max_chars)
+def check_pair(
+    a: Any, b: Any, where: str, max_chars: int | None = None, sides: tuple[str, str] = ("[0]", "[1]")
+) -> tuple[str, str]:
+    """A pair of valid texts, neither of them empty: a pair task scores two texts (as in training). Errors name
+    `where` and the side as the caller spells it (`sides`: `[0]`/`[1]` for lists, words for a command line)."""
+    for side, text in zip(sides, (a, b)):
+        check_text(text, f"{where}{side}", max_chars)
         if not text.strip():
-            raise InputError(f"{where}[{side}] is empty: both texts of a pair must be given")
+            raise InputError(f"{where}{side} is empty: both texts of a pair must be given")
     return a, b
 
 
@@ -196,7 +199,13 @@ def check_words(words: Any, where: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- tasks
 
 
-def check_tasks(requested: Any, config: Any, pairs: bool | None = None, argument: str = "tasks") -> list[str] | None:
+# How the Python API takes pairs; the CLI and the service name their own way (`check_tasks(pair_input=...)`).
+PAIR_INPUT = "(text, text_pair) tuples or [text, text_pair] lists"
+
+
+def check_tasks(
+    requested: Any, config: Any, pairs: bool | None = None, argument: str = "tasks", pair_input: str = PAIR_INPUT
+) -> list[str] | None:
     """The tasks a call asks for, checked against the model's tasks and, when `pairs` is given, the kind of input
     they take. `None` stays `None` (every task of that kind) but is refused when the model has no such task.
 
@@ -205,12 +214,13 @@ def check_tasks(requested: Any, config: Any, pairs: bool | None = None, argument
         config: the model's `MultiTaskConfig` (its `task_names` and `task(name).takes_pairs`).
         pairs: whether the inputs are text pairs (`None`: do not check the kind).
         argument: the caller's name for the tasks (`tasks`, `--tasks`).
+        pair_input: how the caller gives pairs, for the hint when pairs were needed.
     """
     names = config.task_names
     kind = "pair" if pairs else "single-text"
     if requested is None:
         if pairs is not None and not any(config.task(name).takes_pairs == pairs for name in names):
-            hint = "" if pairs else "; give it pairs: (text, text_pair) tuples or [text, text_pair] lists"
+            hint = "" if pairs else f"; give it pairs: {pair_input}"
             raise InputError(f"this model has no {kind} tasks (its tasks: {_kinds(config)}){hint}")
         return None
     if isinstance(requested, str):
@@ -226,7 +236,7 @@ def check_tasks(requested: Any, config: Any, pairs: bool | None = None, argument
     if pairs is not None:
         wrong = [name for name in tasks if config.task(name).takes_pairs != pairs]
         if wrong:
-            needs = "single texts" if pairs else "text pairs ((text, text_pair) tuples or [text, text_pair] lists)"
+            needs = "single texts" if pairs else f"text pairs ({pair_input})"
             raise InputError(f"{argument}: task(s) {wrong} take {needs}, not {kind.replace('-', ' ')}s")
     return tasks
 

@@ -40,6 +40,7 @@ from validation_mtl import UserError, check_pair, check_tasks, check_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 HEATMAP_SUFFIXES = (".png", ".svg", ".pdf")
+PAIR_OPTIONS = "--pairs FILE or --pair TEXT TEXT_PAIR"  # how this command line takes pairs, for its messages
 
 
 class CliError(UserError):
@@ -251,7 +252,7 @@ def _check_tasks(args: argparse.Namespace, config: Any | None, pairs: bool) -> l
             raise UsageError(f"--tasks {args.tasks!r}: name at least one task")
     if config is None:
         return tasks
-    return check_tasks(tasks, config, pairs, argument="--tasks")
+    return check_tasks(tasks, config, pairs, argument="--tasks", pair_input=PAIR_OPTIONS)
 
 
 def _check_listen(host: str, port: int) -> None:
@@ -341,7 +342,7 @@ def _read_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def _pair(a: str, b: str, where: str) -> tuple[str, str]:
     """A pair of valid texts, neither of them empty (`validation_mtl.check_pair`, as in training)."""
-    return check_pair(a, b, where)
+    return check_pair(a, b, where, sides=(" (first text)", " (second text)"))
 
 
 def _read_inputs(args: argparse.Namespace, allow_pairs: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
@@ -431,7 +432,7 @@ def _label(text: str, width: int) -> str:
 def cmd_similarity(args: argparse.Namespace) -> int:
     has_pairs = bool(args.pairs or args.pair)
     if args.pairwise and not has_pairs:
-        raise UsageError("--pairwise needs pairs (--pairs FILE or --pair TEXT TEXT_PAIR)")
+        raise UsageError(f"--pairwise needs pairs ({PAIR_OPTIONS})")
     if args.pairwise and args.output:
         raise UsageError("--output draws a matrix; --pairwise gives one score per pair: save them with --json")
     heatmap = _check_output(args.output, "--output", HEATMAP_SUFFIXES) if args.output else None

@@ -690,22 +690,19 @@ class _Routes:
     def _predict_tasks(self, tasks: list[str] | None, pairs: bool) -> tuple[str, ...] | None:
         """The tasks a /predict request asks for (None: all those taking its kind of input), checked."""
         with _as_http_error():
-            chosen = check_tasks(tasks, self.config, pairs)
+            chosen = check_tasks(tasks, self.config, pairs, pair_input='"pairs": a list of [text, text_pair] lists')
         return None if chosen is None else tuple(chosen)
 
     def _check_similarity_inputs(self, body: SimilarityRequest) -> list[str]:
         """`texts` (and `texts_b`) within the limits and fit for `pairwise`: all the texts to embed."""
-        if not body.texts:
-            raise HTTPException(422, "texts is empty: send at least one text")
-        if body.texts_b is not None and not body.texts_b:
-            raise HTTPException(422, "texts_b is empty: leave it out, or send at least one text")
-        texts = list(body.texts) + list(body.texts_b or [])
-        if len(texts) > self.limits.max_batch_size:
-            field = "texts + texts_b have" if body.texts_b is not None else "texts has"
-            raise HTTPException(413, f"{field} {len(texts)} texts; at most {self.limits.max_batch_size} per request")
         self.check_texts(body.texts, "texts")
         if body.texts_b is not None:
             self.check_texts(body.texts_b, "texts_b")
+        texts = list(body.texts) + list(body.texts_b or [])
+        if len(texts) > self.limits.max_batch_size:  # each list fits; together they are one request's texts
+            raise HTTPException(
+                413, f"texts + texts_b have {len(texts)} texts; at most {self.limits.max_batch_size} per request"
+            )
         if body.pairwise:
             if body.texts_b is None:
                 raise HTTPException(422, "pairwise needs texts_b: one score per (texts[i], texts_b[i])")

@@ -93,29 +93,33 @@ def test_an_empty_side_of_a_pair_is_the_same_error_everywhere(model, model_dir, 
     api = api_error(lambda: model.predict([("a", "b"), ("c", " ")]))
     cli = cli_error(capsys, "predict", "--model", str(model_dir), "--pair", "a", "b", "--pair", "c", " ")
     http = service_error(server, "/predict", {"pairs": [["a", "b"], ["c", " "]]})
-    expected = "[1] is empty: both texts of a pair must be given"
-    assert problem(api, "sentences[1]") == problem(cli, "--pair 2") == problem(http, "pairs[1]") == expected
+    expected = " is empty: both texts of a pair must be given"
+    # one rule; each caller names the side as its user wrote the pair
+    assert problem(api, "sentences[1][1]") == problem(http, "pairs[1][1]") == problem(cli, "--pair 2 (second text)")
+    assert problem(api, "sentences[1][1]") == expected
 
 
 @pytest.mark.parametrize(
     "tasks, pairs, expected",
     [
         (["nope"], False, ": unknown task(s) ['nope']; this model's tasks are ['topic', 'ner', 'nli']"),
-        (["nli"], False, ": task(s) ['nli'] take text pairs"),
+        (["nli"], False, ": task(s) ['nli'] take text pairs ({pairs}), not single texts"),
         (["topic"], True, ": task(s) ['topic'] take single texts, not pairs"),
     ],
 )
 def test_a_task_that_does_not_fit_is_the_same_error_everywhere(
     model, model_dir, server, capsys, tasks, pairs, expected
 ):
+    """One rule; the hint says how *this* caller gives pairs (tuples, `--pair`, a JSON field)."""
     inputs = [("a", "b")] if pairs else ["a"]
     api = api_error(lambda: model.predict(inputs, tasks=tasks))
     flags = ["--pair", "a", "b"] if pairs else ["a"]
     cli = cli_error(capsys, "predict", "--model", str(model_dir), *flags, "--tasks", ",".join(tasks))
     body = {"pairs": [["a", "b"]]} if pairs else {"texts": ["a"]}
     http = service_error(server, "/predict", {**body, "tasks": tasks})
-    assert problem(api, "tasks") == problem(cli, "--tasks") == problem(http, "tasks")
-    assert expected in problem(api, "tasks")
+    assert problem(api, "tasks") == expected.format(pairs="(text, text_pair) tuples or [text, text_pair] lists")
+    assert problem(cli, "--tasks") == expected.format(pairs="--pairs FILE or --pair TEXT TEXT_PAIR")
+    assert problem(http, "tasks") == expected.format(pairs='"pairs": a list of [text, text_pair] lists')
 
 
 def test_one_rule_for_a_model_folder(model_dir, tmp_path, capsys):
