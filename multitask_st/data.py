@@ -48,7 +48,7 @@ from transformers.utils import logging
 from configuration_mtl import normalize_task
 from layers_mtl import labelled_mask
 from tasks_mtl import DEFAULT_TASK_TYPE, LabelMapper, Task, is_missing, label_key, make_task, task_class
-from validation_mtl import DataError, InputError, UserError, is_int
+from validation_mtl import DataError, InputError, UserError, check_int
 
 logger = logging.get_logger(__name__)
 
@@ -154,8 +154,8 @@ class TaskDataSpec:
             raise InputError(f"task '{self.name}': give `dataset` (Hub id, file or folder) or `data_files`")
         for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, key)
-            if value is not None and (not is_int(value) or value <= 0):
-                raise InputError(f"task '{self.name}': {key} must be a positive int, got {value!r}")
+            if value is not None:
+                check_int(f"task '{self.name}': {key}", value, 1)
         if self.negative_column is not None and not cls.hard_negatives:
             raise InputError(f"task '{self.name}': negative_column only applies to contrastive tasks")
         if self.row_filter is not None and not isinstance(self.row_filter, dict):

@@ -14,7 +14,7 @@ import torch
 
 from configuration_mtl import MultiTaskConfig
 from modeling_mtl import MultiTaskModel
-from validation_mtl import InputError
+from validation_mtl import InputError, check_int
 
 LORA_CONFIG_FILE = "multitask_config.json"  # the MultiTaskConfig beside a LoRA adapter (adapter_config.json is PEFT's)
 
@@ -44,8 +44,7 @@ def apply_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    if not isinstance(rank, int) or rank <= 0:
-        raise InputError(f"lora_rank must be a positive int, got {rank!r}")
+    check_int("lora_rank", rank, 1)
     targets = target_modules or _default_lora_targets(model)
     trainable_outside = [f"heads.{name}" for name in model.heads]
     trainable_outside += ["pooling"] if any(True for _ in model.pooling.parameters()) else []

@@ -24,7 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from multitask_st import DEFAULT_BACKBONE_ID, default_backbone
 from tasks_mtl import DEFAULT_TASK_TYPE, make_task, task_class
-from validation_mtl import InputError, MissingFileError
+from validation_mtl import InputError, MissingFileError, is_number
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 CURVES_FIGURE = "training_curves.png"
@@ -183,10 +183,6 @@ def _format_number(value: Any) -> str:
     return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _task_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for spec in tasks:
@@ -273,7 +269,7 @@ def _metric_results(
                 (tasks.get(task_name) or {}).get("type") or info.get("type") or DEFAULT_TASK_TYPE
             ).hub_task
             for metric, value in scores.items():
-                if not _is_number(value):
+                if not is_number(value):
                     continue
                 rows.append({"task": task_name, "split": split, "metric": metric, "value": _format_number(value)})
                 if metric in _NOT_METRICS or metric not in HUB_METRICS:
@@ -301,7 +297,7 @@ def _metric_results(
             {
                 "title": f"{title} ({split_key} split)",
                 "rows": rows,
-                "combined": _format_number(combined) if _is_number(combined) else None,
+                "combined": _format_number(combined) if is_number(combined) else None,
             }
         )
     return results, sections
@@ -330,7 +326,7 @@ def _curves(state: dict[str, Any], folder: Path, figure: bool) -> dict[str, Any]
         keys = {
             k: v
             for k, v in entry.items()
-            if _is_number(v)
+            if is_number(v)
             and (k == "loss" or k.startswith("loss/") or k.startswith("eval_"))
             and not k.endswith(("_runtime", "_per_second"))
         }
@@ -352,7 +348,7 @@ def _curves(state: dict[str, Any], folder: Path, figure: bool) -> dict[str, Any]
         row = by_step[step]
         epoch = row.get("epoch")
         rows.append(
-            [str(step), f"{epoch:.2f}" if _is_number(epoch) else ""]
+            [str(step), f"{epoch:.2f}" if is_number(epoch) else ""]
             + [_format_number(row[k]) if k in row else "" for k in keys]
         )
     figure_name = None
@@ -521,7 +517,7 @@ def _training_view(training: Any | None, base_model_id: str | None) -> dict[str,
         "hardware": training.get("hardware"),
         "precision": (training.get("hardware_details") or {}).get("precision"),
         "threads": (training.get("hardware_details") or {}).get("torch_threads"),
-        "runtime": f"{runtime:.0f} s" if _is_number(runtime) else None,
+        "runtime": f"{runtime:.0f} s" if is_number(runtime) else None,
         "hyperparameters": [
             (key, json.dumps(value, default=str).replace("|", "\\|")) for key, value in hyperparameters
         ],
@@ -559,16 +555,14 @@ def _embedding_limitation(tasks: list[dict], metrics: dict[str, Any], training: 
     trained = [t["name"] for t in tasks if make_task(t).trains_embedding]
     drift = (metrics.get("embedding") or {}).get("eval") or {}
     cosine = drift.get("cosine_to_initial")
-    moved = (
-        f" (mean cosine to the base model's embedding on the eval texts: {cosine:.3f})" if _is_number(cosine) else ""
-    )
+    moved = f" (mean cosine to the base model's embedding on the eval texts: {cosine:.3f})" if is_number(cosine) else ""
     if trained:
         return f"The embedding was trained by {', '.join(f'`{t}`' for t in trained)}{moved}: it is tuned to those data."
     record = training.get("embedding_protection") or {}
     protection = record.get("method")
     if protection is None:
         return f"No training record says how the embedding was treated{moved}."
-    partial_isolation = protection == "isolation" and not (_is_number(record.get("weight")) and record["weight"] >= 1)
+    partial_isolation = protection == "isolation" and not (is_number(record.get("weight")) and record["weight"] >= 1)
     if protection == "none" or partial_isolation:  # Adam undoes a scaled-down gradient when nothing else trains it
         return (
             f"The embedding was left unprotected while the heads trained{moved}: similarity quality may be below "

@@ -36,7 +36,7 @@ from transformers.utils import logging
 
 from layers_mtl import labelled_mask
 from tasks_mtl import make_task
-from validation_mtl import InputError
+from validation_mtl import InputError, check_number
 
 from .arguments import PROTECTIONS, check_choice
 from .lora import unwrap
@@ -66,8 +66,7 @@ def protection_setting(method: str, weight: float | None, tasks: list[dict[str, 
     check_protection(method)
     resolved = resolve_protection(method, tasks)
     weight = DEFAULT_PROTECTION_WEIGHT[resolved] if weight is None else weight
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
-        raise InputError(f"protection_weight must be a number >= 0, got {weight!r}")
+    weight = check_number("protection_weight", weight, 0)  # finite: an infinite weight is all protection, no task
     if resolved == "isolation" and weight > 1:
         raise InputError(
             f"protection_weight {weight!r} is out of range for isolation (the embedding protection in use"

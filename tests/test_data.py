@@ -333,8 +333,8 @@ def test_an_unreachable_hub_dataset_says_what_to_do(tiny_bert, monkeypatch):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ({"name": "a", "dataset": "d", "max_train_samples": 0}, "max_train_samples must be a positive int"),
-        ({"name": "a", "dataset": "d", "max_eval_samples": -3}, "max_eval_samples must be a positive int"),
+        ({"name": "a", "dataset": "d", "max_train_samples": 0}, "max_train_samples must be an int >= 1, got 0"),
+        ({"name": "a", "dataset": "d", "max_eval_samples": -3}, "max_eval_samples must be an int >= 1, got -3"),
         ({"name": "a"}, "give `dataset`"),
         ({"name": "a", "dataset": "d", "colour": 1}, r"unknown keys \['colour'\]"),
         ({"name": "a", "type": "ranking", "dataset": "d"}, "type 'ranking' is not one of"),

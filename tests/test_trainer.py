@@ -779,3 +779,16 @@ def test_the_filler_predictions_of_a_pair_task_are_made_on_the_batchs_device():
         predictions = make_task(task).eval_predictions(outputs, 4)
         assert predictions.device == meta, task["name"]
         assert tuple(predictions.shape) == shapes[task["name"]]
+
+
+def test_the_protection_weight_a_record_states_is_finite():
+    """`protection_setting` checked the weight with its own copy of the number rule, which let `inf` through (all
+    protection, no task learning): it runs `check_number` now."""
+    from multitask_st.protection import protection_setting
+    from validation_mtl import InputError
+
+    tasks = [{"name": "t", "labels": ["a", "b"]}]
+    assert protection_setting("distillation", 0, tasks) == ("none", 0.0)
+    assert protection_setting("distillation", 2, tasks) == ("distillation", 2.0)
+    with pytest.raises(InputError, match="protection_weight must be a finite number >= 0, got inf"):
+        protection_setting("distillation", float("inf"), tasks)
