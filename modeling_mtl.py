@@ -364,9 +364,10 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
 
     @property
     def takes_token_type_ids(self) -> bool:
-        """Whether the encoder reads token type ids (segment embeddings, as BERT does); those given to one that does
-        not are left out."""
-        return _takes_token_type_ids(type(self.backbone))
+        """Whether the encoder reads token type ids: segment embeddings of two or more types, as BERT has. Those
+        given to one that has none (DistilBERT, ModernBERT), or only the one type (RoBERTa), are left out."""
+        types = getattr(self.backbone.config, "type_vocab_size", 2)
+        return _takes_token_type_ids(type(self.backbone)) and (types is None or types >= 2)
 
     def forward(
         self,

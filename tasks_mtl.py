@@ -121,7 +121,7 @@ class Task:
 
     @property
     def labels(self) -> list[str]:
-        return self.spec["labels"]
+        return self.spec.get("labels") or []
 
     @property
     def loss_weight(self) -> float:

@@ -221,3 +221,24 @@ def test_the_onnx_export_scores_pairs_as_pytorch_does(model, tmp_path):
         assert a["para"]["label"] == b["para"]["label"]
         assert a["sts"]["cosine"] == pytest.approx(b["sts"]["cosine"], abs=1e-4)
     np.testing.assert_allclose(onnx_model.encode(["x y"]), model.encode(["x y"]), atol=1e-4)
+
+
+def test_an_encoder_with_one_token_type_exports_pairs_without_segments(tiny_backbones, tmp_path):
+    """RoBERTa-style encoders have one token type (`type_vocab_size` 1): the pair's segments are left out, in
+    PyTorch and in the export (a segment of 1 would index past their one type embedding)."""
+    pytest.importorskip("onnxruntime")
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from multitask_st.onnx import OnnxMultiTaskModel, export_onnx
+
+    config = AutoConfig.from_pretrained(tiny_backbones["roberta"], type_vocab_size=1)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path / "roberta1")
+    AutoTokenizer.from_pretrained(tiny_backbones["roberta"]).save_pretrained(tmp_path / "roberta1")
+    model = MultiTaskModel.from_backbone(tmp_path / "roberta1", tasks=TASKS[1:2]).eval()
+    assert not model.takes_token_type_ids
+    folder = export_onnx(model, tmp_path / "export")
+    assert json.loads((folder / "onnx_config.json").read_text())["inputs"] == ["input_ids", "attention_mask"]
+    got = OnnxMultiTaskModel.from_pretrained(folder).predict(PAIRS)
+    for a, b in zip(got, model.predict(PAIRS)):
+        assert a["rerank"]["score"] == pytest.approx(b["rerank"]["score"], abs=1e-4)

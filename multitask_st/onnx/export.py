@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +48,29 @@ CHECK_TEXTS = (
     "The quick brown fox jumps over the lazy dog near the river bank, while John Smith of Acme Corp. watches.",
     "Scientists discovered a new species of frog in Brazil last summer.",
 )
+
+
+class CheckBatch(NamedTuple):
+    """The check sentences as the graph's inputs: ids, mask, and token type ids where the graph takes them."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    types: torch.Tensor | None
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.ids, self.mask) if self.types is None else (self.ids, self.mask, self.types)
+
+
+def _check_batch(model) -> CheckBatch:
+    """`CHECK_TEXTS`; where the graph takes token type ids, the second half of each text's tokens marked as a
+    second segment, so that the check covers pairs read as one sequence too."""
+    ids, mask = padded_inputs(model.tokenizer, CHECK_TEXTS, model.config.max_seq_length)
+    if "token_type_ids" not in text_graph_inputs(model):
+        return CheckBatch(ids, mask, None)
+    lengths = mask.sum(-1, keepdim=True)
+    types = ((torch.arange(ids.shape[1])[None, :] * 2 >= lengths) & mask.bool()).long()
+    return CheckBatch(ids, mask, types)
 
 
 class _TextGraph(nn.Module):
@@ -319,10 +342,10 @@ def export_onnx(
     config = model.config
     tasks = _task_lists(config)
     started = time.perf_counter()
-    ids, mask = padded_inputs(model.tokenizer, CHECK_TEXTS, config.max_seq_length)
+    batch = _check_batch(model)
     try:
         written = _write_graphs(
-            model, output_dir, ids, mask, tasks, int8, quantization, optimize, opset, tolerance, calibration_texts
+            model, output_dir, batch, tasks, int8, quantization, optimize, opset, tolerance, calibration_texts
         )
     finally:
         model.train(was_training)
@@ -378,8 +401,7 @@ class _WrittenGraphs:
 def _write_graphs(
     model,
     output_dir: Path,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+    batch: CheckBatch,
     tasks: tuple[list[str], list[str], list[str]],
     int8: bool,
     quantization: str,
@@ -392,13 +414,13 @@ def _write_graphs(
     within `tolerance`), the int8 graph (if `int8`) and the pair-head graph (if the model has pair tasks); an int8
     or pair-head graph left by an older export that this one does not write is removed."""
     sequence, token, pair = tasks
-    reference = _reference_outputs(model, sequence, token, ids, mask)
+    reference = _reference_outputs(model, sequence, token, batch)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as scratch:
         scratch = Path(scratch)
-        output_names, diff = _export_checked_text_graph(model, scratch, opset, tasks, reference, ids, mask, tolerance)
+        output_names, diff = _export_checked_text_graph(model, scratch, opset, tasks, reference, batch, tolerance)
         chosen, fused_nodes = scratch / "plain.onnx", None
         if optimize:
-            fused = _fuse_checked(scratch, model.config.backbone_config, reference, ids, mask, tolerance)
+            fused = _fuse_checked(scratch, model.config.backbone_config, reference, batch, tolerance)
             if fused is not None:
                 chosen, (fused_nodes, diff) = scratch / "fused.onnx", fused
         os.replace(chosen, output_dir / MODEL_FILE)
@@ -406,7 +428,7 @@ def _write_graphs(
         int8_check = None
         if int8:
             int8_check = _write_int8_graph(
-                model, output_dir, scratch, quantization, calibration_texts, reference["features"], ids, mask
+                model, output_dir, scratch, quantization, calibration_texts, reference["features"], batch
             )
             files["int8"] = INT8_FILE
         elif (output_dir / INT8_FILE).exists():
@@ -420,13 +442,12 @@ def _write_graphs(
     return _WrittenGraphs(output_names, files, fused_nodes, diff, int8_check, pair_diff)
 
 
-def _reference_outputs(
-    model, sequence: list[str], token: list[str], ids: torch.Tensor, mask: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def _reference_outputs(model, sequence: list[str], token: list[str], batch: CheckBatch) -> dict[str, torch.Tensor]:
     """PyTorch's `features`, `embeddings` and `logits.<task>` of the check batch: what every graph must match."""
+    extra = {"token_type_ids": batch.types} if batch.types is not None else {}
     with torch.no_grad():
-        reference = dict(zip(["features", "embeddings"], _TextGraph(model, sequence, token)(ids, mask)[:2]))
-        logits = model(input_ids=ids, attention_mask=mask, tasks=sequence + token).logits
+        reference = dict(zip(["features", "embeddings"], _TextGraph(model, sequence, token)(*batch.inputs)[:2]))
+        logits = model(input_ids=batch.ids, attention_mask=batch.mask, tasks=sequence + token, **extra).logits
     reference.update({output_name(name): value for name, value in logits.items()})
     return reference
 
@@ -437,8 +458,7 @@ def _export_checked_text_graph(
     opset: int,
     tasks: tuple[list[str], list[str], list[str]],
     reference: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+    batch: CheckBatch,
     tolerance: float,
 ) -> tuple[list[str], dict[str, float]]:
     """Trace the text graph into `scratch/plain.onnx` and check it against PyTorch (an error beyond `tolerance`);
@@ -446,7 +466,9 @@ def _export_checked_text_graph(
     sequence, token, _ = tasks
     with _eager_attention(model):
         output_names = _export_text_graph(model, scratch / "plain.onnx", opset, sequence, token)
-    plain_diff = _max_abs_diff(reference, run_text_graph(open_session(scratch / "plain.onnx"), ids, mask), mask)
+    plain_diff = _max_abs_diff(
+        reference, run_text_graph(open_session(scratch / "plain.onnx"), *batch.inputs), batch.mask
+    )
     if max(plain_diff.values()) > tolerance:
         raise RuntimeError(
             f"the exported graph does not match PyTorch (max abs diff per output {plain_diff}); "
@@ -459,8 +481,7 @@ def _fuse_checked(
     scratch: Path,
     backbone_config,
     reference: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+    batch: CheckBatch,
     tolerance: float,
 ) -> tuple[dict[str, int], dict[str, float]] | None:
     """Fuse `scratch/plain.onnx` into `scratch/fused.onnx`; returns its node counts and max abs difference per
@@ -469,7 +490,8 @@ def _fuse_checked(
     # stacklevel=4: the warnings point at the caller of `export_onnx` (through `_write_graphs` and this function).
     try:
         fused_nodes = _fuse(scratch / "plain.onnx", scratch / "fused.onnx", backbone_config)
-        fused_diff = _max_abs_diff(reference, run_text_graph(open_session(scratch / "fused.onnx"), ids, mask), mask)
+        fused = run_text_graph(open_session(scratch / "fused.onnx"), *batch.inputs)
+        fused_diff = _max_abs_diff(reference, fused, batch.mask)
         if max(fused_diff.values()) <= tolerance:
             return fused_nodes, fused_diff
         warnings.warn(
@@ -488,8 +510,7 @@ def _write_int8_graph(
     quantization: str,
     calibration_texts: Sequence[str] | None,
     reference_features: torch.Tensor,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+    batch: CheckBatch,
 ) -> dict[str, Any]:
     """Quantise `output_dir/model.onnx` into `output_dir/model_int8.onnx`; returns what was done and how close its
     features stay to PyTorch's (for `onnx_config.json`)."""
@@ -499,7 +520,7 @@ def _write_int8_graph(
         model.config.max_seq_length,
     )
     done = quantize_int8(output_dir / MODEL_FILE, scratch / "int8.onnx", quantization, calibration)
-    int8_out = run_text_graph(open_session(scratch / "int8.onnx"), ids, mask)
+    int8_out = run_text_graph(open_session(scratch / "int8.onnx"), *batch.inputs)
     cosines = F.cosine_similarity(torch.from_numpy(int8_out["features"]), reference_features, dim=-1)
     int8_check = {
         "quantized_nodes": done["quantized"],
