@@ -201,7 +201,10 @@ def parse_arguments(argv: list[str] | None = None):
     if not torch.accelerator.is_available() and not pin_memory_given:
         # Pinned memory only speeds up copies to an accelerator; without one, torch warns at every evaluation.
         argv += ["--dataloader_pin_memory", "false"]
-    model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    *parsed, unused = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unused:
+        parser.error(f"unrecognized arguments: {' '.join(unused)}")
+    model_args, data_args, run_args, training_args = parsed
     if training_args.output_dir is None:
         training_args.output_dir = "outputs/multitask-model"
     overwrite_asked = any(arg.startswith("--overwrite_output_dir") for arg in argv)

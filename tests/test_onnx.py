@@ -304,6 +304,12 @@ def test_cli_functions_export_and_report_errors(tiny, tmp_path, capsys):
     assert "holds a model's weights: an export there would replace" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in (tmp_path / "other").iterdir() if path.is_file()} == before
 
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    latin1 = [str(tmp_path / "model"), "-o", str(tmp_path / "o3"), "--int8", "--calibration-file"]
+    assert run_export(parser.parse_args([*latin1, str(tmp_path / "latin1.txt")])) == 1
+    err = capsys.readouterr().err
+    assert "--calibration-file" in err and "not UTF-8 text" in err and "Traceback" not in err
+
     args = parser.parse_args([str(tmp_path / "missing"), "-o", str(tmp_path / "out2"), "-q"])
     assert run_export(args) == 1
     assert "mtl export: error:" in capsys.readouterr().err

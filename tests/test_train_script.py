@@ -203,6 +203,12 @@ def test_a_bad_flag_value_is_one_line_not_the_usage_block(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--max_steps" in err and "invalid int value: 'abc'" in err
+    with pytest.raises(SystemExit) as exit_:  # a misspelt flag: one line, exit 2, as argparse's own errors
+        train.parse_arguments(["--per_device_train_batch_sise", "4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith(": error: unrecognized arguments: --per_device_train_batch_sise 4 (see --help)")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_user_errors_are_one_line_and_anything_else_keeps_its_traceback(tmp_path, capsys, monkeypatch):

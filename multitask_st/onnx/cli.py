@@ -59,7 +59,12 @@ def run_export(args: argparse.Namespace) -> int:
 
         calibration = None
         if getattr(args, "calibration_file", None):
-            lines = Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
+            try:
+                lines = Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as error:
+                raise UserError(
+                    f"--calibration-file {args.calibration_file}: not UTF-8 text ({error.reason} at byte {error.start})"
+                ) from None
             calibration = [line for line in lines if line.strip()]
             if not calibration:
                 raise UserError(f"--calibration-file {args.calibration_file} holds no text")
