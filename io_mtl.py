@@ -22,15 +22,22 @@ except ImportError:  # installed as top-level modules, or run from the project f
 # ---------------------------------------------------------------------------------------------- code files
 
 
-def model_code_files() -> list[str]:
-    """The code files a saved model carries, which `save_pretrained` copies beside the weights: `modeling_mtl.py`,
-    `configuration_mtl.py` and every file they import relatively (found as transformers finds them)."""
-    from transformers.dynamic_module_utils import get_relative_import_files
+def model_code_files(folder: str | os.PathLike | None = None) -> list[str]:
+    """The code files a model carries: `modeling_mtl.py`, `configuration_mtl.py` and every file they import
+    relatively, found as transformers finds them (`save_pretrained` copies them beside the weights). Of this
+    package's code by default; of a saved `folder`'s own code when given (a model saved by an earlier version
+    carries fewer files), a file it imports but lacks included, so that a check can name it."""
+    from transformers.dynamic_module_utils import get_relative_imports
 
-    here = Path(__file__).resolve().parent
-    names = {"modeling_mtl.py", "configuration_mtl.py"}
-    for entry in ("modeling_mtl.py", "configuration_mtl.py"):
-        names.update(Path(path).name for path in get_relative_import_files(here / entry))
+    base = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    names, queue = set(), ["modeling_mtl.py", "configuration_mtl.py"]
+    while queue:
+        name = queue.pop()
+        if name in names:
+            continue
+        names.add(name)
+        if (base / name).is_file():
+            queue.extend(f"{module}.py" for module in get_relative_imports(base / name))
     return sorted(names)
 
 

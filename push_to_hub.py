@@ -28,7 +28,6 @@ from pathlib import Path
 
 from io_mtl import model_code_files
 
-CODE_FILES = tuple(model_code_files())  # what `save_pretrained` copies beside the weights
 # Files of a saved model that are published. Everything else in the folder (checkpoints, optimizer/scheduler
 # states, `training_args.bin`, TensorBoard runs) stays local.
 UPLOAD_PATTERNS = (
@@ -36,7 +35,6 @@ UPLOAD_PATTERNS = (
     "model.safetensors",
     "model-*-of-*.safetensors",
     "model.safetensors.index.json",
-    *CODE_FILES,
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -132,9 +130,12 @@ def validate_model_dir(model_dir: str | os.PathLike) -> list[Path]:
     if "tasks" not in config or "backbone_config" not in config:
         raise PushError(f"{config_path} is not a multi-task model config (no `tasks` / `backbone_config`)")
 
-    missing_code = [name for name in CODE_FILES if not (folder / name).is_file()]
+    missing_code = [name for name in model_code_files(folder) if not (folder / name).is_file()]
     if missing_code:
-        raise PushError(f"model_dir '{folder}' lacks the model code {missing_code} that `auto_map` points to")
+        raise PushError(
+            f"model_dir '{folder}' lacks the model code {missing_code} that its own code files import: re-save it "
+            "with `MultiTaskModel.save_pretrained`"
+        )
 
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
@@ -158,10 +159,12 @@ def validate_model_dir(model_dir: str | os.PathLike) -> list[Path]:
         raise PushError(f"model_dir '{folder}' has no tokenizer vocabulary (one of {list(TOKENIZER_VOCAB_FILES)})")
 
     check_model_loads(folder)
+    code = set(model_code_files(folder))
     return sorted(
         path
         for path in folder.iterdir()
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS)
+        if path.is_file()
+        and (path.name in code or any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS))
     )
 
 

@@ -22,7 +22,7 @@ from train_helpers import separate_sources
 
 import push_to_hub
 import train
-from push_to_hub import CODE_FILES
+from io_mtl import model_code_files
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_test_write_token"
@@ -102,7 +102,7 @@ def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model,
     files = stored_files(hub, repo_id)
     published = set(files) - {".gitattributes"}
     expected = {
-        "README.md", "config.json", "model.safetensors", *CODE_FILES,
+        "README.md", "config.json", "model.safetensors", *model_code_files(),
         "tokenizer.json", "tokenizer_config.json", "metrics.json", "training_config.json", "trainer_state.json",
         "training_curves.png",
     }  # fmt: skip
@@ -188,6 +188,32 @@ def test_dry_run_writes_exactly_what_is_uploaded(trained_model, hub, tmp_path):
     # A second dry run into a non-empty folder is refused rather than mixing two folders.
     again = run_push([str(trained_model), "--repo_id", repo_id, "--dry-run", str(dry)], hub_env(hub.endpoint, home))
     assert again.returncode == 2 and "must be empty" in again.stderr
+
+
+def test_a_model_saved_by_an_earlier_version_publishes_its_own_code_files(trained_model, hub, tmp_path):
+    """A model saved before the task-type refactor carries three code files, importing only one another: what it
+    must publish is what its own code imports, not what today's package would copy."""
+    import shutil
+
+    old = tmp_path / "old_model"
+    shutil.copytree(trained_model, old)
+    for name in model_code_files():
+        (old / name).unlink()
+    (old / "configuration_mtl.py").write_text("from transformers import PretrainedConfig\n")
+    (old / "inference_mtl.py").write_text("import numpy\n")
+    (old / "modeling_mtl.py").write_text(
+        "try:\n    from .configuration_mtl import PretrainedConfig\n    from .inference_mtl import numpy\n"
+        "except ImportError:\n    pass\n"
+    )
+    dry = tmp_path / "to_upload"
+    result = run_push([str(old), "--repo_id", f"{USER}/old", "--dry-run", str(dry)], hub_env(hub.endpoint, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert {path.name for path in dry.glob("*.py")} == {"configuration_mtl.py", "modeling_mtl.py", "inference_mtl.py"}
+    (old / "inference_mtl.py").unlink()  # a file its own code imports is missing: named
+    result = run_push(
+        [str(old), "--repo_id", f"{USER}/old", "--dry-run", str(tmp_path / "x")], hub_env(hub.endpoint, tmp_path)
+    )
+    assert result.returncode == 2 and "lacks the model code ['inference_mtl.py']" in result.stderr
 
 
 def test_branch_pull_request_private_and_bad_token(trained_model, hub, tmp_path):
