@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from multitask_st.onnx import (  # noqa: E402
     export_onnx,
 )
 from multitask_st.onnx.cli import SCHEMES, add_export_arguments, run_export  # noqa: E402
+from validation_mtl import FileError  # noqa: E402
 
 TASKS = [
     {"name": "sentiment", "labels": ["negative", "positive"], "head": {"type": "mlp", "hidden_size": 16}},
@@ -280,6 +282,27 @@ def test_export_on_first_use_and_again_after_the_checkpoint_changes(tiny_bert, t
     for want, have in zip(model.predict(TEXTS), fresh.predict(TEXTS)):
         assert_same_predictions(want, have)
     assert {result["sentiment"]["label"] for result in fresh.predict(TEXTS)} == {"negative"}
+
+
+def test_an_export_of_a_model_that_has_changed_since_is_refused(tiny_bert, tmp_path):
+    """An export folder loaded by itself was served whatever became of its model since: it records its source
+    folder's content hash and is refused when that folder now holds another model; a copy of the export whose source
+    is not here (deployed alone), or a copied source folder with new modification times, is taken as it is."""
+    torch.manual_seed(1)
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS[:3]).eval()
+    model.save_pretrained(tmp_path / "model")
+    export_onnx(str(tmp_path / "model"), tmp_path / "export")
+    OnnxMultiTaskModel.from_pretrained(tmp_path / "export")  # current
+    os.utime(tmp_path / "model" / "model.safetensors", ns=(1, 1))  # same contents, other times: the same model
+    OnnxMultiTaskModel.from_pretrained(tmp_path / "export")
+    shutil.copytree(tmp_path / "export", tmp_path / "deployed")
+    with torch.no_grad():  # a head retrained on the frozen encoder: a few bytes of the weights change
+        model.heads["sentiment"].out_proj.bias.add_(1.0)
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(FileError, match=r"export is an ONNX export of .*model, which holds another model now"):
+        OnnxMultiTaskModel.from_pretrained(tmp_path / "export")
+    shutil.rmtree(tmp_path / "model")
+    assert OnnxMultiTaskModel.from_pretrained(tmp_path / "deployed").task_names == model.config.task_names
 
 
 def test_cli_functions_export_and_report_errors(tiny, tmp_path, capsys):

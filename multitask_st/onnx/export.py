@@ -123,18 +123,38 @@ def text_graph_inputs(model) -> list[str]:
     return ["input_ids", "attention_mask"] + (["token_type_ids"] if segments and model.takes_token_type_ids else [])
 
 
+# How `source.fingerprint` is computed (`_fingerprint`); exports that record another kind (or none: names, sizes and
+# modification times, before 0.2) are only re-exported on use, never refused.
+FINGERPRINT_KIND = "content-sha1-v1"
+
+
 def _fingerprint(path: str | os.PathLike) -> str | None:
-    """A cheap identity of a saved checkpoint folder: names, sizes and modification times of its config and weight
-    files (a re-saved or retrained model changes it). `None` for something that is not a local folder."""
+    """The identity of a saved model folder's contents: a hash of its config and weight files, whole (a head
+    retrained on a frozen encoder changes a few kilobytes anywhere in the file). Modification times are left out: a
+    copied or cloned folder is the same model. `None` for something that is not a local folder."""
     folder = Path(path)
     if not folder.is_dir():
         return None
-    entries = []
+    digest, seen = hashlib.sha1(), False
     for file in sorted(folder.iterdir()):
-        if file.is_file() and (file.name == "config.json" or file.suffix in (".safetensors", ".bin", ".pt")):
-            stat = file.stat()
-            entries.append([file.name, stat.st_size, stat.st_mtime_ns])
-    return hashlib.sha1(json.dumps(entries).encode()).hexdigest() if entries else None
+        if not file.is_file() or not (file.name == "config.json" or file.suffix in (".safetensors", ".bin", ".pt")):
+            continue
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        seen = True
+    return digest.hexdigest() if seen else None
+
+
+def stale_source(description: dict) -> str | None:
+    """The source model folder an export was made from when that folder is here and now holds another model (re-saved,
+    retrained or replaced since), else `None`: an export folder whose source is elsewhere is taken as it is."""
+    source = description.get("source") or {}
+    path = source.get("path")
+    if source.get("fingerprint_kind") != FINGERPRINT_KIND or not isinstance(path, str) or not Path(path).is_dir():
+        return None
+    return path if _fingerprint(path) != source.get("fingerprint") else None
 
 
 def _max_abs_diff(
@@ -579,7 +599,11 @@ def _export_description(
             {"scheme": quantization, **QUANTIZATION[quantization], **(written.int8_check or {})} if int8 else None
         ),
         "parity": {"max_abs_diff": written.diff, "pair_max_abs_diff": written.pair_diff, "texts": len(CHECK_TEXTS)},
-        "source": {"path": source, "fingerprint": _fingerprint(source) if source else None},
+        "source": {
+            "path": os.path.abspath(source) if source and os.path.isdir(source) else source,  # any working directory
+            "fingerprint": _fingerprint(source) if source else None,
+            "fingerprint_kind": FINGERPRINT_KIND,
+        },
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

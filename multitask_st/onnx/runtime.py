@@ -18,7 +18,7 @@ from configuration_mtl import MultiTaskConfig
 from inference_mtl import MultiTaskInferenceMixin, PackedTokens
 from validation_mtl import FileError, InputError, MissingFileError, check_batch_size
 
-from .export import export_is_current, export_onnx
+from .export import export_is_current, export_onnx, stale_source
 from .options import DEFAULT_QUANTIZATION, ONNX_CONFIG_NAME, output_name
 from .session import open_session, text_graph_feeds
 
@@ -51,12 +51,20 @@ class OnnxMultiTaskModel(MultiTaskInferenceMixin):
         providers: Sequence[str] | None = None,
         file_name: str | None = None,
         session_config: dict[str, str] | None = None,
+        check_source: bool = True,
     ):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
         self.int8 = int8
         self.description = json.loads((self.path / ONNX_CONFIG_NAME).read_text(encoding="utf-8"))
+        stale = stale_source(self.description) if check_source else None
+        if stale is not None:  # the graph would answer for a model that is no longer there
+            raise FileError(
+                f"{self.path} is an ONNX export of {stale}, which holds another model now (re-saved or retrained "
+                f"since): export it again (mtl export {stale} -o {self.path}), or load {stale} itself, which "
+                "exports on use"
+            )
         files = self.description["files"]
         if int8 and "int8" not in files and file_name is None:
             raise MissingFileError(f"{self.path} has no int8 graph: export it with export_onnx(..., int8=True)")
@@ -115,7 +123,8 @@ class OnnxMultiTaskModel(MultiTaskInferenceMixin):
             if not export:
                 raise MissingFileError(f"no up-to-date ONNX export of {path_str} in {export_dir} (export=False)")
             export_onnx(path_str, export_dir, int8=int8, quantization=quantization)
-        return cls._load(export_dir, int8, threads, providers, file_name, session_config)
+        # checked against `path` just now (a Hub id: nothing to check against)
+        return cls._load(export_dir, int8, threads, providers, file_name, session_config, check_source=False)
 
     @classmethod
     def _load(
@@ -126,6 +135,7 @@ class OnnxMultiTaskModel(MultiTaskInferenceMixin):
         providers,
         file_name: str | None = None,
         session_config: dict[str, str] | None = None,
+        check_source: bool = True,
     ) -> OnnxMultiTaskModel:
         config = MultiTaskConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, config=config.backbone_config)
@@ -138,6 +148,7 @@ class OnnxMultiTaskModel(MultiTaskInferenceMixin):
             providers=providers,
             file_name=file_name,
             session_config=session_config,
+            check_source=check_source,
         )
 
     def __repr__(self) -> str:
