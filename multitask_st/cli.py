@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import errno
 import importlib.util
 import json
@@ -285,30 +286,88 @@ def _read_lines(path: Path, option: str) -> list[str]:
         raise CliError(f"cannot read {option} {path}: {error.strerror or error}") from None
 
 
-def _jsonl_rows(path: Path, option: str) -> Iterator[tuple[int, dict]]:
+def _jsonl_rows(path: Path, option: str) -> Iterator[tuple[str, Any]]:
     for number, line in enumerate(_read_lines(path, option), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield f"{path}:{number}", json.loads(line)
         except json.JSONDecodeError as error:
             raise CliError(f"{path}:{number}: not valid JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise CliError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        yield number, row
+
+
+def _json_rows(path: Path, option: str) -> Iterator[tuple[str, Any]]:
+    try:
+        rows = json.loads("\n".join(_read_lines(path, option)))
+    except json.JSONDecodeError as error:
+        raise CliError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(rows, list):
+        raise CliError(f"{path}: expected a JSON array of inputs, got a {type(rows).__name__}")
+    for index, row in enumerate(rows):
+        yield f"{path}[{index}]", row
+
+
+def _table_rows(path: Path, option: str, columns: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """Rows of a .csv / .tsv file with a header line naming its columns (the header is never an input)."""
+    lines = _read_lines(path, option)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(lines, delimiter=delimiter, strict=True)
+    try:
+        header = reader.fieldnames or []
+        missing = [column for column in columns if column not in header]
+        if missing:
+            raise CliError(
+                f"{path}: the header line names no {' or '.join(repr(c) for c in missing)} column (it names "
+                f"{header}); a {path.suffix} file starts with a header line (--text-field / --pair-field pick columns)"
+            )
+        for row in reader:
+            if any(value is None for value in row.values()) or None in row:
+                raise CliError(f"{path}:{reader.line_num}: expected {len(header)} columns, like the header line")
+            yield f"{path}:{reader.line_num}", row
+    except csv.Error as error:
+        raise CliError(f"{path}:{reader.line_num}: not valid {path.suffix[1:].upper()} ({error})") from None
+
+
+def _file_rows(path: Path, option: str, columns: tuple[str, ...]) -> Iterator[tuple[str, Any]] | None:
+    """(where, row) for a structured input file: .jsonl (an object per line), .json (one array), .csv / .tsv (a
+    header line, then a row per input); `None` for other files, which are read by the caller's own rule."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_rows(path, option)
+    if suffix == ".json":
+        return _json_rows(path, option)
+    if suffix == ".csv" or (suffix == ".tsv" and option == "--file"):
+        return _table_rows(path, option, columns)
+    return None
+
+
+def _fields(row: Any, fields: tuple[str, ...], where: str) -> list[str]:
+    """The named string fields of one row: an object, or (for a .json array) a string or a list of strings."""
+    if isinstance(row, str):
+        row = [row]
+    if isinstance(row, list) and len(row) == len(fields):
+        values = row
+    elif isinstance(row, dict):
+        values = [row.get(field) for field in fields]
+    else:
+        shape = "a string" if len(fields) == 1 else f"a list of {len(fields)} strings"
+        raise CliError(f"{where}: expected an object with {list(fields)} or {shape}, got {json.dumps(row)[:80]}")
+    if not all(isinstance(value, str) for value in values):
+        names = " and ".join(repr(field) for field in fields)
+        raise CliError(f"{where}: expected string field{'s' if len(fields) > 1 else ''} {names}")
+    return values
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
-    """Texts from the positional arguments and/or `--file` (plain text: one per line; .jsonl: a `text` field)."""
+    """Texts from the positional arguments and/or `--file` (plain text: one per line; .jsonl / .json / .csv / .tsv:
+    a `text` field or column)."""
     texts = [check_text(text, f"argument {index + 1}") for index, text in enumerate(args.texts or [])]
     if args.file:
         path = Path(args.file)
-        if path.suffix.lower() == ".jsonl":
-            for number, row in _jsonl_rows(path, "--file"):
-                value = row.get(args.text_field)
-                if not isinstance(value, str):
-                    raise CliError(f"{path}:{number}: expected a string field {args.text_field!r}")
-                texts.append(check_text(value, f"{path}:{number}"))
+        fields = (args.text_field,)
+        rows = _file_rows(path, "--file", fields)
+        if rows is not None:
+            texts.extend(check_text(_fields(row, fields, where)[0], where) for where, row in rows)
         else:
             lines = _read_lines(path, "--file")
             texts.extend(check_text(line, f"{path}:{number}") for number, line in enumerate(lines, 1) if line.strip())
@@ -316,17 +375,15 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def _read_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Pairs from `--pair A B` (repeatable) and/or `--pairs FILE` (.jsonl with text/text_pair, or a 2-column .tsv)."""
+    """Pairs from `--pair A B` (repeatable) and/or `--pairs FILE` (.jsonl / .json / .csv with text and text_pair
+    fields, or a .tsv of two columns and no header)."""
     pairs = [_pair(a, b, f"--pair {index + 1}") for index, (a, b) in enumerate(getattr(args, "pair", None) or [])]
     if getattr(args, "pairs", None):
         path = Path(args.pairs)
-        if path.suffix.lower() == ".jsonl":
-            fields = (args.text_field, args.pair_field)
-            for number, row in _jsonl_rows(path, "--pairs"):
-                values = [row.get(field) for field in fields]
-                if not all(isinstance(value, str) for value in values):
-                    raise CliError(f"{path}:{number}: expected string fields {fields[0]!r} and {fields[1]!r}")
-                pairs.append(_pair(values[0], values[1], f"{path}:{number}"))
+        fields = (args.text_field, args.pair_field)
+        rows = _file_rows(path, "--pairs", fields)
+        if rows is not None:
+            pairs.extend(_pair(*_fields(row, fields, where), where) for where, row in rows)
         elif path.suffix.lower() == ".tsv":
             for number, line in enumerate(_read_lines(path, "--pairs"), start=1):
                 if not line.strip():
@@ -334,9 +391,13 @@ def _read_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
                 columns = line.split("\t")
                 if len(columns) != 2:
                     raise CliError(f"{path}:{number}: expected 2 tab-separated columns, got {len(columns)}")
+                if number == 1 and columns == list(fields):
+                    continue  # a header line naming the fields is not a pair
                 pairs.append(_pair(columns[0], columns[1], f"{path}:{number}"))
         else:
-            raise CliError(f"--pairs {path}: use a .jsonl (text, text_pair fields) or .tsv (two columns) file")
+            raise CliError(
+                f"--pairs {path}: use a .jsonl, .json or .csv file (text, text_pair fields) or a .tsv (two columns)"
+            )
     return pairs
 
 
@@ -553,8 +614,12 @@ def _delegate(module: str, entry: str, argv: list[str], command: str) -> int:
 
 def _add_input_args(parser: argparse.ArgumentParser, pairs: bool = False) -> None:
     parser.add_argument("texts", nargs="*", help="input texts (quote each one)")
-    parser.add_argument("--file", help="read texts from a file: one per line, or a .jsonl with a text field")
-    parser.add_argument("--text-field", default="text", help="field holding the text in a .jsonl --file / --pairs")
+    parser.add_argument(
+        "--file", help="read texts from a file: one per line, or a .jsonl / .json / .csv / .tsv with a text field"
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="field or column holding the text in a structured --file / --pairs"
+    )
     if pairs:
         parser.add_argument(
             "--pairs",
@@ -568,7 +633,7 @@ def _add_input_args(parser: argparse.ArgumentParser, pairs: bool = False) -> Non
             metavar=("TEXT", "TEXT_PAIR"),
             help="one text pair on the command line (repeatable)",
         )
-        parser.add_argument("--pair-field", default="text_pair", help="field holding the second text in a .jsonl")
+        parser.add_argument("--pair-field", default="text_pair", help="field or column holding the second text")
     _add_model_args(parser)
 
 

@@ -126,11 +126,42 @@ def test_predict_json(model_dir, model, tmp_path, capsys):
     assert set(json.loads((tmp_path / "p.json").read_text())[0]["predictions"]) == {"sentiment", "rating"}
 
 
-@pytest.mark.parametrize("source", ["tsv", "jsonl", "arguments"])
+TEXT_FILES = {
+    # A JSON array was once embedded as one text, and a CSV's header line predicted as a text: each structured
+    # format is read as what it is (docs/CLI.md, "Input").
+    "in.json": lambda texts: json.dumps(texts, indent=1),
+    "in.csv": lambda texts: "id,text\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(texts)),
+    "in.tsv": lambda texts: "text\tid\n" + "".join(f"{t}\t{i}\n" for i, t in enumerate(texts)),
+    "objects.json": lambda texts: json.dumps([{"text": t} for t in texts]),
+}
+
+
+@pytest.mark.parametrize("name", TEXT_FILES)
+def test_structured_text_files_give_their_texts_and_nothing_else(model_dir, model, tmp_path, capsys, name):
+    texts = ["A man plays guitar, loudly.", "A woman sings."]
+    (tmp_path / name).write_text(TEXT_FILES[name](texts))
+    result = run_main(capsys, "predict", "--model", model_dir, "--file", str(tmp_path / name), "--tasks", "sentiment")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["text"] for row in rows] == texts
+    assert [row["predictions"]["sentiment"]["label"] for row in rows] == [
+        p["sentiment"]["label"] for p in model.predict(texts, tasks=["sentiment"])
+    ]
+
+
+@pytest.mark.parametrize("source", ["tsv", "tsv-header", "jsonl", "json", "csv", "arguments"])
 def test_predict_pairs(model_dir, model, tmp_path, capsys, source):
-    if source == "tsv":
-        (tmp_path / "pairs.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in PAIRS))
+    if source.startswith("tsv"):
+        header = "text\ttext_pair\n" if source == "tsv-header" else ""  # a header naming the fields is skipped
+        (tmp_path / "pairs.tsv").write_text(header + "".join(f"{a}\t{b}\n" for a, b in PAIRS))
         inputs = ["--pairs", str(tmp_path / "pairs.tsv")]
+    elif source == "json":
+        (tmp_path / "pairs.json").write_text(json.dumps([list(pair) for pair in PAIRS]))
+        inputs = ["--pairs", str(tmp_path / "pairs.json")]
+    elif source == "csv":
+        rows = "".join(f'"{a}","{b}"\n' for a, b in PAIRS)
+        (tmp_path / "pairs.csv").write_text("text,text_pair\n" + rows)
+        inputs = ["--pairs", str(tmp_path / "pairs.csv")]
     elif source == "jsonl":
         lines = [json.dumps({"text": a, "text_pair": b}) for a, b in PAIRS]
         (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n\n")
@@ -220,7 +251,10 @@ def bad_files(tmp_path_factory, model_dir):
     (root / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (root / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     (root / "nofield.jsonl").write_text('{"sentence": "ok"}\n')
-    (root / "list.jsonl").write_text('["ok"]\n')
+    (root / "list.jsonl").write_text('[1, 2]\n')
+    (root / "object.json").write_text('{"text": "ok"}')
+    (root / "noheader.csv").write_text("a man,plays\n")
+    (root / "ragged.csv").write_text("text\nok\n1,2\n")
     (root / "surrogate.jsonl").write_text('{"text": "ok \\ud800"}\n')
     (root / "three.tsv").write_text("a\tb\na\tb\tc\n")
     (root / "one.tsv").write_text("just one column\n")
@@ -249,7 +283,13 @@ def bad_files(tmp_path_factory, model_dir):
         (["encode", "--model", "{model}", "--file", "{bad}/latin1.txt", "-o", "x.npy"], "latin1.txt: not UTF-8 text"),
         (["encode", "--model", "{model}", "--file", "{bad}/bad.jsonl", "-o", "x.npy"], "bad.jsonl:2: not valid JSON"),
         (["encode", "--model", "{model}", "--file", "{bad}/nofield.jsonl", "-o", "x.npy"], "string field 'text'"),
-        (["encode", "--model", "{model}", "--file", "{bad}/list.jsonl", "-o", "x.npy"], "expected a JSON object"),
+        (["encode", "--model", "{model}", "--file", "{bad}/list.jsonl", "-o", "x.npy"], "expected an object with ['text'] or a string, got [1, 2]"),
+        (["encode", "--model", "{model}", "--file", "{bad}/object.json", "-o", "x.npy"], "expected a JSON array"),
+        (
+            ["encode", "--model", "{model}", "--file", "{bad}/noheader.csv", "-o", "x.npy"],
+            "noheader.csv: the header line names no 'text' column (it names ['a man', 'plays'])",
+        ),
+        (["encode", "--model", "{model}", "--file", "{bad}/ragged.csv", "-o", "x.npy"], "ragged.csv:3: expected 1"),
         (["encode", "--model", "{model}", "--file", "{bad}/surrogate.jsonl", "-o", "x.npy"], "lone surrogate"),
         (
             ["encode", "--model", "{model}", "caf\udce9", "-o", "x.npy"],
@@ -264,13 +304,13 @@ def bad_files(tmp_path_factory, model_dir):
         (["predict", "--model", "{model}", "hi", "--tasks", "sentiment,nope"], "unknown task(s) ['nope']"),
         (["predict", "--model", "{model}", "hi", "--tasks", "nli"], "task(s) ['nli'] take text pairs"),
         (["predict", "--model", "{model}", "--pair", "a", "b", "--tasks", "sts,rating"], "['rating'] take single"),
-        (["predict", "--model", "{model}", "--pairs", "{bad}/pairs.csv"], "use a .jsonl (text, text_pair fields)"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/pairs.csv"], "names no 'text' or 'text_pair' column"),
         (["predict", "--model", "{model}", "--pairs", "{bad}/three.tsv"], "three.tsv:2: expected 2 tab-separated"),
         (["predict", "--model", "{model}", "--pairs", "{bad}/one.tsv"], "one.tsv:1: expected 2 tab-separated columns"),
         (["predict", "--model", "{model}", "--pairs", "{bad}/nopair.jsonl"], "fields 'text' and 'text_pair'"),
         (["predict", "--model", "{model}", "--pair", "a", "b\udcff"], "--pair 1 (second text) holds a lone surrogate"),
-        (["predict", "--model", "{model}", "--pairs", "{bad}/blank.tsv"], "blank.tsv:2[1] is empty: both texts"),
-        (["predict", "--model", "{model}", "--pairs", "{bad}/upper.JSONL"], "upper.JSONL:1[1] is empty"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/blank.tsv"], "blank.tsv:2 (second text) is empty: both"),
+        (["predict", "--model", "{model}", "--pairs", "{bad}/upper.JSONL"], "upper.JSONL:1 (second text) is empty"),
         (["similarity", "--model", "{model}", "--pair", "", "b"], "--pair 1 (first text) is empty: both texts"),
         (["predict", "--model", "{model}", "hi", "-o", "{bad}/a_file/p.json"], "is a file, not a folder"),
         (["similarity", "--model", "{model}", "only one"], "at least two texts"),
