@@ -11,6 +11,7 @@ import copy
 import re
 from typing import Any
 
+from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 
@@ -46,9 +47,10 @@ EMBEDDING_TASK_TYPES = tuple(name for name, cls in REGISTRY.items() if cls.train
 # Keys every task may have; each type adds its own (`Task.options`).
 _COMMON_KEYS = {"name", "type", "labels", "head", "loss_weight"}
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-# Names that would shadow `nn.Module` attributes if used as `nn.ModuleDict` keys.
-# "embedding" names the embedding's own metrics (`eval_embedding/...`).
-_RESERVED_TASK_NAMES = {"training", "forward", "type", "to", "train", "eval", "state_dict", "parameters", "embedding"}
+# Heads live in an `nn.ModuleDict` keyed by task name, which refuses a key that is one of its attributes (`cpu`,
+# `keys`, `half`, `_modules`, ...): every such name is reserved, asked of torch, not listed by hand. "embedding"
+# names the embedding's own metrics (`eval_embedding/...`), "type" a task's type key.
+_RESERVED_TASK_NAMES = frozenset(dir(nn.ModuleDict())) | {"embedding", "type"}
 
 
 def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[str, Any]:

@@ -88,6 +88,11 @@ def test_default_backbone_config_has_minilm_shape():
         ({"tasks": [{"name": "a", "labels": ["x", "y"], "loss_weight": True}]}, "loss_weight must be a finite"),
         ({"tasks": [{"name": "training", "labels": ["x", "y"]}]}, "task name 'training' is reserved"),
         ({"tasks": [{"name": "embedding", "labels": ["x", "y"]}]}, "task name 'embedding' is reserved"),
+        # every attribute of the heads' nn.ModuleDict, not a hand-written few (these were a KeyError from torch)
+        ({"tasks": [{"name": "cpu", "labels": ["x", "y"]}]}, "task name 'cpu' is reserved"),
+        ({"tasks": [{"name": "keys", "labels": ["x", "y"]}]}, "task name 'keys' is reserved"),
+        ({"tasks": [{"name": "half", "labels": ["x", "y"]}]}, "task name 'half' is reserved"),
+        ({"tasks": [{"name": "_modules", "labels": ["x", "y"]}]}, "task name '_modules' is reserved"),
         ({"tasks": [{"name": "s", "type": "similarity", "loss": "triplet"}]}, "loss 'triplet' is not one of"),
         ({"tasks": [{"name": "s", "type": "similarity", "score_range": [5, 0]}]}, "score_range must be [low, high]"),
         ({"tasks": [{"name": "s", "type": "similarity", "score_range": [0, "5"]}]}, "score_range must be [low, high]"),
