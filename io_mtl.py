@@ -7,6 +7,7 @@ library, torch, safetensors, huggingface_hub and the other model files.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -46,7 +47,8 @@ def model_code_files(folder: str | os.PathLike | None = None) -> list[str]:
 # Written last: a folder holding a `config.json` holds a complete model (see `commit_model_folder`).
 MODEL_COMMIT_FILE = "config.json"
 # Files of an earlier save that a new one replaces even where it writes no file of the same name (a sharded model
-# saved over by a single file: a stale index would load the old shards).
+# saved over by a single file: a stale index would load the old shards), with `SENTENCE_TRANSFORMERS_FILES` (a model
+# sentence-transformers cannot express saved over one it could: a stale `modules.json` would embed wrongly there).
 _REPLACED_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
 
@@ -60,7 +62,7 @@ def commit_model_folder(staging: str | os.PathLike, output_dir: str | os.PathLik
     staging, output_dir = Path(staging), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / MODEL_COMMIT_FILE).unlink(missing_ok=True)
-    for pattern in _REPLACED_PATTERNS:
+    for pattern in (*_REPLACED_PATTERNS, *SENTENCE_TRANSFORMERS_FILES):
         for old in output_dir.glob(pattern):
             if not (staging / old.name).exists():
                 old.unlink()
@@ -72,6 +74,72 @@ def commit_model_folder(staging: str | os.PathLike, output_dir: str | os.PathLik
             os.replace(path, target)
     os.replace(staging / MODEL_COMMIT_FILE, output_dir / MODEL_COMMIT_FILE)
     staging.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------- published files
+
+# Written beside the encoder by `write_sentence_transformers_files`; the module folders it writes (`1_Pooling`,
+# `2_Dense`, ...) are the ones its `modules.json` names.
+SENTENCE_TRANSFORMERS_MODULES = "modules.json"
+SENTENCE_TRANSFORMERS_FILES = (
+    SENTENCE_TRANSFORMERS_MODULES,
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+# The files of a model folder that make up the published model (`published_files`): what `save_pretrained` writes
+# and what a training run records beside it (`multitask_st.saving.save_run`, the card's figure). Everything else
+# (checkpoints, optimizer and scheduler states, the pickled `training_args.bin`, TensorBoard runs) stays local.
+PUBLISHED_PATTERNS = (
+    MODEL_COMMIT_FILE,
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",  # sentencepiece vocabularies (spiece.model, sentencepiece.bpe.model)
+    "chat_template.jinja",
+    *SENTENCE_TRANSFORMERS_FILES,
+    "metrics.json",
+    "training_config.json",
+    "trainer_state.json",
+    "training_curves.png",
+)
+
+
+def published_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the saved model in `folder` that a published copy holds, as `/`-separated paths relative to
+    it: those of `PUBLISHED_PATTERNS`, its code files (`model_code_files`) and every file of the
+    sentence-transformers module folders its `modules.json` names (without them `SentenceTransformer` would load
+    the repo with default modules and embed differently, with no error). A module folder that is missing, or a
+    path that leaves `folder`, is an error naming it."""
+    folder = Path(folder)
+    code = set(model_code_files(folder))
+    names = [
+        path.name
+        for path in folder.iterdir()
+        if path.is_file()
+        and (path.name in code or any(fnmatch.fnmatch(path.name, pattern) for pattern in PUBLISHED_PATTERNS))
+    ]
+    modules_path = folder / SENTENCE_TRANSFORMERS_MODULES
+    try:
+        modules = json.loads(modules_path.read_text(encoding="utf-8")) if modules_path.is_file() else []
+        module_paths = [module["path"] for module in modules if module["path"]]  # "": the encoder at the root
+    except (ValueError, UnicodeDecodeError, TypeError, KeyError) as error:
+        raise FileError(f"{modules_path} is damaged ({error}): re-save the model with save_pretrained") from None
+    for module_path in module_paths:
+        module = folder / module_path
+        if Path(module_path).is_absolute() or ".." in Path(module_path).parts or not (module / "config.json").is_file():
+            raise MissingFileError(
+                f"{modules_path} names the module folder '{module_path}', which {folder} lacks (no config.json "
+                "there): re-save the model with save_pretrained"
+            )
+        names += [path.relative_to(folder).as_posix() for path in module.rglob("*") if path.is_file()]
+    return sorted(names)
 
 
 # ---------------------------------------------------------------------------------------------- folder checks
@@ -398,18 +466,13 @@ def write_sentence_transformers_files(
     bert_config = {"max_seq_length": config.max_seq_length, "do_lower_case": False}
     if model_args:
         bert_config["model_args"] = model_args
-    for name, content in (
-        ("modules.json", modules),
-        ("sentence_bert_config.json", bert_config),
-        (
-            "config_sentence_transformers.json",
-            {
-                "prompts": dict(config.prompts or {}),
-                "default_prompt_name": config.default_prompt_name,
-                "similarity_fn_name": "cosine",
-            },
-        ),
-    ):
+    st_config = {
+        "prompts": dict(config.prompts or {}),
+        "default_prompt_name": config.default_prompt_name,
+        "similarity_fn_name": "cosine",
+    }
+    # The names come from the list of published files: a file written here is one push_to_hub.py uploads.
+    for name, content in zip(SENTENCE_TRANSFORMERS_FILES, (modules, bert_config, st_config), strict=True):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
             json.dump(content, handle, indent=2)
     return True
@@ -419,6 +482,10 @@ __all__ = [
     "TOKENIZER_FILES",
     "model_code_files",
     "MODEL_COMMIT_FILE",
+    "PUBLISHED_PATTERNS",
+    "SENTENCE_TRANSFORMERS_FILES",
+    "SENTENCE_TRANSFORMERS_MODULES",
+    "published_files",
     "check_loaded_weights",
     "commit_model_folder",
     "check_model_folder",

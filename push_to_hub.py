@@ -5,11 +5,14 @@ python push_to_hub.py outputs/multitask-model --repo_id my-name/my-multitask-mod
 python push_to_hub.py outputs/multitask-model --repo_id my-name/my-multitask-model --dry-run /tmp/to-upload
 ```
 
-The folder is checked first (config with `auto_map`, safetensors weights, the three code files, tokenizer files), the
-model card is regenerated for the target repo (`multitask_st.model_card`), and exactly the files that belong to a
-published model are uploaded in one commit with `HfApi.upload_folder`: weights, config, code, tokenizer, card, the
-metrics/training records and the training-curve figure; never optimizer states, checkpoints or pickled
-`training_args.bin`. `--dry-run DIR` writes that same folder to DIR and uploads nothing.
+The folder is checked first (config with `auto_map`, safetensors weights, the code files, tokenizer files), and
+exactly the files that belong to a published model (`io_mtl.published_files`) are staged: weights, config, code,
+tokenizer, the sentence-transformers modules, the metrics/training records and the training-curve figure; never
+optimizer states, checkpoints or pickled `training_args.bin`. In the staged copy the records name no local path (the
+base model by its Hub id or `./<name>`, local data by name: `multitask_st.model_card.remove_local_paths`), the model
+card is regenerated for the target repo, and the folder is uploaded in one commit with `HfApi.upload_folder`.
+`--dry-run DIR` writes that same folder to DIR and uploads nothing. The model folder itself is left as it is (only its
+README.md is refreshed to the published card after an upload).
 
 Exit status: 0 on success, 2 for a bad argument or model folder, 1 when the Hub refused or could not be reached (the
 message says which; a failed upload is never reported as success).
@@ -18,7 +21,6 @@ message says which; a failed upload is never reported as success).
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import shutil
@@ -26,29 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from io_mtl import model_code_files
+from io_mtl import model_code_files, published_files
+from validation_mtl import UserError
 
-# Files of a saved model that are published. Everything else in the folder (checkpoints, optimizer/scheduler
-# states, `training_args.bin`, TensorBoard runs) stays local.
-UPLOAD_PATTERNS = (
-    "config.json",
-    "model.safetensors",
-    "model-*-of-*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "*.model",  # sentencepiece vocabularies (spiece.model, sentencepiece.bpe.model)
-    "chat_template.jinja",
-    "metrics.json",
-    "training_config.json",
-    "trainer_state.json",
-    "training_curves.png",
-)
 # Cards written by `multitask_st.model_card` carry this; a README.md without it was written by hand.
 GENERATED_CARD_MARK = "multitask_st.model_card"
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
@@ -159,13 +141,10 @@ def validate_model_dir(model_dir: str | os.PathLike) -> list[Path]:
         raise PushError(f"model_dir '{folder}' has no tokenizer vocabulary (one of {list(TOKENIZER_VOCAB_FILES)})")
 
     check_model_loads(folder)
-    code = set(model_code_files(folder))
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file()
-        and (path.name in code or any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS))
-    )
+    try:  # one list says what a published model holds: `io_mtl.published_files`, beside what save_pretrained writes
+        return [folder / name for name in published_files(folder)]
+    except UserError as error:
+        raise PushError(str(error)) from None
 
 
 def check_model_loads(folder: Path) -> None:
@@ -234,34 +213,45 @@ def resolve_token(token: str | None) -> str:
 def stage_folder(
     model_dir: Path, files: list[Path], target: Path, repo_id: str | None, args, link: bool = False
 ) -> list[str]:
-    """Copy the files to publish into `target` and write the refreshed model card there; return their names.
+    """Copy the files to publish into `target`, rewrite its records without local paths and write the refreshed
+    model card there; return their paths relative to `target`.
 
     `link=True` hard-links instead of copying where possible (for the temporary upload folder: no copy of large
-    weights); a dry-run folder gets real copies, so editing it cannot touch the model.
+    weights); a dry-run folder gets real copies, so editing it cannot touch the model. The records rewritten in
+    `target` are new files, never written through a link into `model_dir`.
     """
+    from multitask_st.model_card import base_model_metadata, remove_local_paths, write_model_card
+
     target.mkdir(parents=True, exist_ok=True)
     for path in files:
-        destination = target / path.name
+        destination = target / path.relative_to(model_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
         try:
             if not link:
                 raise OSError
             os.link(path, destination)
         except OSError:
             shutil.copy2(path, destination)
+    # The base model's own card (license, language) is read while the records still name its local copy.
+    base_metadata = base_model_metadata(target)
+    remove_local_paths(target)
     if args.no_card:
         if (model_dir / "README.md").is_file():
             shutil.copy2(model_dir / "README.md", target / "README.md")
     else:
-        from multitask_st.model_card import write_model_card
-
         overrides = {
             key: value
             for key, value in (("license", args.license), ("language", args.language), ("tags", args.tags))
             if value
         }
         # The figure is drawn only when the model folder has none (train.py's card already drew it).
-        write_model_card(target, repo_id=repo_id, figure=not (target / "training_curves.png").exists(), **overrides)
-    return sorted(path.name for path in target.iterdir())
+        write_model_card(
+            target,
+            repo_id=repo_id,
+            figure=not (target / "training_curves.png").exists(),
+            **{**base_metadata, **overrides},
+        )
+    return sorted(path.relative_to(target).as_posix() for path in target.rglob("*") if path.is_file())
 
 
 def _describe_hub_error(error: Exception, endpoint: str) -> str:

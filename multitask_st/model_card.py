@@ -22,6 +22,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from io_mtl import MODEL_COMMIT_FILE, SENTENCE_TRANSFORMERS_MODULES
 from multitask_st import DEFAULT_BACKBONE_ID, default_backbone
 from tasks_mtl import DEFAULT_TASK_TYPE, make_task, task_class
 from validation_mtl import InputError, MissingFileError, is_number
@@ -351,7 +352,8 @@ def _curves(state: dict[str, Any], folder: Path, figure: bool) -> dict[str, Any]
             [str(step), f"{epoch:.2f}" if is_number(epoch) else ""]
             + [_format_number(row[k]) if k in row else "" for k in keys]
         )
-    figure_name = None
+    # A figure drawn before (train.py's, which push_to_hub.py publishes without redrawing) is shown too.
+    figure_name = CURVES_FIGURE if (folder / CURVES_FIGURE).is_file() else None
     if figure:
         try:
             from multitask_st.plots import training_curves
@@ -359,7 +361,7 @@ def _curves(state: dict[str, Any], folder: Path, figure: bool) -> dict[str, Any]
             training_curves(state, folder / CURVES_FIGURE)
             figure_name = CURVES_FIGURE
         except Exception:  # matplotlib is optional (the `serve` extra); the table carries the same numbers
-            figure_name = CURVES_FIGURE if (folder / CURVES_FIGURE).is_file() else None
+            pass
     return {
         "columns": ["step", "epoch", *keys],
         "rows": rows,
@@ -398,10 +400,10 @@ def build_model_card(
     config, metrics, training, state = _read_records(folder)
     tasks = config.get("tasks") or []
     tasks_by_name = {task["name"]: task for task in tasks}
-    base_model = (training or {}).get("base_model") or (config.get("backbone_config") or {}).get("_name_or_path")
+    base_model = _base_model(config, training)
     name = name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     embedding_dim = config.get("projection_dim") or (config.get("backbone_config") or {}).get("hidden_size")
-    loads_in_sentence_transformers = (folder / "modules.json").is_file()
+    loads_in_sentence_transformers = (folder / SENTENCE_TRANSFORMERS_MODULES).is_file()
 
     eval_results, evaluation = _metric_results(metrics, training, tasks_by_name)
     tags = _tags(tasks, loads_in_sentence_transformers, overrides.pop("tags", None))
@@ -433,6 +435,11 @@ def build_model_card(
         limitations=_limitations(config, tasks, metrics, training, bool(training_view)),
         versions=_versions(),
     )
+
+
+def _base_model(config: dict[str, Any], training: Any | None) -> str | None:
+    """What the model was fine-tuned from: the training record's base model, else the encoder config's origin."""
+    return (training or {}).get("base_model") or (config.get("backbone_config") or {}).get("_name_or_path")
 
 
 def _read_records(folder: Path) -> tuple[dict[str, Any], dict[str, Any], Any | None, Any | None]:
@@ -571,6 +578,77 @@ def _embedding_limitation(tasks: list[dict], metrics: dict[str, Any], training: 
     return f"The heads trained with the embedding protected ({protection}){moved}."
 
 
+# ---------------------------------------------------------------------------------------------- published records
+
+# Keys of config.json (the encoder's `backbone_config` too), tokenizer_config.json and trainer_state.json whose value
+# is where a model, tokenizer or checkpoint lay when it was saved.
+_PATH_KEYS = ("_name_or_path", "name_or_path", "best_model_checkpoint")
+_PATH_RECORDS = (MODEL_COMMIT_FILE, "tokenizer_config.json", "trainer_state.json")
+
+
+def _is_local_path(value: Any) -> bool:
+    return isinstance(value, str) and os.path.isabs(os.path.expanduser(value))
+
+
+def _published_path(value: Any) -> Any:
+    """A local path as a published record names it: the Hub id of the default backbone's offline copy, else
+    `./<its last part>` (relative, so `hub_dataset_id` never takes it for a Hub id); anything else unchanged."""
+    if not _is_local_path(value):
+        return value
+    return _base_model_id(value) or f"./{Path(value).name}"
+
+
+def _published_paths(value: Any, keys: tuple[str, ...] | None = None) -> Any:
+    """`value` (read from JSON) with its local paths replaced (`_published_path`): in every string, or with `keys`
+    only in the values of those keys (labels and texts elsewhere may start with '/')."""
+    if isinstance(value, dict):
+        return {
+            key: _published_path(item) if keys and key in keys else _published_paths(item, keys)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_published_paths(item, keys) for item in value]
+    return value if keys else _published_path(value)
+
+
+def base_model_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """License and language of the base model the records of `folder` name, from its own card when it is available
+    locally (`remove_local_paths` leaves the records unable to find it)."""
+    config, _, training, _ = _read_records(Path(folder))
+    return _base_model_metadata(_base_model(config, training))
+
+
+def _published_dataset(dataset: Any) -> Any:
+    """Data not on the Hub as a published record names it: `./<the name the card shows>` (the local files of a task
+    become their folder's name); a Hub id, or a dataset given in memory, unchanged."""
+    if isinstance(dataset, str) and not hub_dataset_id(dataset) and not dataset.startswith("<in-memory"):
+        return f"./{_dataset_label(dataset)}"
+    return dataset
+
+
+def remove_local_paths(folder: str | os.PathLike) -> None:
+    """Rewrite the records of `folder`, a copy about to be published (never a model's own folder), so that none
+    names a place on this machine: the base model and every other path become the default backbone's Hub id or
+    `./<name>` (`_published_path`), each task's data `_published_dataset`; its labels and example texts are left as
+    they are. A rewritten file is a new file: where it was hard-linked to the model folder, that one is unchanged."""
+    folder = Path(folder)
+    records = {name: _read_json(folder / name) for name in (*_PATH_RECORDS, "training_config.json")}
+    published = {name: _published_paths(records[name], _PATH_KEYS) for name in _PATH_RECORDS}
+    training = records["training_config.json"]
+    if isinstance(training, dict):
+        # Every string outside the tasks; in them only the data (labels and example texts may start with '/').
+        training = {key: value if key == "tasks" else _published_paths(value) for key, value in training.items()}
+        tasks = training.get("tasks") or {}
+        training["tasks"] = {
+            name: {**info, "dataset": _published_dataset(info.get("dataset"))} for name, info in tasks.items()
+        }
+        published["training_config.json"] = training
+    for name, value in published.items():
+        if value != records[name]:
+            (folder / name).unlink()
+            (folder / name).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
 def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, **overrides) -> Path:
     """Write `README.md` (the model card) into a saved model folder and return its path.
 
@@ -585,4 +663,4 @@ def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, 
     return path
 
 
-__all__ = ["build_model_card", "write_model_card", "hub_dataset_id"]
+__all__ = ["base_model_metadata", "build_model_card", "hub_dataset_id", "remove_local_paths", "write_model_card"]

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_test_write_token"
 USER = "alice"
 SENTENCES = ["John Smith loved the match in Paris", "Maria discovered the terrible market in Berlin"]
+# Longer than the model's max_seq_length (32): a loader that misses sentence_bert_config.json truncates elsewhere.
+LONG = " ".join(["Maria loved the match in Berlin"] * 20)
 # The model-index holds every per-task metric of metrics.json except losses (see multitask_st/model_card.py).
 NOT_IN_MODEL_INDEX = {"loss"}
 
@@ -92,6 +95,7 @@ def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model,
     home = tmp_path / "hf_home_push"
     home.mkdir()
     (home / "token").write_text(TOKEN)
+    records = {path: path.read_bytes() for path in trained_model.rglob("*.json")}
     result = run_push(
         [str(trained_model), "--repo_id", repo_id, "--commit_message", "first"], hub_env(hub.endpoint, home)
     )
@@ -105,8 +109,12 @@ def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model,
         "README.md", "config.json", "model.safetensors", *model_code_files(),
         "tokenizer.json", "tokenizer_config.json", "metrics.json", "training_config.json", "trainer_state.json",
         "training_curves.png",
+        # what save_pretrained writes for sentence-transformers: without it SentenceTransformer guesses the modules
+        "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
     }  # fmt: skip
     assert published == expected, published ^ expected  # no training_args.bin pickle, nothing else
+    # The staged copy lost its local paths; the model folder's own records (hard-linked there) are untouched.
+    assert {path: path.read_bytes() for path in trained_model.rglob("*.json")} == records
     commit = hub.repos[repo_id].resolve("main")
     assert commit.files["model.safetensors"].lfs and not commit.files["config.json"].lfs  # weights went through LFS
     assert files["model.safetensors"] == (trained_model / "model.safetensors").read_bytes()
@@ -124,10 +132,13 @@ def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model,
         sys.path = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
         from transformers import AutoModel
         from huggingface_hub import ModelCard
+        from sentence_transformers import SentenceTransformer
 
         model = AutoModel.from_pretrained({repo_id!r}, trust_remote_code=True, revision={commit_oid!r})
         model.eval()
-        np.save("embeddings.npy", model.encode({SENTENCES!r}, convert_to_numpy=True))
+        np.save("embeddings.npy", model.encode({[*SENTENCES, LONG]!r}, convert_to_numpy=True))
+        st_model = SentenceTransformer({repo_id!r}, trust_remote_code=True, revision={commit_oid!r}, device="cpu")
+        np.save("st_embeddings.npy", st_model.encode({[*SENTENCES, LONG]!r}))
         card = ModelCard.load({repo_id!r})
         json.dump({{
             "module": type(model).__module__,
@@ -148,7 +159,10 @@ def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model,
     from modeling_mtl import MultiTaskModel
 
     local = MultiTaskModel.from_pretrained(trained_model).eval()
-    np.testing.assert_allclose(np.load(work / "embeddings.npy"), local.encode(SENTENCES), atol=1e-6)
+    expected_embeddings = local.encode([*SENTENCES, LONG])
+    np.testing.assert_allclose(np.load(work / "embeddings.npy"), expected_embeddings, atol=1e-6)
+    # sentence-transformers reads the published modules (pooling, max length), not its defaults.
+    np.testing.assert_allclose(np.load(work / "st_embeddings.npy"), expected_embeddings, atol=1e-5)
     local_predictions = json.loads(json.dumps(local.predict(SENTENCES)))
     for remote, expected_prediction in zip(result["predictions"], local_predictions):
         assert remote["topic"]["label"] == expected_prediction["topic"]["label"]
@@ -158,6 +172,7 @@ def test_push_then_load_in_a_fresh_process_gives_the_same_outputs(trained_model,
     # The downloaded README is a valid model card whose metrics are the run's.
     card = ModelCard(result["card_text"])
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "feature-extraction"
+    assert "sentence-transformers" in card.data.tags and "SentenceTransformer(" in card.text
     assert f'AutoModel.from_pretrained(\n    "{repo_id}"' in card.text
     metrics = json.loads((trained_model / "metrics.json").read_text())
     reported = {(r.task_name, r.metric_name.split(" ", 1)[1]): r.metric_value for r in card.data.eval_results}
@@ -184,10 +199,69 @@ def test_dry_run_writes_exactly_what_is_uploaded(trained_model, hub, tmp_path):
     assert pushed.returncode == 0, pushed.stderr
     files = stored_files(hub, repo_id)
     files.pop(".gitattributes")
-    assert {path.name: path.read_bytes() for path in dry.iterdir()} == files
+    staged = {path.relative_to(dry).as_posix(): path.read_bytes() for path in dry.rglob("*") if path.is_file()}
+    assert staged == files
     # A second dry run into a non-empty folder is refused rather than mixing two folders.
     again = run_push([str(trained_model), "--repo_id", repo_id, "--dry-run", str(dry)], hub_env(hub.endpoint, home))
     assert again.returncode == 2 and "must be empty" in again.stderr
+
+
+def test_the_staged_folder_names_no_local_path(trained_model, tiny_bert, tmp_path, tmp_path_factory):
+    """The base model and the data are published by name, never by where they lie on this machine; the model
+    folder keeps its own records as they were."""
+    before = {path: path.read_bytes() for path in trained_model.rglob("*") if path.is_file()}
+    dry = tmp_path / "to_upload"
+    assert push_to_hub.main([str(trained_model), "--repo_id", f"{USER}/paths", "--dry-run", str(dry)]) == 0
+    local = [str(tmp_path_factory.getbasetemp()), str(trained_model.resolve()), tempfile.gettempdir(), str(ROOT)]
+    for path in dry.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not [root for root in local if root.encode() in content], path.name
+    assert {path: path.read_bytes() for path in trained_model.rglob("*") if path.is_file()} == before
+
+    record = json.loads((dry / "training_config.json").read_text())
+    assert record["base_model"] == record["hyperparameters"]["model_name_or_path"] == f"./{tiny_bert.name}"
+    assert {task: info["dataset"] for task, info in record["tasks"].items()} == {
+        "topic": "./topic", "sentiment": "./sentiment", "ner": "./ner"
+    }  # fmt: skip
+    config = json.loads((dry / "config.json").read_text())
+    assert config["backbone_config"]["_name_or_path"] == f"./{tiny_bert.name}"
+    # The card names the data as before, as local data, and claims no Hub dataset or base model.
+    card = ModelCard.load(dry / "README.md")
+    assert (
+        "`topic` (local data, not on the Hub)" in card.text
+        and f"`./{tiny_bert.name}` (a local checkpoint)" in card.text
+    )
+    assert card.data.datasets is None and card.data.base_model is None
+    # The training-curve figure train.py drew is published, and the card shows it.
+    assert (dry / "training_curves.png").is_file() and "![training curves](training_curves.png)" in card.text
+
+
+def test_every_file_save_pretrained_writes_is_published(tiny_bert, tmp_path):
+    """One list says which files of a model folder are published (`io_mtl.published_files`): a model with a
+    projection and normalisation (Dense and Normalize module folders) publishes all that `save_pretrained` wrote,
+    and the staged folder embeds in sentence-transformers exactly as the model does."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from modeling_mtl import MultiTaskModel
+
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_backbone(
+        tiny_bert, tasks=[{"name": "t", "labels": ["a", "b"]}], projection_dim=16, projection_activation="tanh",
+        normalize=True, max_seq_length=16,
+    ).eval()  # fmt: skip
+    model.save_pretrained(tmp_path / "model")
+    dry = tmp_path / "to_upload"
+    assert push_to_hub.main([str(tmp_path / "model"), "--dry-run", str(dry)]) == 0
+
+    def files(folder: Path) -> set[str]:
+        return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+    assert files(dry) == files(tmp_path / "model") | {"README.md"}
+    assert {"modules.json", "2_Dense/model.safetensors", "3_Normalize/config.json"} <= files(dry)
+    theirs = SentenceTransformer(str(dry), trust_remote_code=True, device="cpu")
+    np.testing.assert_allclose(theirs.encode([*SENTENCES, LONG]), model.encode([*SENTENCES, LONG]), atol=1e-5)
 
 
 def test_a_model_saved_by_an_earlier_version_publishes_its_own_code_files(trained_model, hub, tmp_path):
@@ -272,6 +346,7 @@ def _copy_model(trained_model: Path, target: Path, skip: tuple[str, ...] = ()) -
         (("modeling_mtl.py",), None, "lacks the model code ['modeling_mtl.py']"),
         (("tokenizer_config.json",), None, "has no tokenizer_config.json"),
         (("tokenizer.json",), None, "has no tokenizer vocabulary"),
+        ((), None, "names the module folder '1_Pooling', which"),  # `_copy_model` copies no folder
         ((), lambda config: config.pop("auto_map"), "has no `auto_map`"),
         ((), lambda config: config.pop("tasks"), "is not a multi-task model config"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,17 @@ def test_a_save_over_a_sharded_model_leaves_no_stale_shards(tiny_bert, tmp_path)
     assert MultiTaskModel.from_pretrained(output).predict("hi")["t"]["label"] in ("x", "y")
 
 
+def test_a_save_over_a_model_sentence_transformers_could_load_leaves_no_stale_modules(tiny_bert, tmp_path):
+    """A model sentence-transformers cannot express (attention pooling) saved over one it could: the old
+    `modules.json` stayed, and `SentenceTransformer(folder)` embedded with the old pipeline without a word."""
+    output = tmp_path / "out"
+    MultiTaskModel.from_backbone(tiny_bert, tasks=[{"name": "t", "labels": ["x", "y"]}]).save_pretrained(output)
+    assert (output / "modules.json").is_file()
+    MultiTaskModel.from_backbone(tiny_bert, pooling="attention").save_pretrained(output)
+    names = {path.name for path in output.iterdir()}
+    assert not names & {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"}
+
+
 def test_the_default_job_replaces_only_its_own_output(tiny_bert, tmp_path, capsys):
     """`python train.py --output_dir <a trained model>` (the embedded default job, which replaces its own earlier
     output) used to replace that model: only the default job's own folder is replaced without asking."""
@@ -156,8 +168,11 @@ def test_metrics_json_is_strict_json(tmp_path):
 
 
 def fake_checkpoint(folder: Path, state: str | None = "{}") -> Path:
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"weights")
+    save_file({"w": torch.zeros(64)}, folder / "model.safetensors")
+    torch.save({"state": {}}, folder / "optimizer.pt")
     if state is not None:
         (folder / "trainer_state.json").write_text(state)
     return folder
@@ -170,6 +185,37 @@ def test_the_last_complete_checkpoint_is_chosen(tmp_path, caplog):
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
     with pytest.raises(TrainingError, match="no complete checkpoint"):
         last_complete_checkpoint(tmp_path / "checkpoint-24")
+
+
+@pytest.mark.parametrize(
+    "broken, damage, problem",
+    [
+        ("model.safetensors", lambda data: data[:-50], "model.safetensors is truncated: its header lists"),
+        ("optimizer.pt", lambda data: b"garbage", "optimizer.pt is truncated or not a PyTorch file"),
+        ("optimizer.pt", lambda data: data[: len(data) // 2], "optimizer.pt is truncated or not a PyTorch file"),
+    ],
+)
+def test_a_checkpoint_with_a_damaged_file_is_skipped_or_refused(tmp_path, caplog, broken, damage, problem):
+    """A complete checkpoint can still hold a cut-short file (a full disk, a copy interrupted): resuming from it
+    failed deep inside the Trainer with a traceback. Resuming from the last checkpoint now skips it, with a warning
+    naming the file, for the one before; a checkpoint named explicitly is refused, naming the file."""
+    from transformers.utils import logging as hf_logging
+
+    fake_checkpoint(tmp_path / "checkpoint-8")
+    latest = fake_checkpoint(tmp_path / "checkpoint-16")
+    (latest / broken).write_bytes(damage((latest / broken).read_bytes()))
+    hf_logging.enable_propagation()  # transformers' loggers, to caplog
+    try:
+        with caplog.at_level("WARNING"):
+            assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+    finally:
+        hf_logging.disable_propagation()
+    assert f"skipping {latest}: {latest / broken}" in caplog.text and problem in caplog.text
+    with pytest.raises(TrainingError, match=f"cannot resume from {latest}: {latest / broken}"):
+        check_resumable(latest, None, "static")
+    shutil.rmtree(tmp_path / "checkpoint-8")
+    with pytest.raises(TrainingError, match="no complete checkpoint"):  # nothing earlier to fall back to
+        last_complete_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize(
