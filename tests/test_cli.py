@@ -251,7 +251,7 @@ def bad_files(tmp_path_factory, model_dir):
     (root / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (root / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     (root / "nofield.jsonl").write_text('{"sentence": "ok"}\n')
-    (root / "list.jsonl").write_text('[1, 2]\n')
+    (root / "list.jsonl").write_text("[1, 2]\n")
     (root / "object.json").write_text('{"text": "ok"}')
     (root / "noheader.csv").write_text("a man,plays\n")
     (root / "ragged.csv").write_text("text\nok\n1,2\n")
@@ -283,7 +283,10 @@ def bad_files(tmp_path_factory, model_dir):
         (["encode", "--model", "{model}", "--file", "{bad}/latin1.txt", "-o", "x.npy"], "latin1.txt: not UTF-8 text"),
         (["encode", "--model", "{model}", "--file", "{bad}/bad.jsonl", "-o", "x.npy"], "bad.jsonl:2: not valid JSON"),
         (["encode", "--model", "{model}", "--file", "{bad}/nofield.jsonl", "-o", "x.npy"], "string field 'text'"),
-        (["encode", "--model", "{model}", "--file", "{bad}/list.jsonl", "-o", "x.npy"], "expected an object with ['text'] or a string, got [1, 2]"),
+        (
+            ["encode", "--model", "{model}", "--file", "{bad}/list.jsonl", "-o", "x.npy"],
+            "expected an object with ['text'] or a string, got [1, 2]",
+        ),
         (["encode", "--model", "{model}", "--file", "{bad}/object.json", "-o", "x.npy"], "expected a JSON array"),
         (
             ["encode", "--model", "{model}", "--file", "{bad}/noheader.csv", "-o", "x.npy"],
