@@ -1,8 +1,11 @@
 # CPU image serving a multi-task sentence transformer over HTTP (Swagger UI at /docs).
 #
 #   docker build -t mtl-serve .
-#   docker run --rm -p 8000:8000 -v /path/to/model:/model mtl-serve          # a local model folder
-#   docker run --rm -p 8000:8000 -e MODEL=user/my-mtl-model mtl-serve       # a Hub id (downloaded at start)
+#   docker run --rm -p 8000:8000 -v /path/to/model:/model -e MTL_API_KEY=change-me mtl-serve     # a local model folder
+#   docker run --rm -p 8000:8000 -e MODEL=user/my-mtl-model -e MTL_API_KEY=change-me mtl-serve  # a Hub id
+#
+# It listens on every interface of the container, so `mtl serve` refuses to start without a key (MTL_API_KEY)
+# unless told to serve without one: -e MTL_NO_API_KEY=1 (e.g. behind a proxy that authenticates).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

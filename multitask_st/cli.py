@@ -566,6 +566,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty: give a key, or leave the option out for no authentication")
     _check_listen(args.host, args.port)
+    # Beyond this machine, no key means anyone who can reach the port uses the model: only when asked for.
+    no_key = args.no_api_key or os.environ.get("MTL_NO_API_KEY") == "1"
+    if api_key is None and not no_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise UsageError(
+            f"--host {args.host} without an API key serves anyone who can reach it: give --api-key KEY (or set "
+            "MTL_API_KEY), or --no-api-key (or MTL_NO_API_KEY=1) to serve without authentication"
+        )
     _check_device(args.device)
     _model_config(args.model, args.backend)
     model = _load_model(args.model, args.device, args.quiet, args.backend)
@@ -579,11 +586,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_call_chars=args.max_call_chars,
     )
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"mtl serve: warning: listening on {args.host} without an API key (--api-key / MTL_API_KEY)",
-            file=sys.stderr,
-        )
     uvicorn.run(
         app,
         host=args.host,
@@ -760,11 +762,18 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="largest request body (413; default: what max-batch-size x max-text-length can need)",
     )
-    serve.add_argument(
+    key = serve.add_mutually_exclusive_group()
+    key.add_argument(
         "--api-key",
         default=None,
         help="require this key (Authorization: Bearer KEY or X-API-Key: KEY) on every endpoint but /health and "
         "the docs; default: the MTL_API_KEY environment variable, else no authentication",
+    )
+    key.add_argument(
+        "--no-api-key",
+        action="store_true",
+        help="serve without a key on a --host other than localhost, which is refused otherwise (also: "
+        "MTL_NO_API_KEY=1); a key from MTL_API_KEY still wins",
     )
     serve.add_argument("--model-name", help="name shown by /info and /docs (default: the folder name or Hub id)")
     serve.add_argument(

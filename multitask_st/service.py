@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
@@ -63,6 +63,11 @@ MODEL_ATTRIBUTES = ("config", "tokenizer", "task_names", "encode", "predict", "s
 OPEN_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json")
 OPEN_PREFIXES = ("/static-docs/",)
 JSON_PATHS = ("/embed", "/predict", "/similarity")
+# Validation problems a 422 lists (`detail` and `errors`); the rest are counted.
+_ERRORS_SHOWN = 5
+# Most fields a body may have (a request has at most 3; a few misspelt ones are named by pydantic). More is a 413
+# before validation: pydantic reports each unknown field, and 280 000 of them (3.8 MB) took it 2 s.
+_MAX_BODY_FIELDS = 16
 # Characters of a text that count towards a model call's budget, per token of the model's `max_seq_length`: the
 # texts are truncated to that many tokens, so a longer text costs no more.
 _CHARS_PER_TOKEN = 4
@@ -664,6 +669,39 @@ class _Routes:
                 allow_empty=False,
             )
 
+    def check_pair_count(self, count: int) -> None:
+        limit = self.limits.max_batch_size
+        if 2 * count > limit:  # a pair is two texts
+            raise HTTPException(413, f"pairs has {count} pairs ({2 * count} texts); at most {limit} texts per request")
+
+    async def check_sizes(self, request: Request) -> None:
+        """The body's field count and every list in it within the limits (413), before pydantic validates any item.
+
+        pydantic reports every bad item: `{"texts": [1, 1, ...]}` with 1.9 M items (3.8 MB, under the body limit)
+        took 30-45 s and 3 GB to answer with a 265 MB error, and the event loop (`/health` too) waited meanwhile. A
+        route dependency runs after FastAPI has parsed the JSON (cached on the request: it is not parsed twice) and
+        before the body is validated. The list rules are the endpoints' own (`check_texts`, `check_pair_count`),
+        applied early; a list without one (`tasks`, an unknown field) may hold `max_batch_size` items.
+        """
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):  # not JSON that FastAPI parsed: its own error answers the request
+            return
+        if not isinstance(body, dict):
+            return
+        if len(body) > _MAX_BODY_FIELDS:
+            raise HTTPException(413, f"body has {len(body)} fields; at most {_MAX_BODY_FIELDS} per request")
+        limit = self.limits.max_batch_size
+        for field, value in body.items():
+            if not isinstance(value, list):
+                continue
+            if field == "pairs":
+                self.check_pair_count(len(value))
+            elif len(value) > limit:
+                if field in ("texts", "texts_b"):
+                    self.check_texts(value, field)  # counts before it looks at any item: its 413
+                raise HTTPException(413, f"{field} has {len(value)} items; at most {limit} per request")
+
     def _check_predict_inputs(self, body: PredictRequest) -> bool:
         """Exactly one of `texts` and `pairs`, within the limits; True when the request sends pairs."""
         if body.texts is not None and body.pairs is not None:
@@ -673,15 +711,9 @@ class _Routes:
         if body.pairs is None:
             self.check_texts(body.texts, "texts")
             return False
-        max_batch_size = self.limits.max_batch_size
         if not body.pairs:
             raise HTTPException(422, "pairs is empty: send at least one [text, text_pair]")
-        if 2 * len(body.pairs) > max_batch_size:
-            raise HTTPException(
-                413,
-                f"pairs has {len(body.pairs)} pairs ({2 * len(body.pairs)} texts); "
-                f"at most {max_batch_size} texts per request",
-            )
+        self.check_pair_count(len(body.pairs))
         with _as_http_error():
             for index, (a, b) in enumerate(body.pairs):
                 check_pair(a, b, f"pairs[{index}]", self.limits.max_text_length)
@@ -776,7 +808,9 @@ class _Routes:
 
 
 def _add_routes(app: FastAPI, routes: _Routes, secured: list) -> None:
-    """The API: one route per `_Routes` endpoint; `secured` declares the API key on all but /health."""
+    """The API: one route per `_Routes` endpoint; `secured` declares the API key on all but /health; the endpoints
+    with a body check its sizes before validating it (`check_sizes`)."""
+    with_body = [*secured, Depends(routes.check_sizes)]
     app.add_api_route(
         "/health",
         routes.health,
@@ -798,7 +832,7 @@ def _add_routes(app: FastAPI, routes: _Routes, secured: list) -> None:
         methods=["POST"],
         response_model=EmbedResponse,
         summary="Sentence embeddings",
-        dependencies=secured,
+        dependencies=with_body,
     )
     app.add_api_route(
         "/predict",
@@ -806,7 +840,7 @@ def _add_routes(app: FastAPI, routes: _Routes, secured: list) -> None:
         methods=["POST"],
         response_model=PredictResponse,
         summary="Task predictions for texts or text pairs (all tasks or a subset)",
-        dependencies=secured,
+        dependencies=with_body,
     )
     app.add_api_route(
         "/similarity",
@@ -814,7 +848,7 @@ def _add_routes(app: FastAPI, routes: _Routes, secured: list) -> None:
         methods=["POST"],
         response_model=SimilarityResponse,
         summary="Cosine similarity matrix, or one score per pair",
-        dependencies=secured,
+        dependencies=with_body,
     )
 
 
@@ -831,9 +865,11 @@ def _security(api_key: str | None) -> list:
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     # One readable sentence naming each field (`texts[1]`), plus the structured list without the inputs (which
-    # can be large, or bytes that JSON cannot hold).
+    # can be large, or bytes that JSON cannot hold). Only the first few problems: the answer to a body of many bad
+    # items (up to `max_batch_size` per list, any number of unknown fields) stays small.
     messages, errors = [], []
-    for item in error.errors():
+    problems = error.errors()
+    for item in problems[:_ERRORS_SHOWN]:
         loc = list(item.get("loc", ()))
         path = loc[1:] if loc[:1] == ["body"] and len(loc) > 1 else loc
         field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
@@ -846,6 +882,8 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
             messages.append(f"{field or 'body'}: {item.get('msg', 'invalid')}")
         loc = [part if isinstance(part, int) else str(part) for part in loc]
         errors.append({"loc": loc, "msg": str(item.get("msg", "")), "type": str(item.get("type", ""))})
+    if len(problems) > _ERRORS_SHOWN:
+        messages.append(f"and {len(problems) - _ERRORS_SHOWN} more problems")
     return JSONResponse(status_code=422, content={"detail": "; ".join(messages), "errors": errors})
 
 

@@ -379,6 +379,7 @@ def test_errors(model_dir, tiny_bert, bad_files, tmp_path, args, message, capsys
         (["serve", "--model", "{model}", "--timeout-keep-alive", "0"], "argument --timeout-keep-alive"),
         (["serve", "--model", "{model}", "--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
         (["serve", "--model", "{model}", "--api-key", " "], "--api-key is empty"),
+        (["serve", "--model", "{model}", "--host", "0.0.0.0", "--port", "8765"], "0.0.0.0 without an API key serves"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )

@@ -1,10 +1,15 @@
 """`pip install .` builds and installs the modules and data the package declares."""
 
+import json
 import os
+import shlex
+import socket
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +99,41 @@ def test_the_dockerfile_copies_every_top_level_module_setup_cfg_installs():
     patterns = [pattern for line in copies for pattern in line]
     missing = [module for module in modules if not any(fnmatch.fnmatch(module, p) for p in patterns)]
     assert not missing, f"the Dockerfile does not copy {missing}"
+
+
+@pytest.mark.parametrize(
+    "env, options, code, message",
+    [
+        ({}, [], 2, "--host 0.0.0.0 without an API key serves anyone who can reach it"),
+        ({"MTL_NO_API_KEY": "true"}, [], 2, "or --no-api-key (or MTL_NO_API_KEY=1) to serve without"),
+        ({"MTL_API_KEY": "k"}, [], 1, "no such model folder"),  # past the key rule: the model is what is missing
+        ({"MTL_NO_API_KEY": "1"}, [], 1, "no such model folder"),  # told to serve without a key
+        ({}, ["--no-api-key"], 1, "no such model folder"),
+        ({}, ["--no-api-key", "--api-key", "k"], 2, "argument --api-key: not allowed with argument --no-api-key"),
+    ],
+)
+def test_the_docker_command_needs_a_key_or_an_explicit_opt_out(env, options, code, message, capsys, monkeypatch):
+    """The image listens on 0.0.0.0: its command refuses to start without MTL_API_KEY (before loading anything)
+    unless MTL_NO_API_KEY=1 says to serve without one. The Dockerfile's own CMD runs, with its variables filled."""
+    from multitask_st.cli import main
+
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert not any("MTL_NO_API_KEY" in line or "MTL_API_KEY" in line for line in lines)  # the image sets neither
+    shell, flag, command = json.loads(next(line for line in lines if line.startswith("CMD "))[4:])
+    assert (shell, flag) == ("sh", "-c")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in ("MTL_API_KEY", "MTL_NO_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"MODEL": "/nonexistent/model", "PORT": str(port), **env}.items():
+        monkeypatch.setenv(name, value)
+    argv = shlex.split(os.path.expandvars(command))
+    assert argv[:3] == ["exec", "mtl", "serve"] and "--no-api-key" not in argv
+    try:
+        result = main(argv[2:] + options)
+    except SystemExit as exit_:  # argparse's errors
+        result = exit_.code
+    assert result == code
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr

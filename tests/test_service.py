@@ -1,9 +1,9 @@
 """The HTTP service, run for real: uvicorn on 127.0.0.1 and an httpx client.
 
-Two servers per module: `server` serves a real tiny `MultiTaskModel` (every endpoint, every bad input), `probe_server`
+Three servers per module: `server` serves a real tiny `MultiTaskModel` (every endpoint, every bad input), `probe_server`
 serves the same model through `ProbeModel`, a plain object with the model's API (duck typing), which records every
 model call and can hold the model (to queue requests deterministically) or fail on chosen inputs; it also needs an
-API key and closes idle connections after 1 s.
+API key and closes idle connections after 1 s. A third, `roomy_server`, takes bodies of up to 8 MB.
 """
 
 from __future__ import annotations
@@ -345,6 +345,10 @@ SURROGATE = "\ud800"
         ("/embed", ["a", "b"], 422, "body: Input should be a valid dictionary"),
         ("/embed", {"texts": []}, 422, "texts is empty"),
         ("/embed", {"texts": ["x"] * 17}, 413, "texts has 17 texts; at most 16"),
+        ("/embed", {"texts": [1] * 17}, 413, "texts has 17 texts; at most 16"),  # counted before the items
+        ("/embed", {"texts": [1] * 16}, 422, "texts[4]: Input should be a valid string; and 11 more problems"),
+        ("/embed", {"texts": ["a"], **{f"x{i}": 1 for i in range(16)}}, 413, "body has 17 fields; at most 16"),
+        ("/embed", {"texts": ["a"], "x": list(range(17))}, 413, "x has 17 items; at most 16 per request"),
         ("/embed", {"texts": ["ok", LONG]}, 422, "texts[1] has 501 characters; at most 500"),
         ("/embed", {"texts": ["ok", SURROGATE]}, 422, "texts[1] holds a lone surrogate (U+D800) at character 0"),
         ("/embed", {"texts": ["ab\udfffc"]}, 422, "texts[0] holds a lone surrogate (U+DFFF) at character 2"),
@@ -360,6 +364,8 @@ SURROGATE = "\ud800"
         ("/predict", {"pairs": [["a", 1]]}, 422, "pairs[0][1]: Input should be a valid string"),
         ("/predict", {"pairs": ["a b"]}, 422, "pairs[0]: Input should be a valid list"),
         ("/predict", {"pairs": [["a", "b"]] * 9}, 413, "pairs has 9 pairs (18 texts); at most 16 texts"),
+        ("/predict", {"pairs": [1] * 9}, 413, "pairs has 9 pairs (18 texts); at most 16 texts"),
+        ("/predict", {"texts": ["hi"], "tasks": ["sentiment"] * 17}, 413, "tasks has 17 items; at most 16"),
         ("/predict", {"pairs": [["a", LONG]]}, 422, "pairs[0][1] has 501 characters; at most 500"),
         ("/predict", {"pairs": [["a", "b"], [SURROGATE, "b"]]}, 422, "pairs[1][0] holds a lone surrogate"),
         ("/predict", {"pairs": [["a", "b"], ["a", " "]]}, 422, "pairs[1][1] is empty: both texts of a pair"),
@@ -418,6 +424,54 @@ def test_body_size_is_capped_before_reading(client, app):
     assert len(payload) < limit
     ok = client.post("/embed", content=payload.encode(), headers={"content-type": "application/json"})
     assert ok.status_code == 200, ok.text
+
+
+def test_validation_errors_list_the_first_five(client):
+    body = client.post("/embed", json={"texts": [1] * 16}).json()
+    assert [error["loc"] for error in body["errors"]] == [["body", "texts", i] for i in range(5)]
+    assert body["detail"].count("Input should be a valid string") == 5 and body["detail"].endswith("11 more problems")
+
+
+@pytest.fixture(scope="module")
+def roomy_server(model):
+    """Room for bodies of millions of tiny items: the body limit lets them through to the JSON parser."""
+    from multitask_st.service import create_app
+
+    with ServerThread(create_app(model, max_batch_size=16, max_text_length=500, max_body_bytes=8_000_000)) as url:
+        yield url
+
+
+MANY = 1_500_000  # tiny invalid items: "1," each, 3 MB in all
+
+
+@pytest.mark.parametrize(
+    "path, template, message",
+    [
+        ("/embed", '{"texts": ITEMS}', f"texts has {MANY} texts; at most 16 per request"),
+        ("/similarity", '{"texts": ["a"], "texts_b": ITEMS}', f"texts_b has {MANY} texts; at most 16 per request"),
+        ("/predict", '{"pairs": ITEMS}', f"pairs has {MANY} pairs ({2 * MANY} texts); at most 16 texts per request"),
+        ("/predict", '{"texts": ["a"], "tasks": ITEMS}', f"tasks has {MANY} items; at most 16 per request"),
+        ("/embed", '{"texts": ["a"], "words": ITEMS}', f"words has {MANY} items; at most 16 per request"),
+        ("/embed", '{"texts": ["a"], FIELDS}', "body has 250001 fields; at most 16 per request"),
+    ],
+)
+def test_a_huge_body_of_tiny_items_is_refused_before_validation(roomy_server, path, template, message):
+    """Issue 34: 1.9 M invalid items (3.8 MB, under the body limit) took 45 s, 3 GB and a 266 MB error listing each
+    of them, while /health waited. Now the count is checked before any item: a short 413 naming field and limit."""
+    if "ITEMS" in template:
+        body = template.replace("ITEMS", "[" + ",".join(["1"] * MANY) + "]")
+    else:
+        body = template.replace("FIELDS", ", ".join(f'"k{i}": 1' for i in range(250_000)))
+    assert len(body) < 8_000_000
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            httpx.post, roomy_server + path, content=body, headers={"content-type": "application/json"}, timeout=300
+        )
+        assert httpx.get(roomy_server + "/health", timeout=300).status_code == 200
+        response = pending.result()
+    assert response.status_code == 413, response.text[:300]
+    assert len(response.content) < 10_000 and message in response.json()["detail"]
+    assert httpx.get(roomy_server + "/health").status_code == 200
 
 
 def test_wrong_method_and_path(client):
