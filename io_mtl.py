@@ -202,7 +202,7 @@ def check_model_folder(folder: str | os.PathLike, need_tokenizer: bool = True, n
         )
         raise FileError(f"{folder} holds no model*.safetensors weights{hint}")
     for name in weights:
-        _check_safetensors(os.path.join(folder, name))
+        check_safetensors(os.path.join(folder, name))
     if need_tokenizer and not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
         raise FileError(
             f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer beside the weights "
@@ -246,7 +246,7 @@ def _listed(names: list[str], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _check_safetensors(path: str) -> None:
+def check_safetensors(path: str) -> None:
     """A safetensors file is an 8-byte header length, a JSON header and the tensor bytes it lists: check all three
     (a header that parses but lists no valid offsets counts as damaged)."""
     size = os.path.getsize(path)
@@ -489,6 +489,7 @@ __all__ = [
     "check_loaded_weights",
     "commit_model_folder",
     "check_model_folder",
+    "check_safetensors",
     "holds_model",
     "read_model_config",
     "read_sentence_transformers_settings",

@@ -454,6 +454,21 @@ def finite_number(task: str, value: Any, where: str) -> float:
     return float(value)
 
 
+def integers_are_ids(spec_labels: list[str] | None, class_label: bool) -> bool:
+    """Whether an integer in the data indexes the label list (`0` is `labels[0]`) or names a label (`1` is `"1"`).
+
+    A `ClassLabel` column's integers are ids. So are the data's when the spec lists its labels as names (GLUE-style
+    0/1 rows for `["negative", "positive"]`), but not when those names are numbers themselves: with `["1", "2", "3"]`
+    a `1` in the data is the label `"1"`, not `labels[1]` (the two readings disagree, and `1` and `"1"` are the same
+    label everywhere else). With no labels given, they are collected from the data by name.
+    """
+    if class_label:
+        return True
+    if spec_labels is None:
+        return False
+    return not any(label.strip().lstrip("-").isdigit() for label in spec_labels if isinstance(label, str))
+
+
 class LabelMapper:
     """Maps raw label values (names or ints) to ids, and names the label, row and split when one is unknown.
 

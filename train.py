@@ -18,9 +18,9 @@ Every `TrainingArguments` flag works, and the multi-task trainer's options are f
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback, HfArg
 from transformers.utils import logging
 
 from multitask_st.arguments import HeadSettings, MultiTaskTrainingArguments
-from multitask_st.errors import InputError, TrainingError, UserError
+from multitask_st.errors import FileError, InputError, TrainingError, UserError
 from multitask_st.records import non_default_hyperparameters
 
 logger = logging.get_logger("train")
@@ -51,6 +51,16 @@ class ModelArguments(HeadSettings):
         default=None, metadata={"help": "Truncation length in tokens (default: the checkpoint's, at most 512)."}
     )
     head_dropout: float = field(default=0.1, metadata={"help": "Dropout before each head."})
+
+    def __post_init__(self):
+        name = self.model_name_or_path
+        if name is not None and not os.path.exists(name):
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:  # a path that is not there might still be a Hub id; anything else would fail only when loaded
+                validate_repo_id(name)
+            except HFValidationError:
+                raise InputError(f"model_name_or_path {name}: no such folder, and not a Hub model id") from None
 
 
 @dataclass
@@ -140,18 +150,13 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, RunArguments, MultiTaskTraini
 
 
 def read_config_file(path: str) -> dict[str, Any]:
+    from multitask_st.data import read_json_or_yaml
+
     if not os.path.isfile(path):
         raise InputError(f"config file not found: {path}")
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            config = yaml.safe_load(text) or {}
-        else:
-            config = json.loads(text)
-    except ValueError as error:
-        raise InputError(f"config file {path} could not be parsed: {error}") from None
+    config = read_json_or_yaml(path, "config file")
+    if config is None:  # an empty YAML file
+        return {}
     if not isinstance(config, dict):
         raise InputError(f"config file {path} must hold a mapping of argument names to values")
     return config
@@ -318,16 +323,31 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
 
 def _resume_target(training_args: MultiTaskTrainingArguments, run_args: RunArguments) -> str | None:
-    from multitask_st.checkpoints import last_complete_checkpoint
+    from multitask_st.checkpoints import check_checkpoint_files, last_complete_checkpoint
     from multitask_st.saving import check_output_dir
 
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
     check_output_dir(training_args.output_dir, bool(resume), run_args.overwrite_output_dir)
+    _check_writable(training_args.output_dir)
     if resume is True:
         return last_complete_checkpoint(training_args.output_dir)
+    if resume:  # a checkpoint the user named: a damaged file in it is an error now, before anything is loaded
+        check_checkpoint_files(resume)
     return resume or None
+
+
+def _check_writable(output_dir: str) -> None:
+    """Make `output_dir` and write a file in it now: a folder that cannot be written would otherwise fail only at the
+    first checkpoint, or at the final save after the whole run."""
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise FileError(f"output_dir {folder} cannot be written: {error.strerror or error}") from None
 
 
 def _load_data(model_args: ModelArguments, data_args: DataArguments, training_args: MultiTaskTrainingArguments):

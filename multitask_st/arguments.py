@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from validation_mtl import InputError, UserError, check_int, check_number, is_number
+from validation_mtl import InputError, UserError, check_int, check_number, is_int, is_number
 
 SAMPLING_STRATEGIES = ("temperature", "proportional", "uniform", "round_robin")
 LOSS_WEIGHTINGS = ("static", "uncertainty")
@@ -25,6 +25,29 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InputError(f"{name} '{value}' is not one of {list(choices)}")
     return value
+
+
+# The packages of the `report_to` integrations whose pip name is not the integration's.
+_INTEGRATION_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit"}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Each `report_to` integration is one transformers knows and can use here: the Trainer would otherwise fail only
+    when it is made, after the model and data are loaded."""
+    from transformers.integrations import integration_utils as integrations
+
+    available = set(integrations.get_available_reporting_integrations())
+    # Two that the list leaves out even when installed (azure_ml beside mlflow, flyte always).
+    available |= {"azure_ml"} if integrations.is_azureml_available() else set()
+    available |= {"flyte"} if integrations.is_flytekit_available() else set()
+    for name in report_to:
+        check_choice("report_to", name, tuple(integrations.INTEGRATION_TO_CALLBACK))
+        if name not in available:
+            package = _INTEGRATION_PACKAGES.get(name, name)
+            raise InputError(
+                f"report_to '{name}' needs the {package} package, which is not installed or not usable here: "
+                f"`pip install {package}`, or --report_to none"
+            )
 
 
 @dataclass
@@ -87,12 +110,26 @@ class MultiTaskTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self.check_multitask_options()
+        self.check_trainer_options()
         try:
             super().__post_init__()
         except UserError:
             raise
         except (ValueError, TypeError) as error:  # TrainingArguments' own checks of what the user set
             raise InputError(str(error)) from None
+        check_report_to(self.report_to)  # a list once TrainingArguments has read "all" / "none" / a name
+
+    def check_trainer_options(self) -> None:
+        """The checks TrainingArguments leaves out: each of these values would train nothing (and save the untrained
+        model as a finished run) or fail only once training starts."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_int(name, getattr(self, name), minimum=1)
+        if not is_int(self.max_steps) or self.max_steps <= 0:  # the Trainer reads max_steps <= 0 as "use the epochs"
+            if not is_number(self.num_train_epochs) or self.num_train_epochs <= 0:
+                raise InputError(
+                    f"num_train_epochs must be a finite number > 0 (or max_steps > 0), got {self.num_train_epochs!r}: "
+                    "the run would train nothing"
+                )
 
     def check_multitask_options(self) -> None:
         """The checks of the multi-task options (those that need neither model nor data; the protection's weight

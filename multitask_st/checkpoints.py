@@ -1,19 +1,22 @@
-"""Checkpoints of a training run: which one is complete (a run killed while saving leaves a partial one), and
-whether a checkpoint can be resumed by this run (same tasks, labels, heads, loss weighting and embedding
-protection), so that a resumed run never reads weights or optimizer state that mean something else.
+"""Checkpoints of a training run: which one is complete (a run killed while saving leaves a partial one, a full disk
+a truncated file), and whether a checkpoint can be resumed by this run (same tasks, labels, heads, loss weighting and
+embedding protection), so that a resumed run never reads weights or optimizer state that mean something else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.utils import logging
 
-from .errors import TrainingError
+from io_mtl import check_safetensors
+
+from .errors import FileError, TrainingError
 from .lora import LORA_CONFIG_FILE, unwrap
 
 logger = logging.get_logger(__name__)
@@ -33,9 +36,36 @@ def is_complete_checkpoint(folder: Path) -> bool:
     return True
 
 
+def damaged_file(checkpoint: str | os.PathLike) -> str | None:
+    """The first file of `checkpoint` that is truncated or not what its name says (`None`: all are whole), as a
+    sentence naming it. A complete checkpoint can still hold one (a full disk, a copy cut short), and resuming from
+    it would fail deep inside the Trainer, or load garbage."""
+    folder = Path(checkpoint)
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            check_safetensors(str(path))
+        except FileError as error:
+            return str(error)
+    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin")]):
+        if not zipfile.is_zipfile(path):  # `torch.save` writes a zip archive, its directory at the end
+            return f"{path} is truncated or not a PyTorch file"
+    return None
+
+
+def check_checkpoint_files(checkpoint: str | os.PathLike) -> None:
+    """Refuse to resume from a checkpoint with a damaged file, naming it."""
+    problem = damaged_file(checkpoint)
+    if problem:
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: {problem}. Resume from an earlier checkpoint, or start a new run"
+        )
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
-    """The newest `checkpoint-<step>` of `output_dir` that was completely written (a run killed while writing a
-    checkpoint leaves a partial one behind: it is skipped with a warning)."""
+    """The newest `checkpoint-<step>` of `output_dir` that was completely written and holds no damaged file. A run
+    killed while writing a checkpoint leaves a partial one behind, and a full disk a truncated file: such a checkpoint
+    is skipped with a warning naming why, and the run resumes from the one before (a few steps lost, rather than a
+    run that cannot resume at all)."""
     folder = Path(output_dir)
     candidates = sorted(
         (path for path in folder.glob("checkpoint-*") if path.is_dir() and path.name.split("-")[-1].isdigit()),
@@ -43,9 +73,12 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
         reverse=True,
     )
     for path in candidates:
-        if is_complete_checkpoint(path):
+        if not is_complete_checkpoint(path):
+            logger.warning(f"skipping {path}: an incompletely written checkpoint (the run was killed while saving it)")
+        elif problem := damaged_file(path):
+            logger.warning(f"skipping {path}: {problem}")
+        else:
             return str(path)
-        logger.warning(f"skipping {path}: an incompletely written checkpoint (the run was killed while saving it)")
     raise TrainingError(f"--resume_from_checkpoint true: no complete checkpoint in {folder}")
 
 
@@ -57,7 +90,9 @@ def check_resumable(
 ) -> None:
     """Refuse to resume a checkpoint trained with other tasks, labels, heads, loss weighting or embedding protection:
     its head weights would silently mean something else, or its optimizer state would not fit (the protection decides
-    which parameters train). The message names every difference."""
+    which parameters train). The message names every difference. A checkpoint with a damaged file is refused first,
+    naming the file."""
+    check_checkpoint_files(checkpoint)
     config_path = Path(checkpoint) / "config.json"
     if not config_path.is_file():
         config_path = Path(checkpoint) / LORA_CONFIG_FILE  # a LoRA checkpoint: the adapter and the model config

@@ -47,7 +47,16 @@ from transformers.utils import logging
 
 from configuration_mtl import normalize_task
 from layers_mtl import labelled_mask
-from tasks_mtl import DEFAULT_TASK_TYPE, LabelMapper, Task, is_missing, label_key, make_task, task_class
+from tasks_mtl import (
+    DEFAULT_TASK_TYPE,
+    LabelMapper,
+    Task,
+    integers_are_ids,
+    is_missing,
+    label_key,
+    make_task,
+    task_class,
+)
 from validation_mtl import DataError, InputError, UserError, check_int
 
 logger = logging.get_logger(__name__)
@@ -252,19 +261,75 @@ def _read_tasks_argument(text: str) -> Any:
     if looks_like_path and not os.path.isfile(text):
         raise InputError(f"--tasks file not found: {text}")
     if os.path.isfile(text):
-        try:
-            content = Path(text).read_text(encoding="utf-8")
-            if text.endswith((".yaml", ".yml")):
-                import yaml
-
-                return yaml.safe_load(content)
-            return json.loads(content)
-        except (UnicodeDecodeError, ValueError) as error:
-            raise InputError(f"--tasks file {text} could not be read: {error}") from None
+        return read_json_or_yaml(text, "--tasks file")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         raise InputError(f"--tasks is neither a file nor valid JSON: {error}") from None
+    except _DuplicateKey as error:
+        raise InputError(f"--tasks: {error}") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key appears twice (`json` would silently keep the last value)."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for index, key in enumerate(keys) if key in keys[:index]), None)
+    if twice is not None:
+        raise _DuplicateKey(f"key {twice!r} is given twice")
+    return dict(pairs)
+
+
+def _unique_key_yaml_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """`yaml.SafeLoader` that refuses a mapping key given twice (PyYAML silently keeps the last value); keys
+        that a merge (`<<: *anchor`) brings in may still be overridden, as YAML intends."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.MarkedYAMLError(problem=f"key {key!r} is given twice", problem_mark=key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def read_json_or_yaml(path: str, what: str) -> Any:
+    """The data of a JSON or YAML file (by its extension), or one error naming the file (`what`: how the user gave
+    it) and, for a syntax error or a key given twice, the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{what} {path} is not UTF-8 text: {error}") from None
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            return yaml.load(text, Loader=_unique_key_yaml_loader())  # noqa: S506 (a SafeLoader)
+        except yaml.MarkedYAMLError as error:
+            where = f" line {error.problem_mark.line + 1}" if error.problem_mark else ""
+            context = ""
+            if error.context and error.context_mark:  # where the construct that the problem breaks began
+                context = f" ({error.context} at line {error.context_mark.line + 1})"
+            raise InputError(f"{what} {path}{where}: {error.problem}{context}") from None
+        except yaml.YAMLError as error:
+            raise InputError(f"{what} {path} is not valid YAML: {error}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{what} {path} line {error.lineno}: {error.msg}") from None
+    except _DuplicateKey as error:
+        raise InputError(f"{what} {path}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -767,10 +832,9 @@ def build_datasets(
         train, train_rows = _select_rows(first, train, first.max_train_samples, seed, "train")
         ints_are_ids = {}
         for spec in group:
-            # Integer labels index into the label list when that list was given or came from a ClassLabel.
             features = train.features or {}
             feature = features.get(spec.label_source) if spec.label_source else None
-            ints_are_ids[spec.name] = spec.labels is not None or _feature_names(feature) is not None
+            ints_are_ids[spec.name] = integers_are_ids(spec.labels, _feature_names(feature) is not None)
             spec.labels = resolve_labels(spec, train, train_rows)
         loaded.append((group, train, train_rows, ints_are_ids))
     for group, train, train_rows, ints_are_ids in loaded:

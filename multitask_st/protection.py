@@ -66,7 +66,7 @@ def protection_setting(method: str, weight: float | None, tasks: list[dict[str, 
     check_protection(method)
     resolved = resolve_protection(method, tasks)
     weight = DEFAULT_PROTECTION_WEIGHT[resolved] if weight is None else weight
-    weight = check_number("protection_weight", weight, 0)  # finite: an infinite weight is all protection, no task
+    check_number("protection_weight", weight, 0)  # finite: an infinite weight is all protection, no task
     if resolved == "isolation" and weight > 1:
         raise InputError(
             f"protection_weight {weight!r} is out of range for isolation (the embedding protection in use"

@@ -13,7 +13,9 @@ It overrides only what multi-task training changes:
   initial state (`multitask_st.drift`);
 - `log`: adds `loss/<task>` (train) beside `loss`;
 - `_clip_grad_norm`: the clipping threshold scaled by the step's loss weights, so that clipping does not undo them;
-- `create_optimizer`: separate head learning rate and layer-wise learning-rate decay.
+- `create_optimizer`: separate head learning rate and layer-wise learning-rate decay;
+- `_determine_best_metric`: a `metric_for_best_model` the evaluation does not report is one error, not a KeyError
+  (most are refused when the trainer is made: `_check_metric_for_best_model`).
 Everything else (checkpointing, resuming, DDP via accelerate, mixed precision, callbacks) is the Trainer's own.
 """
 
@@ -43,7 +45,7 @@ from .data import MultiTaskCollator, StreamedSources
 from .drift import EmbeddingDrift, drift_sample
 from .errors import TrainingError
 from .lora import LORA_CONFIG_FILE, unwrap
-from .metrics import build_compute_metrics, metric_key
+from .metrics import SEPARATOR, build_compute_metrics, metric_key
 from .protection import EmbeddingProtection
 from .sampling import MultiTaskSampler, MultiTaskStream, sampling_probabilities  # noqa: F401
 
@@ -183,7 +185,8 @@ class MultiTaskTrainer(Trainer):
         self.task_names = [task.name for task in self.tasks]
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = MultiTaskCollator(base.tokenizer, self.task_configs)
-        if kwargs.get("compute_metrics") is None:
+        own_metrics = kwargs.get("compute_metrics") is None
+        if own_metrics:
             kwargs["compute_metrics"] = build_compute_metrics(self.task_configs)
         if kwargs.get("processing_class") is None and base.tokenizer is not None:
             kwargs["processing_class"] = base.tokenizer
@@ -204,6 +207,8 @@ class MultiTaskTrainer(Trainer):
         self.drift = None
         if training_args.drift_sample_size and isinstance(eval_dataset, Dataset) and len(eval_dataset):
             self.drift = EmbeddingDrift(model, drift_sample(eval_dataset, training_args.drift_sample_size))
+        if own_metrics and eval_dataset is not None and not isinstance(eval_dataset, dict):  # a dict: other keys
+            self._check_metric_for_best_model(training_args.metric_for_best_model)
         if isinstance(kwargs.get("train_dataset"), StreamedSources):  # streamed sources: blocks drawn as they come
             streamed = kwargs["train_dataset"]
             source_sizes = streamed.sizes
@@ -233,6 +238,38 @@ class MultiTaskTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str):
             check_resumable(resume_from_checkpoint, self.model, self.args.loss_weighting, self._protection_record())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_metric_for_best_model(self, name: str | None) -> None:
+        """Refuse a `metric_for_best_model` that this run's evaluation never reports now, before training: the
+        Trainer finds out at the first evaluation. The combined score, losses, primary metrics and which tasks exist
+        are known now; a task's other metrics are known once computed, so a misspelt one of those is one error at the
+        first evaluation (`_determine_best_metric`)."""
+        if name is None:
+            return
+        key = name.removeprefix("eval_")  # the Trainer adds the prefix when it is missing
+        choices = ["combined_score", "loss"]
+        choices += [metric_key(task.name, metric) for task in self.tasks for metric in ("loss", task.primary_metric)]
+        owners = self.task_names + (["embedding"] if self.drift is not None else [])
+        if key in choices or (SEPARATOR in key and key.split(SEPARATOR, 1)[0] in owners):
+            return
+        if self.drift is not None:
+            choices.append(metric_key("embedding", "cosine_to_initial"))
+        raise InputError(
+            f"metric_for_best_model '{name}' is not a metric this run's evaluation reports: choose one of {choices}, "
+            "or another metric a task reports, as '<task>/<metric>'"
+        )
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial=None) -> bool:
+        try:
+            return super()._determine_best_metric(metrics, trial)
+        except KeyError:  # the Trainer's error is a traceback; this is a setting the user can fix
+            if self.args.metric_for_best_model is None:
+                raise
+            reported = sorted(key.removeprefix("eval_") for key in metrics if key.startswith("eval_"))
+            raise InputError(
+                f"metric_for_best_model '{self.args.metric_for_best_model}' is not among the metrics the evaluation "
+                f"reported: {reported}"
+            ) from None
 
     def _protection_record(self) -> dict[str, Any]:
         # Whether the shared encoder is frozen decides what the optimizer state holds, and with `train_tasks` it is

@@ -262,6 +262,16 @@ def test_label_normalisations_are_documented_ones(tiny_bert, tmp_path):
     assert data.specs[0].labels == ["0", "1"] and data.num_train_examples["y"] == 2
 
 
+def test_integers_index_named_labels_but_name_numbered_ones(tiny_bert, tmp_path):
+    """With `labels: ["1", "2", "3"]` and integer data 1/2, rows trained as "2"/"3" (the integers were read as
+    indexes): labels that are numbers are named by the data's integers, as `1` and `"1"` are the same label."""
+    _, data = build(tiny_bert, [label_task(tmp_path / "a", [1, 2, 1, 2], labels=["1", "2", "3"])])
+    assert [data.specs[0].labels[row["labels"]["y"]] for row in data.train] == ["1", "2", "1", "2"]
+    # names that are words: GLUE-style 0/1 rows index them
+    _, data = build(tiny_bert, [label_task(tmp_path / "b", [0, 1, 1], labels=["negative", "positive"])])
+    assert [data.specs[0].labels[row["labels"]["y"]] for row in data.train] == ["negative", "positive", "positive"]
+
+
 @pytest.mark.parametrize(
     "values, task_type, message",
     [

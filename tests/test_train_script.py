@@ -3,6 +3,7 @@ folder contract, early stopping on the combined score, and one clear error (exit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -169,9 +170,9 @@ def test_bad_runs_exit_2_with_one_line_naming_the_problem(tiny_bert, tmp_path):
           "--learning_rate", "1e30", "--model_name_or_path", str(tiny_bert), "--max_seq_length", "16",
           "--save_strategy", "no", "--eval_strategy", "no"],
          "the training loss became"),
-        # Checked before anything is loaded: the (missing) model folder is never reached.
+        # Checked before anything is loaded: the model folder (one without a model) is never reached.
         (["--tasks", json.dumps(three_tasks(files)), "--drift_sample_size", "-1", "--model_name_or_path",
-          str(tmp_path / "no-model")],
+          str(tmp_path / "data")],
          "drift_sample_size must be an int >= 0, got -1"),
     ]  # fmt: skip
     for args, message in cases:
@@ -181,6 +182,124 @@ def test_bad_runs_exit_2_with_one_line_naming_the_problem(tiny_bert, tmp_path):
         assert last.startswith("error: ") and message in last, last
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "config.json").exists()  # nothing was saved as if it were a model
+
+
+def damaged_checkpoint(folder: Path, broken: str) -> Path:
+    """A checkpoint folder whose `broken` file is cut short (weights) or garbage (optimizer state)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(64)}, folder / "model.safetensors")
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text("{}")
+    path = folder / broken
+    path.write_bytes(path.read_bytes()[:-50] if broken.endswith(".safetensors") else b"not a torch file")
+    return folder
+
+
+def write_bad_inputs(tmp: Path) -> None:
+    """The files the cases of `BAD_INPUTS` name."""
+    out = tmp / "out"
+    (tmp / "a-file").write_text("")
+    (tmp / "dup.yaml").write_text(f"output_dir: {out}\nlearning_rate: 1e-4\nlearning_rate: 3e-4\n")
+    (tmp / "bad.yaml").write_text(f"output_dir: {out}\ntasks: [{{name: a}}\nseed: 3\n")
+    (tmp / "dup.json").write_text(f'{{"output_dir": "{out}", "seed": 1,\n "seed": 2}}')
+    (tmp / "tasks.yaml").write_text("- name: topic\n  dataset: some/data\n  dataset: other/data\n")
+    for name in ("model.safetensors", "optimizer.pt"):
+        damaged_checkpoint(tmp / name, name)
+
+
+# (arguments, the error line), `{tmp}` standing for the test's folder. Each trained nothing and saved it as a finished
+# run, kept the second of two keys, or failed with a traceback (after training started, at the final save, or deep in
+# a library).
+BAD_INPUTS = {
+    "no epochs": (["--num_train_epochs", "0"], "num_train_epochs must be a finite number > 0 (or max_steps > 0), got "
+                  "0.0: the run would train nothing"),
+    "no steps and no epochs": (["--max_steps", "0", "--num_train_epochs", "0"], "num_train_epochs must be a finite"),
+    "negative head learning rate": (["--head_learning_rate", "-1"],
+                                    "head_learning_rate must be a finite number > 0, got -1.0"),
+    "batch size 0": (["--per_device_train_batch_size", "0"],
+                     "per_device_train_batch_size must be an int >= 1, got 0"),
+    "accumulation 0": (["--gradient_accumulation_steps", "0"],
+                       "gradient_accumulation_steps must be an int >= 1, got 0"),
+    "missing model folder": (["--model_name_or_path", "{tmp}/no-model"],
+                             "model_name_or_path {tmp}/no-model: no such folder, and not a Hub model id"),
+    "output_dir under a file": (["--output_dir", "{tmp}/a-file/out"],
+                                "output_dir {tmp}/a-file/out cannot be written: Not a directory"),
+    "output_dir in /proc": (["--output_dir", "/proc/x"], "output_dir /proc/x cannot be written: "),
+    "unknown report_to": (["--report_to", "wandbb"], "report_to 'wandbb' is not one of ['azure_ml', "),
+    "report_to without its package": (["--report_to", "wandb"],
+                                      "report_to 'wandb' needs the wandb package, which is not installed or not usable "
+                                      "here: `pip install wandb`, or --report_to none"),
+    "duplicate YAML key": (["{tmp}/dup.yaml"], "config file {tmp}/dup.yaml line 3: key 'learning_rate' is given twice"),
+    "malformed YAML": (["{tmp}/bad.yaml"], "config file {tmp}/bad.yaml line 3: expected ',' or ']', but got '<scalar>' "
+                       "(while parsing a flow sequence at line 2)"),
+    "duplicate JSON key": (["{tmp}/dup.json"], "config file {tmp}/dup.json: key 'seed' is given twice"),
+    "duplicate key in a --tasks file": (["--tasks", "{tmp}/tasks.yaml"],
+                                        "--tasks file {tmp}/tasks.yaml line 3: key 'dataset' is given twice"),
+    "duplicate key in --tasks JSON": (["--tasks", '[{"name": "topic", "dataset": "a/b", "name": "sentiment"}]'],
+                                      "--tasks: key 'name' is given twice"),
+    "truncated checkpoint weights": (["--resume_from_checkpoint", "{tmp}/model.safetensors"],
+                                     "cannot resume from {tmp}/model.safetensors: {tmp}/model.safetensors/"
+                                     "model.safetensors is truncated: its header lists"),
+    "garbage optimizer state": (["--resume_from_checkpoint", "{tmp}/optimizer.pt"],
+                                "cannot resume from {tmp}/optimizer.pt: {tmp}/optimizer.pt/optimizer.pt is truncated "
+                                "or not a PyTorch file. Resume from an earlier checkpoint, or start a new run"),
+}  # fmt: skip
+SKIPPED = {  # case: (skip it, why)
+    "output_dir in /proc": (not Path("/proc").is_dir(), "no /proc"),
+    "report_to without its package": (importlib.util.find_spec("wandb") is not None, "wandb is installed"),
+}
+
+
+def bad_input(case: str):
+    skip, why = SKIPPED.get(case, (False, ""))
+    return pytest.param(case, marks=pytest.mark.skipif(skip, reason=why))
+
+
+@pytest.mark.parametrize("case", [bad_input(case) for case in BAD_INPUTS])
+def test_bad_input_is_one_line_before_anything_is_loaded(tmp_path, capsys, monkeypatch, case):
+    """Each bad input is one line (exit 2) before any tokenizer, config or model is read."""
+    write_bad_inputs(tmp_path)
+    args, message = BAD_INPUTS[case]
+    args, message = [arg.replace("{tmp}", str(tmp_path)) for arg in args], message.replace("{tmp}", str(tmp_path))
+
+    def loaded(*args, **kwargs):
+        pytest.fail("a model file was read before the bad input was refused")
+
+    for name in ("AutoTokenizer", "AutoConfig"):
+        monkeypatch.setattr(getattr(train, name), "from_pretrained", loaded)
+    if args[0].startswith("-"):  # (a config file names its own output_dir)
+        args = ["--output_dir", str(tmp_path / "out"), *args]
+    assert train.run(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "metric, message",
+    [
+        ("combined_scor", "metric_for_best_model 'combined_scor' is not a metric this run's evaluation reports: "
+         "choose one of ['combined_score', 'loss', 'topic/loss', 'topic/macro_f1', 'sentiment/loss', "
+         "'sentiment/macro_f1', 'ner/loss', 'ner/f1', 'embedding/cosine_to_initial'], or another metric a task "
+         "reports, as '<task>/<metric>'"),
+        ("eval_topics/accuracy", "metric_for_best_model 'eval_topics/accuracy' is not a metric"),
+        # The task exists: its metrics other than its loss and primary metric are known at the first evaluation.
+        ("topic/acuracy", "metric_for_best_model 'topic/acuracy' is not among the metrics the evaluation reported: "
+         "['combined_score', 'embedding/cosine_to_initial', "),
+    ],
+)  # fmt: skip
+def test_a_misspelt_metric_for_best_model_is_one_line(tiny_bert, tmp_path, capsys, metric, message):
+    files = make_dataset(tmp_path / "data", 8, 4)
+    argv = [*train_flags(tiny_bert, three_tasks(files), tmp_path / "out"), "--max_steps", "1", "--eval_strategy",
+            "steps", "--eval_steps", "1", "--save_steps", "1", "--load_best_model_at_end", "true",
+            "--metric_for_best_model", metric]  # fmt: skip
+    assert train.run(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    if "reports: choose" in message:  # refused before training: not a single step was taken
+        assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
 def test_the_yaml_example_of_the_training_docs_runs_as_written(tiny_bert, tmp_path):

@@ -792,3 +792,24 @@ def test_the_protection_weight_a_record_states_is_finite():
     assert protection_setting("distillation", 2, tasks) == ("distillation", 2.0)
     with pytest.raises(InputError, match="protection_weight must be a finite number >= 0, got inf"):
         protection_setting("distillation", float("inf"), tasks)
+
+
+def test_metric_for_best_model_is_checked_when_the_trainer_is_made(tiny_bert, tmp_path):
+    """A metric the evaluation never reports was found at the first evaluation, a KeyError after training had
+    started; the names that are known before any evaluation (the combined score, losses, primary metrics, the tasks,
+    the drift) are checked when the trainer is made."""
+    from validation_mtl import InputError
+
+    data, model = build(tiny_bert, separate_sources(tmp_path, sizes=(8, 8, 8)))
+    made = {"eval_strategy": "steps", "load_best_model_at_end": True, "save_strategy": "steps"}
+    for name in ["combined_score", "eval_combined_score", "loss", "eval_loss", "topic/macro_f1", "topic/accuracy",
+                 "eval_ner/f1", "ner/loss", "embedding/cosine_to_initial"]:  # fmt: skip
+        trainer_for(model, data, tmp_path / "out", metric_for_best_model=name, **made)
+    for name in ["accuracy", "f1", "topic_accuracy", "eval_topics/accuracy", "combined-score"]:
+        with pytest.raises(InputError, match=f"metric_for_best_model '{name}' is not a metric this run's evaluation"):
+            trainer_for(model, data, tmp_path / "out", metric_for_best_model=name, **made)
+    with pytest.raises(
+        InputError, match=r"'embedding/cosine_to_initial' is not a metric .*\['combined_score', 'loss',"
+    ):
+        trainer_for(model, data, tmp_path / "out", {"drift_sample_size": 0}, **made,
+                    metric_for_best_model="embedding/cosine_to_initial")  # fmt: skip
