@@ -101,6 +101,30 @@ def test_the_dockerfile_copies_every_top_level_module_setup_cfg_installs():
     assert not missing, f"the Dockerfile does not copy {missing}"
 
 
+def test_the_base_install_has_every_package_the_metrics_import():
+    """`pip install .` then `python train.py` trained, then failed at the final evaluation (seqeval was an extra):
+    every package a bundled metric script imports is a base requirement."""
+    import ast
+    import configparser
+    import re
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    required = {
+        re.split(r"[<>=!\[ ]", line.strip())[0].lower() for line in config["options"]["install_requires"].split("\n")
+    }
+    pip_names = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
+    imported = set()
+    for script in (ROOT / "multitask_st" / "metric_scripts").glob("*/*.py"):
+        for node in ast.walk(ast.parse(script.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            imported |= {name.split(".")[0] for name in names}
+    third_party = {pip_names.get(name, name) for name in imported if name not in sys.stdlib_module_names}
+    assert {"scikit-learn", "scipy", "seqeval"} <= third_party  # the scan sees what the scripts import
+    assert third_party <= required, f"metric packages missing from install_requires: {third_party - required}"
+
+
 @pytest.mark.parametrize(
     "env, options, code, message",
     [
