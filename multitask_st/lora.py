@@ -63,7 +63,10 @@ def apply_lora(
 
 def save_lora_adapter(model: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Save a LoRA-wrapped model's adapters and trained heads (PEFT format) plus the `MultiTaskConfig` they belong
-    to, so that `load_lora_model` can rebuild it from the base encoder."""
+    to, so that `load_lora_model` can rebuild it from the base encoder (recorded as PEFT's `base_model_name_or_path`,
+    which PEFT leaves empty for a model it did not load itself)."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = config.base_model_name_or_path or unwrap(model).backbone.config.name_or_path
     model.save_pretrained(str(directory))
     model.get_base_model().config.to_json_file(str(Path(directory) / LORA_CONFIG_FILE))
 
@@ -77,7 +80,9 @@ def load_lora_model(directory: str | os.PathLike, base_model: str | None = None,
     directory = Path(directory)
     config = MultiTaskConfig.from_json_file(str(directory / LORA_CONFIG_FILE))
     adapter = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-    base = base_model or adapter.get("base_model_name_or_path") or config.name_or_path
+    base = base_model or adapter.get("base_model_name_or_path") or config.backbone_config.name_or_path
+    if not base:
+        raise InputError(f"{directory}/adapter_config.json names no base model: give load_lora_model(base_model=...)")
     model = MultiTaskModel.from_backbone(
         base,
         tasks=config.tasks,

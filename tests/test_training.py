@@ -254,7 +254,9 @@ def test_lora_trains_adapters_and_heads_and_saves_a_merged_model(tiny_bert, tmp_
     base = MultiTaskModel.from_backbone(tiny_bert, tasks=merged.config.tasks)
     changed = [n for n, p in merged.backbone.state_dict().items() if not torch.equal(p, base.backbone.state_dict()[n])]
     assert changed and all(".embeddings." not in name for name in changed)  # adapters sit on linear layers only
-    adapter = load_lora_model(output / "lora_adapter", base_model=str(tiny_bert)).eval()
+    # as documented: the adapter names its base encoder (PEFT left it empty: "Repo id must use alphanumeric chars")
+    assert json.loads((output / "lora_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    adapter = load_lora_model(output / "lora_adapter").eval()
     texts = ["John Smith loved the match in Paris", "stocks fell"]
     torch.testing.assert_close(
         torch.from_numpy(adapter.get_base_model().encode(texts)),
