@@ -76,6 +76,26 @@ def commit_model_folder(staging: str | os.PathLike, output_dir: str | os.PathLik
     staging.rmdir()
 
 
+# Keys `tokenizer_config.json` picks up from the call that loaded the tokenizer, not from the tokenizer: saved, they
+# would replay that call's options on every later load.
+_LOAD_OPTIONS = ("is_local", "local_files_only")
+
+
+def save_tokenizer(tokenizer: Any, folder: str | os.PathLike, max_seq_length: int | None = None) -> None:
+    """`tokenizer.save_pretrained(folder)`, with its `tokenizer_config.json` cleaned of load options and, given
+    `max_seq_length`, its `model_max_length` set to the model's: a pipeline or a user of `AutoTokenizer` alone then
+    truncates where the model does."""
+    tokenizer.save_pretrained(str(folder))
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config = {key: value for key, value in config.items() if key not in _LOAD_OPTIONS}
+    if max_seq_length is not None:
+        config["model_max_length"] = int(max_seq_length)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 # ---------------------------------------------------------------------------------------------- published files
 
 # Written beside the encoder by `write_sentence_transformers_files`; the module folders it writes (`1_Pooling`,
@@ -486,6 +506,7 @@ __all__ = [
     "SENTENCE_TRANSFORMERS_FILES",
     "SENTENCE_TRANSFORMERS_MODULES",
     "published_files",
+    "save_tokenizer",
     "check_loaded_weights",
     "commit_model_folder",
     "check_model_folder",

@@ -39,6 +39,7 @@ try:  # inside a Hub/remote-code package
         check_model_folder,
         commit_model_folder,
         read_sentence_transformers_settings,
+        save_tokenizer,
         unsupported_by_sentence_transformers,
         write_sentence_transformers_files,
     )
@@ -54,6 +55,7 @@ except ImportError:  # installed as top-level modules, or run from the project f
         check_model_folder,
         commit_model_folder,
         read_sentence_transformers_settings,
+        save_tokenizer,
         unsupported_by_sentence_transformers,
         write_sentence_transformers_files,
     )
@@ -283,7 +285,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             shutil.rmtree(stale, ignore_errors=True)
         super().save_pretrained(folder, *args, **kwargs)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(folder)
+            save_tokenizer(self.tokenizer, folder, self.config.max_seq_length)
             write_sentence_transformers_files(self, folder)
         if replacing:
             commit_model_folder(folder, target)
@@ -299,7 +301,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             raise InputError(problem)
         os.makedirs(folder, exist_ok=True)
         self.backbone.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        save_tokenizer(self.tokenizer, folder, self.config.max_seq_length)
         # The encoder is saved without the pooler it never uses: sentence-transformers loads it without one, rather
         # than with a freshly initialised one and a "newly initialized weights" warning.
         without_pooler = "add_pooling_layer" in inspect.signature(type(self.backbone).__init__).parameters

@@ -244,6 +244,10 @@ def test_saved_folder_contents_and_auto_model_without_remote_code(model, tmp_pat
         "AutoModelForTokenClassification": "modeling_mtl.MultiTaskModelForTokenClassification",
     }
     assert json.loads((tmp_path / "modules.json").read_text())[1]["path"] == "1_Pooling"  # sentence-transformers
+    # The tokenizer's config holds no options of the call that loaded it, and truncates where the model does.
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(tokenizer_config)
+    assert tokenizer_config["model_max_length"] == model.config.max_seq_length
     # The copied code files are the project's own.
     root = Path(__file__).resolve().parent.parent
     for name in code:
