@@ -82,6 +82,9 @@ class TaskDataSpec:
             `<split>.<ext>` files, a folder written by `datasets.save_to_disk`, or (from Python) a `datasets`
             object: `Dataset`, `DatasetDict`, `IterableDataset` or `IterableDatasetDict`.
         dataset_config: Hub configuration name.
+        hub_dataset: the Hub id of the dataset that local data is a copy of (e.g. `nyu-mll/glue`), for the model
+            card's `model-index`, which names datasets by Hub id; local data without one is scored in the card's
+            tables only.
         data_files: `{split: path}`, for local files named otherwise.
         text_column: the text; default the type's (`Task.default_columns`): `text`, for pair tasks the first
             text `sentence1`, for contrastive tasks the anchor `anchor`.
@@ -109,6 +112,7 @@ class TaskDataSpec:
     labels: list[str] | None = None
     dataset: str | None = None
     dataset_config: str | None = None
+    hub_dataset: str | None = None
     data_files: dict[str, str] | None = None
     text_column: str | None = None
     text_pair_column: str | None = None
@@ -165,6 +169,16 @@ class TaskDataSpec:
             value = getattr(self, key)
             if value is not None:
                 check_int(f"task '{self.name}': {key}", value, 1)
+        if self.hub_dataset is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.hub_dataset if isinstance(self.hub_dataset, str) else "")
+            except HFValidationError:
+                raise InputError(
+                    f"task '{self.name}': hub_dataset must be a Hub dataset id such as 'nyu-mll/glue', got "
+                    f"{self.hub_dataset!r}"
+                ) from None
         if self.negative_column is not None and not cls.hard_negatives:
             raise InputError(f"task '{self.name}': negative_column only applies to contrastive tasks")
         if self.row_filter is not None and not isinstance(self.row_filter, dict):
@@ -810,7 +824,7 @@ def build_datasets(
     Args:
         specs: task specs (see [`TaskDataSpec`]); labels are resolved in place.
         tokenizer: the model's (fast) tokenizer.
-        max_seq_length: truncation length in tokens (`modeling_mtl.resolve_max_seq_length`).
+        max_seq_length: truncation length in tokens (`validation_mtl.resolve_max_seq_length`).
         label_all_subtokens: label every sub-token of a word in training (`B-` becomes `I-` after the first);
             evaluation always scores the first sub-token, so metrics stay per word.
         seed: seed of the `max_*_samples` subsets.

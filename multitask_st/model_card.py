@@ -82,12 +82,20 @@ def _dataset_label(dataset: str | None) -> str:
     return Path(dataset.rstrip("/")).name or dataset
 
 
+def _hub_id_of(info: dict[str, Any]) -> str | None:
+    """The Hub id of a task's data: its `dataset` when that is one, else the `hub_dataset` its spec names for a local
+    copy; `None` for local data with neither (the `model-index` names datasets by Hub id only)."""
+    return hub_dataset_id(info.get("dataset")) or info.get("hub_dataset")
+
+
 def _dataset_row(task_name: str, info: dict[str, Any]) -> dict[str, Any]:
     """One row of the card's data table: a Hub link, or for local data its name, size and columns."""
     dataset = info.get("dataset")
-    hub_id = hub_dataset_id(dataset)
-    if hub_id:
+    hub_id = _hub_id_of(info)
+    if hub_dataset_id(dataset):
         name = f"[{hub_id}](https://huggingface.co/datasets/{hub_id})"
+    elif hub_id:
+        name = f"`{_dataset_label(dataset)}`, a local copy of [{hub_id}](https://huggingface.co/datasets/{hub_id})"
     else:
         name = f"`{_dataset_label(dataset)}` (local data, not on the Hub)"
     columns = [*(info.get("input_columns") or []), *([info["label_column"]] if info.get("label_column") else [])]
@@ -106,13 +114,14 @@ def _dataset_row(task_name: str, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _widget(tasks: list[dict[str, Any]], task_info: dict[str, dict]) -> list[dict[str, Any]] | None:
-    """One widget example per task, from the task's own data, titled with the task's name."""
+    """One widget example per task, from the task's own data, titled with the task's name: a text to embed, the form
+    of the card's `feature-extraction` pipeline tag (a pair task's example gives its first text)."""
     widget = []
     for task in tasks:
         examples = (task_info.get(task["name"]) or {}).get("examples") or []
         example = examples[0] if examples else None
         if isinstance(example, list) and make_task(task).takes_pairs:
-            widget.append({"source_sentence": example[0], "sentences": [example[1]], "example_title": task["name"]})
+            widget.append({"text": example[0], "example_title": task["name"]})
         elif isinstance(example, list):
             widget.append({"text": " ".join(example), "example_title": task["name"]})
         elif isinstance(example, str):
@@ -273,15 +282,16 @@ def _metric_results(
                 if not is_number(value):
                     continue
                 rows.append({"task": task_name, "split": split, "metric": metric, "value": _format_number(value)})
-                if metric in _NOT_METRICS or metric not in HUB_METRICS:
-                    continue
+                hub_id = _hub_id_of(info)
+                if metric in _NOT_METRICS or metric not in HUB_METRICS or hub_id is None:
+                    continue  # local data without a Hub id: scored in the tables, not in the `model-index`
                 metric_type, metric_args = HUB_METRICS[metric]
                 results.append(
                     EvalResult(
                         task_type=hub_task,
                         task_name=task_name,
-                        dataset_type=hub_dataset_id(dataset) or _dataset_label(dataset),
-                        dataset_name=_dataset_label(dataset) + ("" if hub_dataset_id(dataset) else " (local files)"),
+                        dataset_type=hub_id,
+                        dataset_name=_dataset_label(dataset) if hub_dataset_id(dataset) else hub_id,
                         dataset_config=_label_config(info, task_name)
                         if task_name in shared
                         else info.get("dataset_config"),
@@ -476,7 +486,7 @@ def _card_data(
 ) -> ModelCardData:
     """The card's YAML metadata (what the Hub reads); `overrides` win over what is derived."""
     datasets = sorted(
-        {hub_dataset_id(info.get("dataset")) for info in (training or {}).get("tasks", {}).values()} - {None}
+        {_hub_id_of(info) for info in (training or {}).get("tasks", {}).values()} - {None}
     )
     fields: dict[str, Any] = {
         "library_name": "transformers",

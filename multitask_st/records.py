@@ -94,6 +94,7 @@ def training_record(specs, data, base_model: str, hyperparameters: dict, hardwar
             "type": spec.type,
             "dataset": spec.describe_dataset(),
             "dataset_config": spec.dataset_config,
+            "hub_dataset": spec.hub_dataset,
             "train_split": spec.train_split,
             "eval_split": spec.eval_split,
             "test_split": spec.test_split,

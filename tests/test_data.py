@@ -345,6 +345,7 @@ def test_an_unreachable_hub_dataset_says_what_to_do(tiny_bert, monkeypatch):
     [
         ({"name": "a", "dataset": "d", "max_train_samples": 0}, "max_train_samples must be an int >= 1, got 0"),
         ({"name": "a", "dataset": "d", "max_eval_samples": -3}, "max_eval_samples must be an int >= 1, got -3"),
+        ({"name": "a", "dataset": "d", "hub_dataset": "../glue"}, "hub_dataset must be a Hub dataset id"),
         ({"name": "a"}, "give `dataset`"),
         ({"name": "a", "dataset": "d", "colour": 1}, r"unknown keys \['colour'\]"),
         ({"name": "a", "type": "ranking", "dataset": "d"}, "type 'ranking' is not one of"),

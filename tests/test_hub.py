@@ -39,7 +39,8 @@ NOT_IN_MODEL_INDEX = {"loss"}
 def trained_model(tiny_bert, tmp_path_factory) -> Path:
     """A real (very short) `train.py` run on the tiny backbone: model, metrics, training record, log, card."""
     root = tmp_path_factory.mktemp("trained")
-    tasks = separate_sources(root / "data")
+    # local copies that name their Hub dataset: the card's model-index names datasets by Hub id only
+    tasks = [{**task, "hub_dataset": f"someone/{task['name']}-data"} for task in separate_sources(root / "data")]
     argv = [
         "--model_name_or_path", str(tiny_bert), "--tasks", json.dumps(tasks), "--output_dir", str(root / "model"),
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--report_to", "none",
@@ -226,13 +227,15 @@ def test_the_staged_folder_names_no_local_path(trained_model, tiny_bert, tmp_pat
     }  # fmt: skip
     config = json.loads((dry / "config.json").read_text())
     assert config["backbone_config"]["_name_or_path"] == f"./{tiny_bert.name}"
-    # The card names the data as before, as local data, and claims no Hub dataset or base model.
+    # The card names the data as before, as local copies of the Hub datasets their specs name, and claims no base
+    # model.
     card = ModelCard.load(dry / "README.md")
     assert (
-        "`topic` (local data, not on the Hub)" in card.text
+        "`topic`, a local copy of [someone/topic-data]" in card.text
         and f"`./{tiny_bert.name}` (a local checkpoint)" in card.text
     )
-    assert card.data.datasets is None and card.data.base_model is None
+    assert card.data.datasets == ["someone/ner-data", "someone/sentiment-data", "someone/topic-data"]
+    assert card.data.base_model is None
     # The training-curve figure train.py drew is published, and the card shows it.
     assert (dry / "training_curves.png").is_file() and "![training curves](training_curves.png)" in card.text
 

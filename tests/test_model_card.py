@@ -43,10 +43,13 @@ def _training_config(base_model: str) -> dict:
         "base_model": base_model,
         "tasks": {
             "sentiment": task("classification", "stanfordnlp/sst2", "test"),
-            "ner": task("token_classification", "../shared/data/wikiann-en"),
+            "ner": {**task("token_classification", "../shared/data/wikiann-en"), "hub_dataset": "unimelb-nlp/wikiann"},
             "similarity": task("regression", "sentence-transformers/stsb"),
             "topics": task("multi_label_classification", json.dumps({"train": "/data/topics/train.jsonl"})),
-            "sts": task("similarity", "/data/stsb", examples=[["A man plays.", "Someone plays."]]),
+            "sts": {
+                **task("similarity", "/data/stsb", examples=[["A man plays.", "Someone plays."]]),
+                "hub_dataset": "sentence-transformers/stsb",
+            },
         },
         "hyperparameters": {"learning_rate": 5e-05, "max_steps": 40, "task_sampling": "temperature"},
         "embedding_protection": {"method": "distillation", "weight": 1.0},
@@ -96,23 +99,25 @@ def test_card_metadata_and_every_metric_match_the_run(saved_model, tiny_bert, tm
     for tag in ("multi-task", "sentence-embeddings", "text-classification", "token-classification", "text-regression",
                 "multi-label-classification", "sentence-similarity", "sentence-transformers"):  # fmt: skip
         assert tag in data.tags, tag
-    # One widget example per task, from its own data; pair tasks as a sentence-similarity example.
+    # One widget example per task, from its own data, each a text to embed: the form of the pipeline tag.
     widget = {entry["example_title"]: entry for entry in data.widget}
     assert set(widget) == {task["name"] for task in TASKS}
-    assert widget["sts"] == {"source_sentence": "A man plays.", "sentences": ["Someone plays."], "example_title": "sts"}
-    # Only real Hub datasets go to `datasets`; a local base model is not claimed as a Hub `base_model`.
-    assert data.datasets == ["sentence-transformers/stsb", "stanfordnlp/sst2"]
+    assert widget["sts"] == {"text": "A man plays.", "example_title": "sts"}
+    # Only Hub dataset ids go to `datasets` (a local copy's by its spec's `hub_dataset`); a local base model is not
+    # claimed as a Hub `base_model`.
+    assert data.datasets == ["sentence-transformers/stsb", "stanfordnlp/sst2", "unimelb-nlp/wikiann"]
     assert data.base_model is None and str(tiny_bert) in card.text
 
     # model-index: one result per task, split and metric (losses excepted), with the run's exact values, under
-    # metric ids the Hub knows (macro_f1 -> f1 with average=macro, spearman -> spearmanr).
+    # metric ids the Hub knows (macro_f1 -> f1 with average=macro, spearman -> spearmanr); it names datasets by Hub
+    # id, so local data without one (topics) is left to the card's tables (it held their folder names).
     results = {(r.task_name, r.dataset_split, r.metric_name.split(" ", 1)[1]): r for r in data.eval_results}
     expected = {
         (task, "validation" if split == "eval" else "test", metric.replace("_", " ")): value
         for split in ("eval", "test")
         for task, scores in METRICS[split].items()
         for metric, value in scores.items()
-        if metric not in ("loss", "mse")
+        if metric not in ("loss", "mse") and task != "topics"
     }
     assert {key: result.metric_value for key, result in results.items()} == expected
     macro = results[("sentiment", "validation", "macro f1")]
@@ -121,8 +126,8 @@ def test_card_metadata_and_every_metric_match_the_run(saved_model, tiny_bert, tm
     assert results[("sts", "validation", "spearman")].task_type == "sentence-similarity"
     assert results[("sentiment", "test", "accuracy")].dataset_type == "stanfordnlp/sst2"
     assert results[("ner", "validation", "f1")].task_type == "token-classification"
-    assert results[("ner", "validation", "f1")].dataset_name == "wikiann-en (local files)"
-    assert results[("topics", "validation", "micro f1")].dataset_type == "topics"
+    assert results[("ner", "validation", "f1")].dataset_type == "unimelb-nlp/wikiann"
+    assert "`wikiann-en`, a local copy of [unimelb-nlp/wikiann]" in card.text
     assert data.model_name == "multi"
 
     text = card.text
@@ -141,7 +146,7 @@ def test_card_metadata_and_every_metric_match_the_run(saved_model, tiny_bert, tm
     assert "- transformers: " in text and "- torch: " in text
     # Local data is described (name, rows, columns), the embedding's drift and similarity scores are shown, the
     # hardware line carries precision and threads, and sentence-transformers usage is given.
-    assert "`stsb` (local data, not on the Hub)" in text and "| 120 | 100 |" in text and "`text`, `label`" in text
+    assert "`topics` (local data, not on the Hub)" in text and "| 120 | 100 |" in text and "`text`, `label`" in text
     assert "| eval | 0.9731 | 0.8100 |" in text and "| `sts` | eval | 0.8400 |" in text
     assert "distillation, weight 1.0" in text and "fp32, 2 torch thread(s)" in text
     assert 'SentenceTransformer("alice/multi", trust_remote_code=True' in text
@@ -161,6 +166,7 @@ def test_tasks_sharing_one_dataset_keep_one_result_each(tiny_bert, tmp_path):
         name: {
             "type": "classification",
             "dataset": files,
+            "hub_dataset": "alice/all",
             "dataset_config": None,
             "label_column": name,
             "train_split": "train",
