@@ -15,9 +15,10 @@ Configurations (`--configs`; each on `--datasets` stsb and mrpc), all from the b
   [0, 1] for STS-B; num_labels 2 and `CrossEntropyLoss` for MRPC), trained by its `CrossEncoderTrainer`.
 Scores: STS-B Spearman x100 of the predicted score (a cross-encoder's sigmoid, a bi-encoder's cosine); MRPC accuracy
 and macro-F1 x100; on validation (STS-B validation, MRPC's last 400 training pairs) and test, test scored once after
-training; and, for this project's models, STS-B test Spearman of `encode` cosines (the embedding, 82.03 before any
-training). Every run is a subprocess (its own memory and threads); results are cached per (dataset, config, seed)
-in `--output_root` and written to `--results_json`; the table is printed as mean ± std over seeds.
+training; and, for this project's models, STS-B test Spearman of `encode` cosines (the embedding: what training left
+of the base model's, whose score docs/RESULTS.md gives). Every run is a subprocess (its own memory and threads);
+results are cached per (dataset, config, seed) in `--output_root` and written to `--results_json`; the table is
+printed as mean ± std over seeds.
 """
 
 from __future__ import annotations

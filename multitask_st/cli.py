@@ -1,4 +1,4 @@
-"""The `mtl` command line: encode, predict, similarity, train, push and serve.
+"""The `mtl` command line: encode, predict, similarity, export, train, push and serve.
 
 Examples:
 
@@ -8,6 +8,7 @@ mtl predict --model out/ --file reviews.jsonl --tasks sentiment --output preds.j
 mtl predict --model out/ --pairs pairs.tsv --tasks nli          # pair tasks: a .tsv of two columns or a .jsonl
 mtl similarity --model out/ "A cat." "A kitten." "A car." --output heatmap.png
 mtl similarity --model out/ --pair "A cat." "A kitten." --pair "A car." "A bus." --pairwise
+mtl export out/ -o out-onnx --int8                              # ONNX graphs (docs/ONNX.md)
 mtl train --help          # same options as `python train.py`
 mtl push --help           # same options as `python push_to_hub.py`
 mtl serve --model out/ --host 127.0.0.1 --port 8000
@@ -657,7 +658,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mtl",
-        description="Multi-task sentence transformer: embed, predict, compare, train, publish and serve.",
+        description="Multi-task sentence transformer: embed, predict, compare, export, train, publish and serve.",
         epilog="Run `mtl <command> --help` for the options of one command. Exit codes: 0 success, 1 the work "
         "cannot be done (message on stderr), 2 bad command line, 130 interrupted.",
     )

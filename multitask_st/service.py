@@ -66,7 +66,7 @@ JSON_PATHS = ("/embed", "/predict", "/similarity")
 # Validation problems a 422 lists (`detail` and `errors`); the rest are counted.
 _ERRORS_SHOWN = 5
 # Most fields a body may have (a request has at most 3; a few misspelt ones are named by pydantic). More is a 413
-# before validation: pydantic reports each unknown field, and 280 000 of them (3.8 MB) took it 2 s.
+# before validation: pydantic names each unknown field, so its time and its error grow with their number.
 _MAX_BODY_FIELDS = 16
 # Characters of a text that count towards a model call's budget, per token of the model's `max_seq_length`: the
 # texts are truncated to that many tokens, so a longer text costs no more.
@@ -677,11 +677,12 @@ class _Routes:
     async def check_sizes(self, request: Request) -> None:
         """The body's field count and every list in it within the limits (413), before pydantic validates any item.
 
-        pydantic reports every bad item: `{"texts": [1, 1, ...]}` with 1.9 M items (3.8 MB, under the body limit)
-        took 30-45 s and 3 GB to answer with a 265 MB error, and the event loop (`/health` too) waited meanwhile. A
-        route dependency runs after FastAPI has parsed the JSON (cached on the request: it is not parsed twice) and
-        before the body is validated. The list rules are the endpoints' own (`check_texts`, `check_pair_count`),
-        applied early; a list without one (`tasks`, an unknown field) may hold `max_batch_size` items.
+        pydantic reports every bad item, so a body under the byte limit holding millions of tiny bad items
+        (`{"texts": [1, 1, ...]}`) costs time and memory in proportion, and an error listing each, while the event
+        loop (`/health` too) waits (measured in docs/SERVICE.md#scheduling). A route dependency runs after FastAPI
+        has parsed the JSON (cached on the request: it is not parsed twice) and before the body is validated. The
+        list rules are the endpoints' own (`check_texts`, `check_pair_count`), applied early; a list without one
+        (`tasks`, an unknown field) may hold `max_batch_size` items.
         """
         try:
             body = await request.json()

@@ -33,7 +33,7 @@ def mtl(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
 
 
 def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
-    """The same `main` in-process (the subprocess start-up, mostly importing torch, costs ~6 s per call)."""
+    """The same `main` in-process (a subprocess pays for Python's start-up and importing torch on every call)."""
     from multitask_st.cli import main
 
     try:

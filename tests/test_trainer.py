@@ -390,8 +390,8 @@ def test_isolation_without_an_embedding_task_freezes_the_encoder_and_keeps_encod
 def test_partial_isolation_without_an_embedding_task_warns_because_adam_undoes_it(tiny_bert, tmp_path, caplog):
     def encoder_after_training(options, folder):
         data, model = build(tiny_bert, isolation_tasks(tmp_path / folder, with_similarity=False))
-        # The tiny random encoder's gradients are ~1e-8, near Adam's default epsilon (1e-8); all-MiniLM-L6-v2's
-        # encoder gradients on an SST-2 batch are ~1e-4 (median), a tenth of them ~1e-5, a thousand times epsilon.
+        # The tiny random encoder's gradients are near Adam's default epsilon (1e-8), where epsilon damps the step;
+        # a real encoder's gradients, and a tenth of them, are orders of magnitude above it (docs/TRAINING.md §4).
         # A tiny epsilon puts the tiny model where the real one is.
         trainer = trainer_for(model, data, tmp_path / folder / "out", options, max_steps=4, max_grad_norm=0,
                               adam_epsilon=1e-15, per_device_train_batch_size=8, learning_rate=1e-3,

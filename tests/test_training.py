@@ -1,5 +1,6 @@
-"""multitask_st.training: the output folder (refuse to clobber, atomic commit, strict JSON), the last complete
-checkpoint, refusing to resume a different run, LoRA adapters, and continuing a saved model on new tasks."""
+"""A run's files: the output folder (`multitask_st.saving`: refuse to clobber, atomic commit, strict JSON), the last
+complete checkpoint and refusing to resume a different run (`multitask_st.checkpoints`), LoRA adapters
+(`multitask_st.lora`), and continuing a saved model on new tasks (`multitask_st.continue_training`)."""
 
 from __future__ import annotations
 

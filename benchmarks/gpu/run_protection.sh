@@ -1,45 +1,57 @@
 #!/bin/bash
-# Runs of benchmarks/bench_embedding_protection.py on a device machine, side by side on its one GPU: a 22 M-parameter
-# encoder at batch 32 leaves an H100 mostly idle (the host-side Python is the bottleneck), so up to one run per CPU
-# core share it. These runs give scores, not timings (their training times are under that load).
-#   here:   bash benchmarks/gpu/prepare.sh          (packs ../shared/data into .gpu/data.tar.xz, never committed)
-#   device: bash benchmarks/gpu/run_protection.sh "<arm> <config> <seed> [train.py flags...]" ...
-#           carry [".gpu", ".whl"]
-# Each spec is one (config, seed) run with its own output root and datasets cache (concurrent runs share nothing);
-# <arm> names the variant, and the flags after the seed go to its train.py through the bench's --extra. Everything
-# comes back in one archive, $OUT/results.tgz: <arm>/<config>-seed<seed>/bench_result.json and logs/. Unpacked
-# under a local --output_root (one per arm), the bench reads the results as cached runs and prints the tables
-# (python benchmarks/bench_embedding_protection.py --configs <config> --seeds ... --steps_per_task 200
-# --output_root <that folder> [--extra <the same flags>]).
+# Several runs of benchmarks/bench_embedding_protection.py side by side on one CUDA GPU. A 22 M-parameter encoder at
+# batch 32 leaves a large GPU mostly idle (the host-side Python is the bottleneck), so running one process per CPU
+# core finishes a grid sooner than running the runs one after another. These runs give scores, not timings (their
+# training times are taken under that shared load).
+#
+#   pip install -e .
+#   bash benchmarks/gpu/run_protection.sh "<arm> <config> <seed> [train.py flags...]" ...
+#
+# e.g. bash benchmarks/gpu/run_protection.sh "recipe heads-distillation 0" "recipe heads-distillation 1" \
+#        "one-layer heads-distillation 0 --head_layers 1"
+#
+# Each spec is one (config, seed) run; <arm> names a variant, and the flags after the seed go to its train.py through
+# the bench's --extra. The runs of an arm share the output root $OUTPUT_ROOT/<arm> (each in its own
+# <config>-seed<seed> folder, with its own datasets cache). The bench reads finished runs as cached, so an arm's table
+# (mean ± std over its seeds) is then printed, without training anything again, by
+#   python benchmarks/bench_embedding_protection.py --data_dir DATA_DIR --configs <configs> --seeds <seeds> \
+#     --steps_per_task 200 --output_root outputs/gpu-protection/<arm> [--extra <the arm's flags>]
+#
+# Environment: DATA_DIR (the real-data folders, default ../shared/data), OUTPUT_ROOT (default outputs/gpu-protection),
+# STEPS_PER_TASK (default 200), MAX_JOBS (runs at once, default: the number of CPU cores).
 set -u -o pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-SITE=/tmp/site DATA=/tmp/realdata RUNS=/tmp/runs
-if [ "${QUICK:-0}" = 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl || exit 1
-  python3 benchmarks/gpu/make_backbone.py .gpu/minilm16 $SITE || exit 1
-  export PYTHONPATH=$SITE:$PWD
-fi
-mkdir -p $DATA && tar -xJf .gpu/data.tar.xz -C $DATA --strip-components=1 || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee "$OUT/env.log"
-RESULTS=/tmp/results; rm -rf $RESULTS; mkdir -p $RESULTS/logs
+export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+DATA_DIR=${DATA_DIR:-${MTL_SHARED_DATA:-../shared/data}}
+OUTPUT_ROOT=${OUTPUT_ROOT:-outputs/gpu-protection}
+STEPS_PER_TASK=${STEPS_PER_TASK:-200}
+MAX_JOBS=${MAX_JOBS:-$(nproc)}
+[ $# -gt 0 ] || { echo "usage: $0 \"<arm> <config> <seed> [train.py flags...]\" ... (see the comments at its top)" >&2; exit 2; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1
+
+# The untrained base model each arm's table compares against, saved once per arm before the runs start (every run
+# would otherwise save it into the shared output root at the same moment).
+for spec in "$@"; do
+  read -r -a words <<< "$spec"
+  root=$OUTPUT_ROOT/${words[0]}
+  [ -f "$root/base-model/config.json" ] || python -c "import sys; from modeling_mtl import MultiTaskModel; \
+from multitask_st import default_backbone; MultiTaskModel.from_backbone(default_backbone()).save_pretrained(sys.argv[1])" \
+    "$root/base-model" || exit 1
+done
+
 for spec in "$@"; do
   read -r -a words <<< "$spec"
   arm=${words[0]} config=${words[1]} seed=${words[2]}
   extra=(); [ ${#words[@]} -gt 3 ] && extra=(--extra "${words[@]:3}")
+  while [ "$(jobs -rp | wc -l)" -ge "$MAX_JOBS" ]; do wait -n; done
   (
-    root=$RUNS/$arm-$config-$seed run=$config-seed$seed
-    HF_DATASETS_CACHE=/tmp/ds/$arm-$config-$seed timeout "${RUN_TIMEOUT:-480}" \
-      python3 benchmarks/bench_embedding_protection.py --data_dir $DATA --configs "$config" --seeds "$seed" \
-      --steps_per_task "${STEPS_PER_TASK:-200}" --output_root "$root" "${extra[@]}" > "$RESULTS/logs/$arm-$run.log" 2>&1
-    rc=$?
-    if [ -f "$root/$run/bench_result.json" ]; then
-      mkdir -p "$RESULTS/$arm/$run" && cp "$root/$run/bench_result.json" "$RESULTS/$arm/$run/"
-    fi
-    cp "$root/$run/train.log" "$RESULTS/logs/$arm-$run.train.log" 2>/dev/null
-    echo "$(date +%T) $arm $config seed $seed: rc $rc"
+    root=$OUTPUT_ROOT/$arm
+    log=$root/$config-seed$seed.bench.log
+    mkdir -p "$root"
+    HF_DATASETS_CACHE=$root/.datasets-cache/$config-seed$seed \
+      python benchmarks/bench_embedding_protection.py --data_dir "$DATA_DIR" --configs "$config" --seeds "$seed" \
+      --steps_per_task "$STEPS_PER_TASK" --output_root "$root" "${extra[@]}" > "$log" 2>&1
+    echo "$(date +%T) $arm $config seed $seed: exit $? (log: $log)"
   ) &
 done
 wait
-# One archive: the device tool brings back only a few files, and none whose name holds a "+".
-tar -czf "$OUT/results.tgz" -C "$RESULTS" . && echo "all done: $OUT/results.tgz"
+echo "all done: $OUTPUT_ROOT"

@@ -11,7 +11,7 @@ import torch
 
 # Two of onnxruntime's BERT fusions have CPU kernels slower than the ops they replace (`SkipLayerNormalization`
 # against a `LayerNormalization` of the same tensor; a `BiasGelu` keeps the bias add that the matmul before it can
-# absorb). The exported graph has them undone (`export.unfuse_slow_cpu_kernels`), and CPU sessions are kept from
+# absorb). The exported graph has them undone (`export._unfuse_slow_cpu_kernels`), and CPU sessions are kept from
 # fusing them back (docs/ONNX.md measures both).
 CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion", "BiasGeluFusion")
 
