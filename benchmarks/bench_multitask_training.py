@@ -7,9 +7,9 @@ Runs `train.py` (in this process) for:
 - `single-<task>`: one model per task, `--steps / 3` steps each (the same number of training examples per task as
   the multi-task run sees on average, and the same total compute);
 - `frozen`: the multi-task setup with the encoder frozen (heads only).
-Each model is scored on the test splits; the script writes a table to docs/RESULTS.md (or --results) with the exact
-command, the hardware, training time, parameter counts and inference cost (one encoder pass for all tasks vs one
-per single-task model).
+Each model is scored on the test splits; the script writes a table to outputs/multitask_training.md (or --results)
+with the exact command, the hardware, training time, parameter counts and inference cost (one encoder pass for all
+tasks vs one per single-task model).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=os.environ.get("MTL_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--output_root", default=str(ROOT / "outputs" / "bench_multitask_training"))
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(ROOT / "outputs" / "multitask_training.md"))  # never over the docs
     parser.add_argument("--model_name_or_path", default=None, help="default: the bundled all-MiniLM-L6-v2")
     parser.add_argument("--train_samples", type=int, default=4000, help="training rows kept per task")
     parser.add_argument("--eval_samples", type=int, default=500)
