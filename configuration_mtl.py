@@ -51,6 +51,9 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 # `keys`, `half`, `_modules`, ...): every such name is reserved, asked of torch, not listed by hand. "embedding"
 # names the embedding's own metrics (`eval_embedding/...`), "type" a task's type key.
 _RESERVED_TASK_NAMES = frozenset(dir(nn.ModuleDict())) | {"embedding", "type"}
+# The largest `projection_dim`: embedding models use a few thousand dimensions at most, and a larger value is a typo
+# that would ask for a `hidden_size x projection_dim` weight matrix (10**10 columns: terabytes) before any error.
+MAX_PROJECTION_DIM = 65536
 
 
 def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[str, Any]:
@@ -99,6 +102,19 @@ def normalize_task(task: dict[str, Any], default_dropout: float = 0.1) -> dict[s
     return normalized
 
 
+def normalize_tasks(tasks: Any, default_dropout: float = 0.1, argument: str = "tasks") -> list[dict[str, Any]]:
+    """A list of task descriptions, each checked and filled in (`normalize_task`), their names unique; anything but a
+    list or tuple of them is an error naming `argument`."""
+    if not isinstance(tasks, (list, tuple)):
+        raise InputError(f"{argument} must be a list of task dicts, got {type(tasks).__name__}: {tasks!r:.80}")
+    normalized = [normalize_task(task, default_dropout) for task in tasks]
+    names = [task["name"] for task in normalized]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputError(f"duplicate task names {duplicates}: every task needs its own name")
+    return normalized
+
+
 class MultiTaskConfig(PretrainedConfig):
     r"""
     Configuration of a [`MultiTaskModel`]: a transformer encoder (the backbone), a pooling step that turns its
@@ -112,9 +128,9 @@ class MultiTaskConfig(PretrainedConfig):
         pooling (`str`, *optional*, defaults to `"mean"`):
             How token states become a sentence embedding; one of `POOLING_MODES`. All modes ignore padding.
         projection_dim (`int`, *optional*):
-            If set, a linear layer maps the pooled vector to this size; the embedding and every sequence-level
-            head on the shared vector (`pooling: shared`) then use the projected vector. Heads with their own
-            pooling or layers read the encoder's token states (`hidden_size`).
+            If set (1 to `MAX_PROJECTION_DIM`, 65536), a linear layer maps the pooled vector to this size; the
+            embedding and every sequence-level head on the shared vector (`pooling: shared`) then use the projected
+            vector. Heads with their own pooling or layers read the encoder's token states (`hidden_size`).
         projection_activation (`str`, *optional*):
             Activation after the projection (e.g. `"tanh"`); `None` keeps it linear.
         normalize (`bool`, *optional*, defaults to `False`):
@@ -178,7 +194,7 @@ class MultiTaskConfig(PretrainedConfig):
         if pooling not in POOLING_MODES:
             raise InputError(f"pooling '{pooling}' is not one of {list(POOLING_MODES)}")
         if projection_dim is not None:
-            check_int("projection_dim", projection_dim, minimum=1)
+            check_int("projection_dim", projection_dim, minimum=1, maximum=MAX_PROJECTION_DIM)
         if projection_activation is not None and projection_activation not in ACT2FN:
             raise InputError(f"projection_activation '{projection_activation}' is unknown; allowed: {sorted(ACT2FN)}")
         if max_seq_length is None:
@@ -197,18 +213,12 @@ class MultiTaskConfig(PretrainedConfig):
             raise InputError(
                 f"default_prompt_name '{default_prompt_name}' is not one of the prompts {sorted(prompts or {})}"
             )
-        if tasks is not None and not isinstance(tasks, (list, tuple)):
-            raise InputError(f"tasks must be a list of task dicts, got {type(tasks).__name__}")
-        normalized_tasks = [normalize_task(task, head_dropout) for task in (tasks or [])]
+        normalized_tasks = normalize_tasks([] if tasks is None else tasks, head_dropout)
         depth = backbone_depth(backbone_config)
         for task in normalized_tasks:
             layers = (task.get("head") or {}).get("layers", 0)
             if depth and layers > depth:
                 raise InputError(f"task '{task['name']}': head layers={layers} exceeds the backbone's {depth} layers")
-        names = [task["name"] for task in normalized_tasks]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise InputError(f"duplicate task names {duplicates}: every task needs its own name")
 
         self.backbone_config = backbone_config
         self.pooling = pooling
@@ -268,8 +278,10 @@ class MultiTaskConfig(PretrainedConfig):
 
 
 __all__ = [
+    "MAX_PROJECTION_DIM",
     "MultiTaskConfig",
     "normalize_task",
+    "normalize_tasks",
     "task_class",
     "POOLING_MODES",
     "TASK_TYPES",

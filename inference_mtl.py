@@ -37,6 +37,7 @@ try:  # inside a Hub/remote-code package
         check_text,
         check_texts,
         check_words,
+        requested_tasks,
     )
 except ImportError:  # installed as top-level modules, or run from the project folder
     from tasks_mtl import group_entities
@@ -53,6 +54,7 @@ except ImportError:  # installed as top-level modules, or run from the project f
         check_text,
         check_texts,
         check_words,
+        requested_tasks,
     )
 
 logger = logging.get_logger(__name__)
@@ -62,6 +64,10 @@ logger = logging.get_logger(__name__)
 # tokenizer in use emits a token for fewer than 1 in 32 characters of ordinary text; when a cut text still yields
 # fewer tokens than the limit (runs of whitespace, say), the whole text is tokenised, so results never change.
 _CHARS_PER_TOKEN_BOUND = 32
+# Token tasks read a text longer than `max_seq_length` tokens in windows (`_window_encoding`) that share this fraction
+# of their text tokens with the next window: each token is read from the window where it lies farthest from a cut
+# edge (`window_choice`), so it has at least half the overlap of context on either side wherever the text has any.
+_WINDOW_OVERLAP = 0.25
 
 
 class PackedTokens:
@@ -162,6 +168,42 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.1)
         batches.append(order[start : start + max(size, 1)])
         start += max(size, 1)
     return batches
+
+
+def window_choice(counts: list[int], stride: int, from_the_end: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Which window each token of a text cut into overlapping windows is read from, and where it is in that window.
+
+    The tokenizer cuts the text's token sequence into windows of `counts[k]` text tokens, each sharing `stride`
+    tokens with the next (its `return_overflowing_tokens`): from the start (window k begins at `k * step`), or with
+    `from_the_end` (left truncation) from the end, window 0 being the last tokens. A token near a window's cut
+    edge was encoded without the context beyond it, so each token is read from the window where it lies farthest
+    from a cut edge (a window edge at the text's own start or end cuts nothing off); of equally good windows, the
+    earlier one in the text. With windows overlapping by `stride`, every token then keeps at least `stride // 2`
+    tokens of context on each side where the text has them. (Transformers' pipeline instead merges the entities of
+    overlapping windows afterwards, keeping the longest.)
+
+    Returns:
+        `(window, index)`: per token of the whole sequence, `(total,)` each, the window it is read from and its
+        position among that window's text tokens.
+    """
+    windows = len(counts)
+    step = counts[0] - stride if windows > 1 else 0
+    total = (windows - 1) * step + counts[-1]
+    starts = [total - k * step - counts[k] if from_the_end else k * step for k in range(windows)]
+    room = np.full(total, -1.0)
+    chosen = np.zeros(total, dtype=np.int64)
+    local = np.zeros(total, dtype=np.int64)
+    for window in sorted(range(windows), key=lambda k: starts[k]):
+        start, count = starts[window], counts[window]
+        index = np.arange(count)
+        before = index if start > 0 else np.full(count, np.inf)
+        after = count - 1 - index if start + count < total else np.full(count, np.inf)
+        here = np.minimum(before, after)
+        better = here > room[start : start + count]
+        room[start : start + count][better] = here[better]
+        chosen[start : start + count][better] = window
+        local[start : start + count][better] = index[better]
+    return chosen, local
 
 
 def clip_cosines(products: np.ndarray) -> np.ndarray:
@@ -554,16 +596,22 @@ class MultiTaskInferenceMixin:
             - multi_label_classification: `{"labels": [labels above the task threshold], "scores": {...}}`
             - regression: `{"value": float}` (one output) or `{"values": {name: float}}`
             - token_classification: `{"words": [{"word", "start", "end", "tag", "score"}], "entities":
-              [{"entity", "text", "start", "end", "score"}]}`: one entry per input word (tag read from its first
-              sub-token; a word with no token, e.g. an empty string, or cut off by truncation, has `tag: null`),
-              character offsets into the input string.
+              [{"entity", "text", "start", "end", "score"}]}`: one entry per word (the tokenizer's words of a string,
+              each spanning its characters up to the next word or whitespace; your words of a word list), its tag
+              read from its first sub-token; character offsets into the input string. A word with no token (an
+              empty string) has `tag: null`. A text longer than `max_seq_length` tokens is read whole, in windows
+              of `max_seq_length` tokens that overlap by a quarter of their text tokens (transformers'
+              token-classification pipeline's `stride`), each word tagged from the window where its first
+              sub-token lies farthest from a window edge.
             - similarity / contrastive: `{"cosine": float}`, the cosine of the two embeddings.
+
+            Sentence-level tasks read a text's first `max_seq_length` tokens (special tokens included); the rest is
+            truncated, as in `encode`.
         """
         if sentences is None:
             raise InputTypeError("sentences must be a string, a list of strings, word lists or pairs, got None")
         check_batch_size(batch_size)
-        if tasks is not None:
-            tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        tasks = requested_tasks(tasks)
         pair_tasks_only = self._pair_tasks_only(tasks)
         if pair_tasks_only and _two_texts(sentences):  # one [a, b] pair, as CrossEncoder.predict reads it
             sentences = tuple(sentences)
@@ -581,11 +629,14 @@ class MultiTaskInferenceMixin:
         tasks = self._predict_tasks(tasks, pairs)
         if not items:
             return []
-        results = (
-            self._predict_pairs(items, tasks, batch_size)
-            if pairs
-            else self._predict_texts(items, tasks, batch_size, show_progress_bar)
-        )
+        # One session for the whole call: every path (a pair head on `encode`'s features included) runs in eval mode,
+        # without dropout, whatever mode the model was left in.
+        with self._inference_session():
+            results = (
+                self._predict_pairs(items, tasks, batch_size)
+                if pairs
+                else self._predict_texts(items, tasks, batch_size, show_progress_bar)
+            )
         return results[0] if single else results
 
     def _pair_tasks_only(self, tasks: list[str] | None) -> bool:
@@ -610,38 +661,134 @@ class MultiTaskInferenceMixin:
                 check_words(words, f"sentences[{index}]")
         else:
             check_texts(items)
-        task_objects = [self.config.task(name) for name in tasks]
-        needs_words = any(task.reads_words for task in task_objects)
-        if needs_words and not getattr(self.tokenizer, "is_fast", False):
+        task_objects = {name: self.config.task(name) for name in tasks}
+        word_tasks = [name for name, task in task_objects.items() if task.reads_words]
+        if word_tasks and not getattr(self.tokenizer, "is_fast", False):
             raise InputError("token-classification predictions need a fast tokenizer (word ids and offsets)")
-        encoding = self._tokenize_unpadded(
-            items,
-            is_split_into_words=split_into_words,
-            return_offsets_mapping=needs_words and not split_into_words,
+        if word_tasks:
+            encoding = self._window_encoding(items, split_into_words)
+            text_of_row = encoding.get("overflow_to_sample_mapping") or list(range(len(items)))
+        else:
+            encoding = self._tokenize_unpadded(items, is_split_into_words=split_into_words)
+            text_of_row = list(range(len(items)))
+        rows_of_text: list[list[int]] = [[] for _ in items]  # each text's windows, in the tokenizer's order
+        for row, index in enumerate(text_of_row):
+            rows_of_text[index].append(row)
+        first_rows = [rows[0] for rows in rows_of_text]
+        further_rows = [row for rows in rows_of_text for row in rows[1:]]
+        ids = encoding["input_ids"]
+        scores: list[dict[str, np.ndarray] | None] = [None] * len(ids)  # per window: each task's scores
+
+        def predict_batch(
+            rows: list[int], names: list[str], indices: np.ndarray, input_ids: torch.Tensor, mask: torch.Tensor
+        ) -> None:
+            logits = self._batch_logits(input_ids, mask, names)
+            # One softmax/sigmoid and one device->host copy per task and batch, not per sentence.
+            batch_scores = {name: task_objects[name].scores(logits[name]) for name in names}
+            for position, index in enumerate(indices):
+                scores[rows[index]] = {name: value[position] for name, value in batch_scores.items()}
+
+        # A text's first window (its usual truncated tokens) runs every task; further windows only the token tasks.
+        batches = itertools.chain(
+            (
+                (first_rows, tasks, *batch)
+                for batch in self._padded_batches(
+                    PackedTokens.from_lists([ids[row] for row in first_rows]), batch_size, show_progress_bar
+                )
+            ),
+            (
+                (further_rows, word_tasks, *batch)
+                for batch in self._padded_batches(
+                    PackedTokens.from_lists([ids[row] for row in further_rows]), batch_size, False
+                )
+            ),
         )
-        tokens = PackedTokens.from_lists(encoding["input_ids"])
-        results: list[dict[str, Any] | None] = [None] * len(items)
-        with self._inference_session():
-
-            def predict_batch(indices: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-                logits = self._batch_logits(input_ids, attention_mask, tasks)
-                # One softmax/sigmoid and one device->host copy per task and batch, not per sentence.
-                scores = {task.name: task.scores(logits[task.name]) for task in task_objects}
-                for row, index in enumerate(indices):
-                    results[index] = {}
-                    for task in task_objects:
-                        if not task.reads_words:
-                            results[index][task.name] = task.describe(scores[task.name][row])
-                            continue
-                        results[index][task.name] = task.describe_words(
-                            scores[task.name][row, : tokens.lengths[index]],
-                            encoding.word_ids(index),
-                            None if split_into_words else encoding["offset_mapping"][index],
-                            items[index],
-                        )
-
-            self._for_each_batch(predict_batch, self._padded_batches(tokens, batch_size, show_progress_bar))
+        self._for_each_batch(predict_batch, batches)
+        results = []
+        for index, item in enumerate(items):
+            words = self._merge_windows(encoding, rows_of_text[index], scores, word_tasks, split_into_words)
+            result = {}
+            for name, task in task_objects.items():
+                if task.reads_words:
+                    probabilities, word_ids, offsets = words[name]
+                    result[name] = task.describe_words(probabilities, word_ids, offsets, item)
+                else:
+                    result[name] = task.describe(scores[first_rows[index]][name])
+            results.append(result)
         return results
+
+    def _window_encoding(self, items: list[Any], split_into_words: bool) -> Any:
+        """Every text tokenised whole for the token tasks, in windows of at most `max_seq_length` tokens (special
+        tokens included) that share `_WINDOW_OVERLAP` of their text tokens with the next one, as transformers'
+        token-classification pipeline reads long texts (`stride`): one row per window, `overflow_to_sample_mapping`
+        naming its text. A text's first window is its usual truncated tokenisation, which the sentence-level tasks
+        read."""
+        tokenizer = self._require_tokenizer()
+        max_length = self.config.max_seq_length
+        options = {
+            "padding": False,
+            "truncation": True,
+            "max_length": max_length,
+            "return_attention_mask": False,
+            "return_token_type_ids": False,
+            "return_offsets_mapping": not split_into_words,
+            "is_split_into_words": split_into_words,
+        }
+        stride = self._window_stride()
+        if stride is not None:
+            options.update(return_overflowing_tokens=True, stride=stride)
+        return tokenizer(items, **options)
+
+    def _window_stride(self) -> int | None:
+        """How many text tokens consecutive windows share, or `None` where a window has no room for text (the
+        tokenizer would then return the whole text as one window, longer than the positions allow)."""
+        room = self.config.max_seq_length - self._require_tokenizer().num_special_tokens_to_add(pair=False)
+        return int(room * _WINDOW_OVERLAP) if room >= 1 else None
+
+    def _merge_windows(
+        self,
+        encoding: Any,
+        rows: list[int],
+        scores: list[dict[str, np.ndarray] | None],
+        tasks: list[str],
+        split_into_words: bool,
+    ) -> dict[str, tuple[np.ndarray, list[int | None], list[tuple[int, int]] | None]]:
+        """One text's token scores of every token task over its whole token sequence (text tokens only), each token's
+        row taken from the window `window_choice` picks, with the word id and character offsets of every token."""
+        if not tasks:
+            return {}
+        spans = []  # per window: where its text tokens are in its row
+        for row in rows:
+            text_positions = [position for position, sequence in enumerate(encoding.sequence_ids(row)) if sequence == 0]
+            spans.append((text_positions[0], len(text_positions)) if text_positions else (0, 0))
+        if len(rows) == 1:  # a text that fits one window: its own tokens, as they are
+            (row,), ((first, count),) = rows, spans
+            text = slice(first, first + count)
+            offsets = None if split_into_words else encoding["offset_mapping"][row][text]
+            return {name: (scores[row][name][text], encoding.word_ids(row)[text], offsets) for name in tasks}
+        chosen, local = window_choice(
+            [count for _, count in spans], self._window_stride() or 0, self.tokenizer.truncation_side == "left"
+        )
+        word_ids: list[int | None] = [None] * len(chosen)
+        offsets: list[tuple[int, int]] | None = None if split_into_words else [(0, 0)] * len(chosen)
+        merged = {
+            name: np.empty((len(chosen), *scores[rows[0]][name].shape[1:]), dtype=scores[rows[0]][name].dtype)
+            for name in tasks
+        }
+        for window, (row, (first, _)) in enumerate(zip(rows, spans)):
+            positions = np.flatnonzero(chosen == window)
+            if not len(positions):
+                continue
+            tokens = first + local[positions]  # positions in this window's row
+            row_word_ids = encoding.word_ids(row)
+            row_offsets = None if split_into_words else encoding["offset_mapping"][row]
+            for position, token in zip(positions.tolist(), tokens.tolist()):
+                word_ids[position] = row_word_ids[token]
+                if offsets is not None:
+                    offsets[position] = row_offsets[token]
+            for name in tasks:
+                merged[name][positions] = scores[row][name][tokens]
+        return {name: (merged[name], word_ids, offsets) for name in tasks}
 
     def _predict_pairs(self, items: list[Any], tasks: list[str], batch_size: int) -> list[dict[str, Any]]:
         pairs = [(item["text"], item["text_pair"]) if isinstance(item, dict) else item for item in items]
@@ -710,8 +857,9 @@ class PairInputs:
 
 
 def _is_embeddings(value: Any) -> bool:
-    """Numbers, not texts: a tensor, or a numeric numpy array (an array of strings is texts)."""
-    return isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and value.dtype.kind in "fiu")
+    """Numbers, not texts: a tensor, or a numpy array of numbers (an array of strings is texts). Booleans and complex
+    numbers count as numbers here, so that `_embedding_cosines` refuses them by the one rule for both kinds."""
+    return isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and value.dtype.kind in "biufc")
 
 
 def _unit_rows(vectors: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -726,7 +874,10 @@ def _embedding_cosines(
     """`similarity` of embeddings given: the same cosines (float32, clipped) as for texts, as a tensor."""
     sides = []
     for name, side in (("texts_a", a), ("texts_b", b)):
-        side = torch.as_tensor(side).float()
+        side = torch.as_tensor(side)
+        if side.is_complex() or side.dtype == torch.bool:  # a cast to float would drop the imaginary part silently
+            raise InputTypeError(f"{name} must be real-valued embeddings (floats or integers), got {side.dtype}")
+        side = side.float()
         side = side.unsqueeze(0) if side.dim() == 1 else side
         if side.dim() != 2 or not side.shape[-1]:
             raise InputError(f"{name} must be embeddings of shape (n, dim) or (dim,), got {tuple(side.shape)}")
@@ -765,4 +916,5 @@ __all__ = [
     "is_pair",
     "plan_batches",
     "run_concurrently",
+    "window_choice",
 ]

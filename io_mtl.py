@@ -10,15 +10,17 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 try:  # inside a Hub/remote-code package
     from .configuration_mtl import MultiTaskConfig
-    from .validation_mtl import FileError, InputError, MissingFileError, UserError
+    from .validation_mtl import FileError, InputError, InputTypeError, MissingFileError, UserError
 except ImportError:  # installed as top-level modules, or run from the project folder
     from configuration_mtl import MultiTaskConfig
-    from validation_mtl import FileError, InputError, MissingFileError, UserError
+    from validation_mtl import FileError, InputError, InputTypeError, MissingFileError, UserError
 
 # ---------------------------------------------------------------------------------------------- code files
 
@@ -57,8 +59,6 @@ def commit_model_folder(staging: str | os.PathLike, output_dir: str | os.PathLik
     old model, or no model (no `config.json`: loading fails with a clear error), never a new config with old
     weights. The old `config.json` goes first, then the old weight files, every other file is moved in (each
     `os.replace` is atomic), and the new `config.json` comes last."""
-    import shutil
-
     staging, output_dir = Path(staging), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / MODEL_COMMIT_FILE).unlink(missing_ok=True)
@@ -74,6 +74,52 @@ def commit_model_folder(staging: str | os.PathLike, output_dir: str | os.PathLik
             os.replace(path, target)
     os.replace(staging / MODEL_COMMIT_FILE, output_dir / MODEL_COMMIT_FILE)
     staging.rmdir()
+
+
+# A save over a model writes into `.staging-<pid>` first (`staging_folder`). One that a killed save left behind is
+# removed by the next save into the folder; one whose process still runs is another save in progress (two processes
+# saving into one folder) and stays, unless older than this: its pid may be a new process's, or a process of another
+# machine sharing the folder, which this machine cannot see.
+STALE_STAGING_SECONDS = 6 * 3600
+_STAGING_PREFIX = ".staging-"
+
+
+def staging_folder(output_dir: str | os.PathLike) -> Path:
+    """Where this process writes a model it will move into `output_dir` (`commit_model_folder`)."""
+    return Path(output_dir) / f"{_STAGING_PREFIX}{os.getpid()}"
+
+
+def remove_stale_staging(output_dir: str | os.PathLike) -> None:
+    """Remove the staging folders in `output_dir` that no running save owns: this process's own (an earlier save of
+    it, interrupted), those of processes that are gone, and any older than `STALE_STAGING_SECONDS`."""
+    for path in Path(output_dir).glob(f"{_STAGING_PREFIX}*"):
+        if not _staging_in_use(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _staging_in_use(path: Path) -> bool:
+    owner = path.name[len(_STAGING_PREFIX) :]
+    if not owner.isdigit() or int(owner) == os.getpid():
+        return False
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:  # gone already: its save finished
+        return True
+    return age < STALE_STAGING_SECONDS and _process_alive(int(owner))
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # signal 0 is CTRL_C_EVENT on Windows, not a probe: the age alone decides there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    except OSError:
+        return False
+    return True
 
 
 # Keys `tokenizer_config.json` picks up from the call that loaded the tokenizer, not from the tokenizer: saved, they
@@ -179,13 +225,66 @@ def holds_model(folder: str | os.PathLike) -> bool:
     return weights or "onnx_config.json" in names
 
 
+def check_not_a_model_folder(folder: str | os.PathLike, action: str) -> None:
+    """Refuse to write `action`'s files into a folder that holds a model (`holds_model`), which they would replace
+    (a saved multi-task model would lose its config, weights and heads): one error naming the folder."""
+    if not holds_model(folder):
+        return
+    try:
+        model_type = json.loads((Path(folder) / MODEL_COMMIT_FILE).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        model_type = None
+    what = "a multi-task model" if model_type == MultiTaskConfig.model_type else "a model's weights"
+    raise InputError(f"{folder} holds {what}: {action} there would replace it; choose another folder")
+
+
+def check_model_source(name_or_path: Any, argument: str, need_config: bool = True) -> str:
+    """A model to load (`name_or_path`, named `argument` in errors) as a string: a local folder, or a Hub repo id,
+    which is left to the Hub. One clear error where transformers would word a local mistake as a Hub problem: a
+    non-string is an `InputTypeError`, a path that is not there (a name that cannot be a repo id: absolute,
+    relative with `./`, more than one `/`) a `MissingFileError`, a file a `FileError`, and, with `need_config`, a
+    folder without `config.json` a `MissingFileError`."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not isinstance(os.fspath(name_or_path), str):
+        raise InputTypeError(
+            f"{argument} must be a folder path or a Hub model id (a string), got {type(name_or_path).__name__}: "
+            f"{name_or_path!r:.80}"
+        )
+    source = os.fspath(name_or_path)
+    if not source.strip():
+        raise InputError(f"{argument} is empty: give a folder path or a Hub model id")
+    if os.path.isdir(source):
+        if need_config:
+            _require_config(source)
+        return source
+    if os.path.exists(source):
+        raise FileError(f"{argument}: {source} is a file, not a model folder")
+    if isinstance(name_or_path, os.PathLike) or not _is_repo_id(source):
+        raise MissingFileError(f"{argument}: no such folder {source}")
+    return source
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _require_config(folder: str) -> str:
+    config_path = os.path.join(folder, MODEL_COMMIT_FILE)
+    if not os.path.isfile(config_path):
+        raise MissingFileError(f"{folder} holds no config.json: not a saved model (or an interrupted save)")
+    return config_path
+
+
 def read_model_config(folder: str | os.PathLike) -> MultiTaskConfig:
     """The `MultiTaskConfig` in `folder/config.json`, or one error naming the file: missing, not JSON, another model
     type (a plain encoder: use `from_backbone`), or invalid options and tasks."""
     folder = str(folder)
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise MissingFileError(f"{folder} holds no config.json: not a saved model (or an interrupted save)")
+    config_path = _require_config(folder)
     try:
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
@@ -508,12 +607,16 @@ __all__ = [
     "published_files",
     "save_tokenizer",
     "check_loaded_weights",
+    "check_model_source",
+    "check_not_a_model_folder",
     "commit_model_folder",
     "check_model_folder",
     "check_safetensors",
     "holds_model",
     "read_model_config",
     "read_sentence_transformers_settings",
+    "remove_stale_staging",
+    "staging_folder",
     "unsupported_by_sentence_transformers",
     "write_sentence_transformers_files",
 ]

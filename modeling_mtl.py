@@ -15,53 +15,77 @@ import copy
 import functools
 import inspect
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a Hub/remote-code package
-    from .configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
+    from .configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig, normalize_tasks
     from .inference_mtl import MultiTaskInferenceMixin, plan_batches, run_concurrently
     from .io_mtl import (
         MODEL_COMMIT_FILE,
         check_loaded_weights,
         check_model_folder,
+        check_model_source,
+        check_not_a_model_folder,
         commit_model_folder,
         read_sentence_transformers_settings,
+        remove_stale_staging,
         save_tokenizer,
+        staging_folder,
         unsupported_by_sentence_transformers,
         write_sentence_transformers_files,
     )
     from .layers_mtl import IGNORE_INDEX, Pooling, TaskHead, labelled_mask, scale_gradient, text_fingerprints
     from .tasks_mtl import as_label_tensor, group_entities
-    from .validation_mtl import InputError, InputTypeError, check_tasks, resolve_max_seq_length
+    from .validation_mtl import (
+        InputError,
+        InputTypeError,
+        check_flag,
+        check_number,
+        check_tasks,
+        position_limit,
+        requested_tasks,
+        resolve_max_seq_length,
+    )
 except ImportError:  # installed as top-level modules, or run from the project folder
-    from configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig
+    from configuration_mtl import EMBEDDING_TASK_TYPES, MultiTaskConfig, normalize_tasks
     from inference_mtl import MultiTaskInferenceMixin, plan_batches, run_concurrently
     from io_mtl import (
         MODEL_COMMIT_FILE,
         check_loaded_weights,
         check_model_folder,
+        check_model_source,
+        check_not_a_model_folder,
         commit_model_folder,
         read_sentence_transformers_settings,
+        remove_stale_staging,
         save_tokenizer,
+        staging_folder,
         unsupported_by_sentence_transformers,
         write_sentence_transformers_files,
     )
     from layers_mtl import IGNORE_INDEX, Pooling, TaskHead, labelled_mask, scale_gradient, text_fingerprints
     from tasks_mtl import as_label_tensor, group_entities
-    from validation_mtl import InputError, InputTypeError, check_tasks, resolve_max_seq_length
+    from validation_mtl import (
+        InputError,
+        InputTypeError,
+        check_flag,
+        check_number,
+        check_tasks,
+        position_limit,
+        requested_tasks,
+        resolve_max_seq_length,
+    )
 
 logger = logging.get_logger(__name__)
 
@@ -163,13 +187,16 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         and max sequence length default to what that checkpoint was trained with; arguments given here win.
 
         Args:
-            name_or_path: a Hub id or local folder of any encoder `AutoModel` can load.
+            name_or_path: a Hub id or local folder of any encoder `AutoModel` can load (a path that is not there is
+                a `MissingFileError`, not a Hub lookup).
             tasks: task descriptions (see `configuration_mtl.normalize_task`).
-            pooling / normalize / max_seq_length / projection_dim: override the defaults.
-            tokenizer: a tokenizer to use instead of the checkpoint's own.
+            pooling / normalize / max_seq_length / projection_dim: override the defaults (`projection_dim`: 1 to
+                `configuration_mtl.MAX_PROJECTION_DIM`).
+            tokenizer: a tokenizer object to use instead of the checkpoint's own (not a name: load it with
+                `AutoTokenizer.from_pretrained` first).
             kwargs: `MultiTaskConfig` options (`head_dropout`, `projection_activation`), or the backbone's
                 loading options (`revision`, `token`, `cache_dir`, `local_files_only`, `attn_implementation`,
-                `dtype`). Anything else is an error.
+                `dtype`: `"auto"`, one of `DTYPE_NAMES` or a floating `torch.dtype`). Anything else is an error.
         """
         load_keys = ("revision", "token", "cache_dir", "local_files_only", "attn_implementation", "dtype")
         config_keys = ("head_dropout", "projection_activation")
@@ -179,12 +206,16 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
                 f"from_backbone got unexpected keyword argument(s) {unknown}; "
                 f"allowed: {sorted((*load_keys, *config_keys))}"
             )
+        name_or_path = check_model_source(name_or_path, "name_or_path")
         load_kwargs = {key: kwargs.pop(key) for key in load_keys if key in kwargs}
+        if "dtype" in load_kwargs:
+            check_dtype(load_kwargs["dtype"])
         hub_kwargs = {
             key: load_kwargs[key]
             for key in ("revision", "token", "cache_dir", "local_files_only")
             if key in load_kwargs
         }
+        tokenizer = check_tokenizer(tokenizer)
         st_defaults = read_sentence_transformers_settings(name_or_path, **hub_kwargs)
         if st_defaults.get("add_pooling_layer") is False:  # load it as saved, as sentence-transformers does
             load_kwargs["add_pooling_layer"] = False
@@ -248,12 +279,17 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         a tensor the config has and the weights lack (a head, a layer), one of another shape, or a weight that is
         NaN or infinite is an error naming it (`io_mtl.check_loaded_weights`), where transformers would warn and
         initialise it afresh. `allow_missing_weights=True` starts missing tensors fresh on purpose. `tokenizer`
-        supplies a tokenizer for a folder saved without one.
+        supplies a tokenizer object for a folder saved without one. A path that is not there is a `MissingFileError`,
+        not a Hub lookup.
         """
+        allow_missing_weights = check_flag("allow_missing_weights", allow_missing_weights, allow_none=False)
+        if kwargs.get("dtype") is not None:
+            check_dtype(kwargs["dtype"])
         hub_kwargs = {
             key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }
-        folder = str(pretrained_model_name_or_path)
+        folder = check_model_source(pretrained_model_name_or_path, "pretrained_model_name_or_path", need_config=False)
+        tokenizer = check_tokenizer(tokenizer)
         if os.path.isdir(folder):  # AutoModel passes the config it read: the weights and tokenizer still count
             check_model_folder(folder, need_tokenizer=tokenizer is None, need_config="config" not in kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
@@ -280,9 +316,8 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
         target = str(save_directory)
         replacing = os.path.isfile(os.path.join(target, MODEL_COMMIT_FILE)) and not kwargs.get("push_to_hub")
-        folder = os.path.join(target, f".staging-{os.getpid()}") if replacing else target
-        for stale in Path(target).glob(".staging-*"):  # what an interrupted save left behind
-            shutil.rmtree(stale, ignore_errors=True)
+        folder = str(staging_folder(target)) if replacing else target
+        remove_stale_staging(target)  # what interrupted saves left behind; another process's save in progress stays
         super().save_pretrained(folder, *args, **kwargs)
         if self.tokenizer is not None:
             save_tokenizer(self.tokenizer, folder, self.config.max_seq_length)
@@ -293,12 +328,14 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
     def export_sentence_transformers(self, folder: str | os.PathLike) -> None:
         """Save the embedding part alone as a plain sentence-transformers folder (the encoder as its own
         `AutoModel`, the tokenizer, Pooling, the projection as a Dense module, Normalize): it loads with
-        `SentenceTransformer(folder)` and no remote code, for vector databases, MTEB or TEI. The heads are left out."""
+        `SentenceTransformer(folder)` and no remote code, for vector databases, MTEB or TEI. The heads are left out.
+        A folder that holds a model already (this one saved, say) is refused: the export would replace it."""
         if self.tokenizer is None:
             raise InputError("export_sentence_transformers needs the model's tokenizer")
         problem = unsupported_by_sentence_transformers(self.config)
         if problem:
             raise InputError(problem)
+        check_not_a_model_folder(folder, "exporting the embedding")
         os.makedirs(folder, exist_ok=True)
         self.backbone.save_pretrained(folder)
         save_tokenizer(self.tokenizer, folder, self.config.max_seq_length)
@@ -314,7 +351,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
         in the mix, or freeze the encoder too). The old tasks and their labels are unchanged; this model is left
         untouched. Call `transformers.set_seed` first for a reproducible new head.
         """
-        names = [task["name"] for task in tasks]
+        names = [task["name"] for task in normalize_tasks(tasks, self.config.head_dropout)]
         clash = sorted(set(names) & set(self.config.task_names))
         if clash:
             raise InputError(f"task(s) {clash} already exist in the model ({self.config.task_names})")
@@ -410,14 +447,14 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
                 contrastive). The forward pass is the same whatever the value.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_ids is None and inputs_embeds is None:
-            raise InputError("forward needs `input_ids` or `inputs_embeds`")
+        self._check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
         if labels is not None and not isinstance(labels, dict):
             raise InputTypeError(f"`labels` must be a dict of task name -> tensor, got {type(labels).__name__}")
+        head_gradient_scale = check_number("head_gradient_scale", head_gradient_scale, 0.0, 1.0)
         if tasks is None:
             tasks = self.task_names
         else:
-            tasks = list([tasks] if isinstance(tasks, str) else tasks)
+            tasks = requested_tasks(tasks)
             tasks = self._check_tasks(tasks) if tasks else []
         if labels:
             excluded = [name for name in self._check_tasks(list(labels)) if name not in tasks]
@@ -452,6 +489,50 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
             hidden_states=batch.hidden_states if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds) -> None:
+        """What `forward` and `embed` are given, checked before the encoder sees it, so that a wrong input is one
+        error naming it rather than an index or shape error deep inside the backbone: tensors of the right type,
+        `(batch, seq)` or `(batch, texts, seq)`, no longer than the backbone's positions, masks of the same shape,
+        and token ids within the vocabulary (one min/max over the ids)."""
+        if input_ids is None and inputs_embeds is None:
+            raise InputError("forward needs `input_ids` or `inputs_embeds`")
+        name, tensor = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        if not isinstance(tensor, torch.Tensor):
+            raise InputTypeError(
+                f"{name} must be a torch tensor (as model.tokenize(texts) gives), got {type(tensor).__name__}"
+            )
+        if input_ids is not None and (
+            input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool
+        ):
+            raise InputTypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids is None and not inputs_embeds.is_floating_point():
+            raise InputTypeError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
+        shape = tuple(tensor.shape if input_ids is not None else tensor.shape[:-1])
+        if len(shape) not in (2, 3):
+            what = "(batch, seq) or (batch, texts, seq)" + (", hidden" if input_ids is None else "")
+            raise InputError(f"{name} must have shape {what}, got {tuple(tensor.shape)}")
+        limit = position_limit(self.config.backbone_config)
+        if limit is not None and shape[-1] > limit:
+            raise InputError(
+                f"{name} holds {shape[-1]} tokens per text; the backbone encodes at most {limit} positions: truncate "
+                f"the texts (max_seq_length={self.config.max_seq_length})"
+            )
+        for other_name, other in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if other is None:
+                continue
+            if not isinstance(other, torch.Tensor):
+                raise InputTypeError(f"{other_name} must be a torch tensor, got {type(other).__name__}")
+            if tuple(other.shape) != shape:
+                raise InputError(f"{other_name} has shape {tuple(other.shape)}, {name} {shape}: they must match")
+        if input_ids is not None and input_ids.numel():
+            low, high = (int(value) for value in torch.aminmax(input_ids))
+            size = self.get_input_embeddings().num_embeddings
+            if low < 0 or high >= size:
+                raise InputError(
+                    f"input_ids holds the token id {low if low < 0 else high}: the encoder's vocabulary has ids 0 to "
+                    f"{size - 1} (were the texts tokenised by another model's tokenizer?)"
+                )
 
     def _encode(self, texts: _TextGroups, output_hidden_states: bool | None = None, depth: int = 0) -> EncodedBatch:
         """One backbone pass over the present texts. `depth`: the most top layers a head of this pass runs copies
@@ -494,6 +575,7 @@ class MultiTaskModel(MultiTaskInferenceMixin, MultiTaskPreTrainedModel):
 
         Returns: `(batch, embedding_dim)` or `(batch, texts, embedding_dim)`.
         """
+        self._check_inputs(input_ids, attention_mask, token_type_ids, None)
         texts = _TextGroups(input_ids, attention_mask, None, token_type_ids, None)
         features = self._encode(texts).features
         if self.config.normalize if normalize is None else normalize:
@@ -748,6 +830,32 @@ class _TextGroups:
         return text_fingerprints(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]))
 
 
+# The `dtype` names `from_backbone` and `from_pretrained` take (with "auto": the checkpoint's own, and any floating
+# `torch.dtype`); transformers would look any other string up as a torch attribute and fail on it.
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def check_dtype(value: Any) -> None:
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return
+    if isinstance(value, str) and value in ("auto", *DTYPE_NAMES):
+        return
+    raise InputError(f"dtype must be 'auto', one of {list(DTYPE_NAMES)} or a floating torch.dtype, got {value!r}")
+
+
+def check_tokenizer(tokenizer: Any) -> Any:
+    """The `tokenizer=` of `from_backbone` / `from_pretrained`: `None` (the checkpoint's own) or a tokenizer object.
+    Anything else, a name or path included, is an error now rather than a "not callable" at the first `encode`: a
+    string here would be a second source to resolve beside `name_or_path`, and the checkpoint's own tokenizer is
+    what the weights were trained with; load another with `AutoTokenizer.from_pretrained` and pass it."""
+    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    hint = (
+        f": load it first, tokenizer=AutoTokenizer.from_pretrained({tokenizer!r})" if isinstance(tokenizer, str) else ""
+    )
+    raise InputTypeError(f"tokenizer must be a tokenizer object (or None), got {type(tokenizer).__name__}{hint}")
+
+
 @functools.lru_cache(maxsize=32)
 def _takes_token_type_ids(backbone_class: type) -> bool:
     return "token_type_ids" in inspect.signature(backbone_class.forward).parameters
@@ -790,6 +898,9 @@ __all__ = [
     "MultiTaskPreTrainedModel",
     "Pooling",
     "TaskHead",
+    "DTYPE_NAMES",
+    "check_dtype",
+    "check_tokenizer",
     "check_model_folder",
     "group_entities",
     "labelled_mask",

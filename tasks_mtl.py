@@ -507,16 +507,35 @@ class LabelMapper:
 
 
 def _integer_labels(name: str, labels: torch.Tensor, expected: Sequence[int]) -> torch.Tensor:
+    """Class ids of the expected shape, as int64 (what cross-entropy takes: int32 or uint8 ids are converted)."""
     if labels.is_floating_point():
         raise InputError(f"task '{name}': labels must be integer ids ({IGNORE_INDEX} for missing), got floats")
     _check_shape(name, labels, expected)
-    return labels
+    return labels.long()
 
 
-def _float_labels(name: str, labels: torch.Tensor, expected: Sequence[int]) -> torch.Tensor:
-    labels = labels.to(torch.float32)
-    _check_shape(name, labels, expected)
-    return labels
+def _float_labels(
+    name: str, labels: torch.Tensor, expected: Sequence[int], score_range: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Targets of the expected shape as float32, each given one (NaN: missing) a finite float32 number, and within
+    `score_range` where the task declares one (gold scores). The one rule for every float target, of the data
+    (`finite_number`) and of `forward`: a value float32 cannot hold (1e39) would become inf, and the loss with it."""
+    values = labels.to(torch.float32)
+    _check_shape(name, values, expected)
+    given = labelled_mask(values)
+    wrong = given & ~torch.isfinite(values)
+    if score_range is not None:
+        low, high = score_range
+        wrong |= given & ((values < low) | (values > high))
+    if wrong.any():
+        bad = labels[wrong][0].item()  # as given: 1e39 rather than the inf it became
+        if score_range is not None:
+            raise InputError(
+                f"task '{name}': gold scores must be finite and within its score_range [{low:g}, {high:g}] "
+                f"(NaN for missing), got {bad}"
+            )
+        raise InputError(f"task '{name}': targets must be finite float32 numbers (NaN for missing), got {bad}")
+    return values
 
 
 def _check_shape(name: str, labels: torch.Tensor, expected: Sequence[int]) -> None:
@@ -713,7 +732,6 @@ class RegressionTask(_SentenceTask):
         return '{"value": ...}' if len(self.labels) <= 1 else '{"values": {name: value}}'
 
     def loss(self, logits, labels, batch):
-        labels = labels.to(torch.float32)
         if labels.dim() == 1:
             labels = labels.unsqueeze(-1)
         labels = _float_labels(self.name, labels, logits.shape)
@@ -839,7 +857,7 @@ class TokenClassificationTask(Task):
         """Tags per word (read from each word's first sub-token, as in training) and grouped entity spans.
 
         Args:
-            probabilities: `(tokens, num_labels)` for this sentence's real tokens.
+            probabilities: `(tokens, num_labels)` for this sentence's tokens.
             word_ids: the tokenizer's word index of every token (`None` for special tokens).
             offsets: character offsets of every token, or `None` when the input was a list of words.
             item: the input string, or its list of words.
@@ -870,10 +888,18 @@ class TokenClassificationTask(Task):
                 cursor = end + 1
                 words.append(entry(word, start, end, word_id))
         else:
+            # A string's words are the tokenizer's (split at whitespace and punctuation, as the training words
+            # were), each from its first sub-token's start. It ends where the next word or a whitespace begins,
+            # not where its last sub-token does: the offsets leave out characters the tokenizer's normaliser
+            # dropped, such as a decomposed accent's combining mark ("e\u0301") that ends a word.
             text = item
-            for word_id in sorted(first_token):
-                start = offsets[first_token[word_id]][0]
-                end = offsets[last_token[word_id]][1]  # a word split into sub-tokens ends with its last one
+            ordered = sorted(first_token)
+            starts = [offsets[first_token[word_id]][0] for word_id in ordered]
+            for number, word_id in enumerate(ordered):
+                start, end = starts[number], offsets[last_token[word_id]][1]
+                limit = starts[number + 1] if number + 1 < len(ordered) else len(text)
+                while end < limit and not text[end].isspace():
+                    end += 1
                 words.append(entry(text[start:end], start, end, word_id))
         return {"words": words, "entities": group_entities([w for w in words if w["tag"]], text)}
 
@@ -969,17 +995,10 @@ def _checked_score(task: Task, value: Any, where: str) -> float:
     return score
 
 
-def _score_targets(task: Task, labels: torch.Tensor) -> torch.Tensor:
-    """Gold scores checked against the task's `score_range` and mapped from it to [0, 1]."""
+def _score_targets(task: Task, labels: torch.Tensor, expected: Sequence[int]) -> torch.Tensor:
+    """Gold scores checked (`_float_labels`, against the task's `score_range`) and mapped from it to [0, 1]."""
     low, high = task.spec["score_range"]
-    scores = labels[labelled_mask(labels)]
-    bad = scores[~torch.isfinite(scores) | (scores < low) | (scores > high)]
-    if bad.numel():
-        raise InputError(
-            f"task '{task.name}': gold scores must be finite and within its score_range [{low:g}, {high:g}] "
-            f"(NaN for missing), got {bad[0].item()}"
-        )
-    return (labels - low) / (high - low)
+    return (_float_labels(task.name, labels, expected, (low, high)) - low) / (high - low)
 
 
 @register_task_type
@@ -1007,8 +1026,7 @@ class SimilarityTask(_BiEncoderPairTask):
         return F.cosine_similarity(u.float(), v.float(), dim=-1)  # (batch,)
 
     def loss(self, logits, labels, batch):
-        labels = _float_labels(self.name, labels, logits.shape)
-        targets = _score_targets(self, labels)
+        targets = _score_targets(self, labels, logits.shape)
         if self.spec["loss"] == "cosent":
             return cosent_loss(logits, targets, self.spec["scale"])
         return elementwise_loss(logits, targets, "mse")
@@ -1304,8 +1322,7 @@ class CrossEncoderTask(_SentenceTask):
     def loss(self, logits, labels, batch):
         if not self.scores_pairs:
             return ClassificationTask.loss(self, logits, labels, batch)
-        labels = _float_labels(self.name, labels, logits.shape[:1])
-        return elementwise_loss(logits[:, 0], _score_targets(self, labels), "bce")
+        return elementwise_loss(logits[:, 0], _score_targets(self, labels, logits.shape[:1]), "bce")
 
     def convert_label(self, value, where, mapper, row=None):
         if self.scores_pairs:

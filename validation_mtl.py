@@ -218,15 +218,12 @@ def check_tasks(
     """
     names = config.task_names
     kind = "pair" if pairs else "single-text"
+    requested = requested_tasks(requested, argument)
     if requested is None:
         if pairs is not None and not any(config.task(name).takes_pairs == pairs for name in names):
             hint = "" if pairs else f"; give it pairs: {pair_input}"
             raise InputError(f"this model has no {kind} tasks (its tasks: {_kinds(config)}){hint}")
         return None
-    if isinstance(requested, str):
-        requested = [requested]
-    elif isinstance(requested, (bytes, dict)) or not isinstance(requested, Iterable):
-        raise InputTypeError(f"{argument} must be a task name or a list of task names, got {type(requested).__name__}")
     tasks = list(dict.fromkeys(requested))
     if not tasks:
         raise InputError(f"{argument} is empty: leave it out for every task, or name at least one")
@@ -239,6 +236,18 @@ def check_tasks(
             needs = "single texts" if pairs else f"text pairs ({pair_input})"
             raise InputError(f"{argument}: task(s) {wrong} take {needs}, not {kind.replace('-', ' ')}s")
     return tasks
+
+
+def requested_tasks(requested: Any, argument: str = "tasks") -> list[Any] | None:
+    """A task name or an iterable of them as a list (`None` stays `None`), before anything reads them as a list: a
+    number or a dict is an `InputTypeError` naming `argument`. `check_tasks` then checks the names themselves."""
+    if requested is None:
+        return None
+    if isinstance(requested, str):
+        return [requested]
+    if isinstance(requested, (bytes, dict)) or not isinstance(requested, Iterable):
+        raise InputTypeError(f"{argument} must be a task name or a list of task names, got {type(requested).__name__}")
+    return list(requested)
 
 
 def _kinds(config: Any) -> dict[str, str]:
@@ -325,6 +334,7 @@ __all__ = [
     "is_int",
     "is_number",
     "position_limit",
+    "requested_tasks",
     "resolve_max_seq_length",
     "text_problem",
 ]

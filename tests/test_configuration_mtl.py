@@ -117,7 +117,10 @@ def test_default_backbone_config_has_minilm_shape():
             for head in ({"pooling": "attention"}, {"pooling": "attention", "layers": 1}, "transformer")
         ),
         ({"tasks": [{"name": "a", "labels": "xy"}]}, "`labels` must be a list"),
-        ({"projection_dim": 0}, "projection_dim must be an int >= 1"),
+        ({"projection_dim": 0}, "projection_dim must be an int from 1 to 65536"),
+        # a typo that would otherwise ask torch's allocator for a hidden_size x 10**10 matrix
+        ({"projection_dim": 10**10}, "projection_dim must be an int from 1 to 65536, got 10000000000"),
+        ({"tasks": "x"}, "tasks must be a list of task dicts, got str"),
         ({"max_seq_length": 100000}, "exceeds the 512 token positions the backbone can encode"),
         ({"backbone_config": {"hidden_size": 8}}, "needs a 'model_type' key"),
         ({"head_dropout": 1.5}, "head_dropout must be a number in [0, 1)"),

@@ -10,9 +10,10 @@ import pytest
 import torch
 from train_helpers import SENTENCES, TEXT_TASKS
 
-from configuration_mtl import POOLING_MODES
-from inference_mtl import group_entities, plan_batches, run_concurrently
+from configuration_mtl import POOLING_MODES, TASK_TYPES
+from inference_mtl import group_entities, plan_batches, run_concurrently, window_choice
 from modeling_mtl import MultiTaskModel
+from tasks_mtl import task_class
 
 TASKS = [
     *TEXT_TASKS,
@@ -472,6 +473,13 @@ def test_similarity_stays_within_minus_one_and_one(model, monkeypatch):
         (lambda m: m.similarity(np.ones((2, 3)), np.ones((3, 3)), pairwise=True), ValueError, "same number of rows"),
         (lambda m: m.similarity(np.array([[np.nan, 1.0]]), np.ones((1, 2))), ValueError, "texts_a holds a non-finite"),
         (lambda m: m.similarity(np.ones((2, 2, 2)), np.ones((1, 2))), ValueError, r"got \(2, 2, 2\)"),
+        # complex numbers: refused, as a tensor and as an array alike (a cast would drop the imaginary part)
+        *(
+            (lambda m, c=c: m.similarity(c, np.ones((1, 2))), TypeError, "texts_a must be real-valued embeddings")
+            for c in (torch.ones(1, 2, dtype=torch.complex64), np.ones((1, 2), dtype=np.complex64))
+        ),
+        (lambda m: m.similarity(torch.ones(1, 2), torch.ones(1, 2).bool()), TypeError, "texts_b must be real-valued"),
+        (lambda m: m.predict("a", tasks=5), TypeError, "tasks must be a task name or a list of task names, got int"),
     ],
 )
 def test_bad_input_is_one_clear_error(model, call, error, message):
@@ -505,3 +513,108 @@ def test_huge_texts_cost_what_their_truncated_prefix_costs(model, monkeypatch):
     spaced = "paris" + " " * 20_000 + "lyon"
     full = model.tokenizer([spaced], truncation=True, max_length=model.config.max_seq_length)["input_ids"][0]
     assert model._tokenize_unpadded([spaced])["input_ids"][0] == full
+
+
+# ---------------------------------------------------------------- eval mode, words, long texts
+
+
+@pytest.mark.parametrize("task_type", TASK_TYPES)
+def test_predict_is_deterministic_on_a_model_left_in_train_mode(tiny_bert, task_type):
+    # `from_backbone` returns a model in train mode: every prediction path (the pair heads on `encode`'s features
+    # included) must run without dropout, and leave the model in the mode it found it in.
+    cls = task_class(task_type)
+    spec = {"name": "t", "type": task_type}
+    if cls.has_labels and cls.default_labels is None:
+        spec["labels"] = ["O", "B-PER", "I-PER"]
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=[spec], head_dropout=0.5)
+    assert model.training
+    item = ("a cat sits on the mat", "a kitten rests on a rug") if cls.takes_pairs else "John Smith lives in Paris"
+    predictions = [model.predict(item)["t"] for _ in range(3)]
+    assert predictions[1] == predictions[0] and predictions[2] == predictions[0]
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("e\u0301te\u0301 Zoe\u0308", ["e\u0301te\u0301", "Zoe\u0308"]),  # decomposed (NFD): marks the tokenizer drops
+        ("\u00e9t\u00e9 Zo\u00eb", ["\u00e9t\u00e9", "Zo\u00eb"]),  # composed (NFC)
+        ("Zoe\u0308, na\u0131\u0308ve cafe\u0301.", ["Zoe\u0308", ",", "na\u0131\u0308ve", "cafe\u0301", "."]),
+        ("(John) lives in Paris.", ["(", "John", ")", "lives", "in", "Paris", "."]),  # punctuation: its own word
+    ],
+)
+def test_token_predictions_span_whole_words(model, text, words):
+    result = model.predict(text, tasks=["ner"])["ner"]
+    assert [w["word"] for w in result["words"]] == words
+    assert all(text[w["start"] : w["end"]] == w["word"] and w["tag"] is not None for w in result["words"])
+    assert "".join(words) == "".join(text.split())  # every character belongs to a word
+
+
+@pytest.mark.parametrize("from_the_end", [False, True])
+def test_window_choice_reads_each_token_farthest_from_a_cut_edge(from_the_end):
+    # Three windows of 6, 6 and 5 tokens sharing 2 with the next: 13 tokens at 0-5, 4-9 and 8-12 (from the start).
+    window, index = window_choice([6, 6, 5], stride=2)
+    assert window.tolist() == [0] * 5 + [1] * 4 + [2] * 4
+    assert index.tolist() == [0, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]
+    if from_the_end:  # window 0 is the last 6 tokens (7-12), window 2 the first 5 (0-4)
+        window, index = window_choice([6, 6, 5], stride=2, from_the_end=True)
+        assert window.tolist() == [2] * 4 + [1] * 4 + [0] * 5
+        assert index.tolist() == [0, 1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 5]
+
+
+def centred_reference(model, text: str, task: str) -> list[str]:
+    """Each word's tag by the windowing rule, written out plainly: the text's tokens cut into windows of the
+    model's length from the start (or the end, for left truncation), consecutive ones sharing a quarter; each word
+    read from a plain forward pass of the window where its first sub-token lies farthest from a cut edge."""
+    tokenizer = model.tokenizer
+    whole = tokenizer(text, add_special_tokens=False)
+    ids, word_ids = whole["input_ids"], whole.word_ids()
+    room = model.config.max_seq_length - tokenizer.num_special_tokens_to_add()
+    step = room - room // 4
+    windows = [(0, min(room, len(ids)))]  # (start, end) in the text's tokens
+    while windows[-1][1] < len(ids):
+        windows.append((windows[-1][0] + step, min(windows[-1][0] + step + room, len(ids))))
+    if tokenizer.truncation_side == "left":  # the same cuts, counted from the end
+        windows = sorted((max(0, len(ids) - step * k - room), len(ids) - step * k) for k in range(len(windows)))
+    with torch.inference_mode():
+        probabilities = [
+            model(
+                torch.tensor([[tokenizer.cls_token_id, *ids[start:end], tokenizer.sep_token_id]]), tasks=[task]
+            ).logits[task][0, 1:-1]
+            for start, end in windows
+        ]
+    tags = []
+    for position, word in enumerate(word_ids):
+        if word is None or (position and word_ids[position - 1] == word):
+            continue  # not a word's first sub-token
+        best, best_room = None, -1.0
+        for (start, end), rows in zip(windows, probabilities):
+            if not start <= position < end:
+                continue
+            before = position - start if start > 0 else float("inf")
+            after = end - 1 - position if end < len(ids) else float("inf")
+            if min(before, after) > best_room:
+                best, best_room = rows[position - start], min(before, after)
+        tags.append(model.config.task(task).labels[int(best.argmax())])
+    return tags
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_long_texts_are_tagged_whole_in_overlapping_windows(tiny_bert, side):
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS, max_seq_length=16).eval()
+    model.tokenizer = copy.deepcopy(model.tokenizer)
+    model.tokenizer.truncation_side = side
+    # Several windows long, with names on and around the window borders (a window holds 14 text tokens).
+    words = "John Smith visited the Louvre museum in Paris with Maria and John Smith last summer".split() * 4
+    text = " ".join(words)
+    result = model.predict(text, tasks=["topic", "ner"])
+    tagged = result["ner"]["words"]
+    assert [w["word"] for w in tagged] == words  # every word, none cut off
+    assert all(w["tag"] is not None for w in tagged)
+    assert [w["tag"] for w in tagged] == centred_reference(model, text, "ner")
+    # Sentence-level tasks still read the first max_seq_length tokens only.
+    assert result["topic"] == model.predict(text, tasks=["topic"])["topic"]
+    # Pre-split words are windowed the same way: the same tags, word for word.
+    assert [w["tag"] for w in model.predict([words], tasks=["ner"])[0]["ner"]["words"]] == [w["tag"] for w in tagged]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from modeling_mtl import MultiTaskModel
-from validation_mtl import FileError
+from validation_mtl import FileError, InputError, InputTypeError, MissingFileError
 
 TASKS = [
     {"name": "topic", "labels": ["a", "b", "c"]},
@@ -112,3 +112,41 @@ def test_a_malformed_safetensors_header_is_one_error(saved, tmp_path, header):
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
     with pytest.raises(FileError, match="has a damaged header"):
         MultiTaskModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "source, error, message",
+    [
+        ("/no/such/model", MissingFileError, "pretrained_model_name_or_path: no such folder /no/such/model"),
+        ("./no-such-model", MissingFileError, "no such folder ./no-such-model"),
+        ("", InputError, "pretrained_model_name_or_path is empty"),
+        (None, InputTypeError, "pretrained_model_name_or_path must be a folder path or a Hub model id"),
+        (42, InputTypeError, "got int: 42"),
+    ],
+)
+def test_a_source_that_is_not_there_is_named(source, error, message):
+    with pytest.raises(error, match=message):
+        MultiTaskModel.from_pretrained(source)
+
+
+def test_an_empty_folder_and_a_file_are_named(saved, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingFileError, match="empty holds no config.json"):
+        MultiTaskModel.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileError, match="config.json is a file, not a model folder"):
+        MultiTaskModel.from_pretrained(saved / "config.json")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"allow_missing_weights": "no"}, InputTypeError, "allow_missing_weights must be True or False, got 'no'"),
+        ({"allow_missing_weights": 1}, InputTypeError, "allow_missing_weights must be True or False, got 1"),
+        ({"dtype": "fp42"}, InputError, "dtype must be 'auto', one of"),
+        ({"tokenizer": "bert"}, InputTypeError, "tokenizer must be a tokenizer object"),
+    ],
+)
+def test_options_are_checked(saved, tmp_path, kwargs, error, message):
+    folder = copy_with(saved, tmp_path, weights=without("heads.topic."))  # what a truthy string would let load
+    with pytest.raises(error, match=message):
+        MultiTaskModel.from_pretrained(folder, **kwargs)

@@ -25,6 +25,7 @@ from modeling_mtl import (
     resolve_max_seq_length,
     text_fingerprints,
 )
+from validation_mtl import FileError, InputError, InputTypeError, MissingFileError
 
 TASKS = TEXT_TASKS
 
@@ -684,3 +685,148 @@ def test_heads_with_their_own_top_layers(tiny_backbones, family, tmp_path):
     torch.testing.assert_close(model(**grouped).logits["topic"], alone.logits["topic"], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="head layers=9 exceeds the backbone's 2 layers"):
         MultiTaskModel.from_backbone(tiny_backbones[family], tasks=[{**tasks[0], "head": {"layers": 9}}])
+
+
+# ---------------------------------------------------------------- what the caller gives: one clear error
+
+
+def forward_with(model, **changes):
+    batch = dict(batch_for(model, SENTENCES))
+    return model(**{**batch, **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        ({"input_ids": [[1, 2, 3]]}, TypeError, "input_ids must be a torch tensor"),
+        ({"input_ids": torch.ones(3, 5)}, TypeError, "input_ids must hold integer token ids, got torch.float32"),
+        ({"input_ids": torch.full((3, 5), 10**6)}, ValueError, "input_ids holds the token id 1000000: the encoder's"),
+        ({"input_ids": torch.full((3, 5), -1)}, ValueError, "input_ids holds the token id -1"),
+        (
+            {"input_ids": torch.ones(3, 2, 2, 5, dtype=torch.long)},
+            ValueError,
+            r"input_ids must have shape \(batch, seq\)",
+        ),
+        ({"input_ids": torch.ones(1, 300, dtype=torch.long)}, ValueError, "300 tokens per text; the backbone encodes"),
+        ({"attention_mask": torch.ones(3, 2)}, ValueError, r"attention_mask has shape \(3, 2\), input_ids \(3, \d+\)"),
+        ({"attention_mask": [[1]]}, TypeError, "attention_mask must be a torch tensor"),
+        ({"head_gradient_scale": "x"}, ValueError, "head_gradient_scale must be a finite number in"),
+        ({"head_gradient_scale": 2.0}, ValueError, r"head_gradient_scale must be a finite number in \[0, 1\]"),
+        ({"tasks": 5}, TypeError, "tasks must be a task name or a list of task names, got int"),
+    ],
+)
+def test_bad_forward_inputs_are_one_clear_error(model, changes, error, message):
+    if "attention_mask" not in changes and "input_ids" in changes:
+        changes["attention_mask"] = None  # the batch's own mask would not fit the ids given
+    with pytest.raises(error, match=message):
+        forward_with(model, **changes)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_class_ids_of_any_width_are_read_as_int64(model, dtype):
+    batch = batch_for(model, SENTENCES)
+    ids = torch.tensor([0, 2, 1])
+    expected = model(**batch, labels={"topic": ids}).task_losses["topic"]
+    torch.testing.assert_close(model(**batch, labels={"topic": ids.to(dtype)}).task_losses["topic"], expected)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        torch.tensor([1.0, float("inf"), 0.0]),
+        torch.tensor([1.0, -float("inf"), 0.0]),
+        torch.tensor([1.0, 1e39, 0.0], dtype=torch.float64),  # finite in float64, inf in float32
+    ],
+)
+def test_regression_targets_must_be_finite_float32_numbers(model, targets):
+    batch = batch_for(model, SENTENCES)
+    with pytest.raises(ValueError, match=r"task 'score': targets must be finite float32 numbers \(NaN for missing\)"):
+        model(**batch, labels={"score": targets})
+    loss = model(**batch, labels={"score": torch.tensor([1.0, float("nan"), 3.0])}).loss  # NaN: missing
+    assert torch.isfinite(loss)
+
+
+def test_exporting_the_embedding_over_a_saved_model_is_refused(model, tmp_path):
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="saved holds a multi-task model: exporting the embedding there would replace"):
+        model.export_sentence_transformers(tmp_path / "saved")
+    assert MultiTaskModel.from_pretrained(tmp_path / "saved").task_names == model.task_names  # still whole
+    model.export_sentence_transformers(tmp_path / "st")
+    with pytest.raises(ValueError, match="st holds a model's weights: exporting the embedding there would replace"):
+        model.export_sentence_transformers(tmp_path / "st")
+
+
+@pytest.mark.parametrize(
+    "tasks, error, message",
+    [
+        ("x", ValueError, "tasks must be a list of task dicts, got str"),
+        (None, ValueError, "tasks must be a list of task dicts, got NoneType"),
+        ([{"labels": ["a", "b"]}], ValueError, "task name must be a non-empty string"),
+        (["topic2"], ValueError, "each task must be a dict, got str"),
+    ],
+)
+def test_add_tasks_checks_its_argument(model, tasks, error, message):
+    with pytest.raises(error, match=message):
+        model.add_tasks(tasks)
+
+
+def make_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return str(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "source, error, message",
+    [
+        (lambda tmp_path, bert: "/no/such/folder", MissingFileError, "name_or_path: no such folder /no/such/folder"),
+        (lambda tmp_path, bert: "./no-such", MissingFileError, "no such folder ./no-such"),
+        (lambda tmp_path, bert: tmp_path / "missing", MissingFileError, "no such folder"),
+        (lambda tmp_path, bert: str(bert / "config.json"), FileError, "config.json is a file, not a model folder"),
+        (lambda tmp_path, bert: "", InputError, "name_or_path is empty"),
+        (lambda tmp_path, bert: None, InputTypeError, "name_or_path must be a folder path or a Hub model id"),
+        (lambda tmp_path, bert: 42, InputTypeError, "got int: 42"),
+        (lambda tmp_path, bert: make_empty_folder(tmp_path), MissingFileError, "empty holds no config.json"),
+    ],
+)
+def test_from_backbone_names_a_source_that_is_not_there(tiny_bert, tmp_path, source, error, message):
+    with pytest.raises(error, match=message):
+        MultiTaskModel.from_backbone(source(tmp_path, tiny_bert), tasks=TASKS)
+
+
+def test_a_hub_id_still_goes_to_the_hub(monkeypatch):
+    # A name that can be a repo id is asked of the Hub (offline in the tests: its error, not "no such folder").
+    with pytest.raises(OSError) as error:
+        MultiTaskModel.from_backbone("no-such-org/no-such-model")
+    assert not isinstance(error.value, MissingFileError)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"projection_dim": 10**10}, InputError, "projection_dim must be an int from 1 to 65536, got 10000000000"),
+        ({"dtype": "fp42"}, InputError, r"dtype must be 'auto', one of \['float32', 'float16', 'bfloat16'"),
+        ({"dtype": torch.int8}, InputError, "dtype must be 'auto'"),
+        ({"tokenizer": "bert"}, InputTypeError, r"tokenizer must be a tokenizer object \(or None\), got str"),
+        ({"tokenizer": 3}, InputTypeError, "tokenizer must be a tokenizer object"),
+    ],
+)
+def test_from_backbone_checks_its_options(tiny_bert, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        MultiTaskModel.from_backbone(tiny_bert, tasks=TASKS, **kwargs)
+
+
+def test_a_save_leaves_another_process_s_save_in_progress_alone(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = tmp_path / f".staging-{os.getppid()}"  # a save of a running process (the one that started the tests)
+    stale = tmp_path / f".staging-{dead.pid}"  # a save whose process is gone
+    old = tmp_path / ".staging-1"  # a running pid, but a day old: no save takes that long
+    for folder in (live, stale, old):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    os.utime(old, (os.path.getmtime(old) - 24 * 3600,) * 2)
+    model.save_pretrained(tmp_path)
+    assert live.is_dir() and (live / "model.safetensors").read_bytes() == b"partial"
+    assert not stale.exists() and not old.exists()
+    assert MultiTaskModel.from_pretrained(tmp_path).task_names == model.task_names

@@ -190,6 +190,18 @@ def test_predict_matches_pytorch_on_texts_word_lists_and_pairs(tiny):
     assert_same_predictions(model.predict(TEXTS[0], tasks=["ner"]), onnx_model.predict(TEXTS[0], tasks=["ner"]))
 
 
+def test_long_texts_are_tagged_whole_in_the_same_windows_as_pytorch(tiny):
+    # The runtime shares the mixin's windowing: a text of several windows gets every word tagged, as in PyTorch.
+    model, onnx_model, _ = tiny
+    words = "John Smith visited the Louvre museum in Paris with Maria last summer".split() * 40
+    text = " ".join(words)
+    assert len(model.tokenizer(text)["input_ids"]) > 3 * model.config.max_seq_length
+    expected = model.predict(text)
+    got = onnx_model.predict(text)
+    assert [w["word"] for w in got["ner"]["words"]] == words and all(w["tag"] for w in got["ner"]["words"])
+    assert_same_predictions(expected, got)
+
+
 def test_similarity_matches_pytorch(tiny):
     model, onnx_model, _ = tiny
     a, b = TEXTS[:3], TEXTS[3:]

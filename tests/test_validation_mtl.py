@@ -21,8 +21,10 @@ from validation_mtl import (
     UserError,
     check_int,
     check_max_seq_length,
+    check_tasks,
     is_int,
     position_limit,
+    requested_tasks,
     resolve_max_seq_length,
 )
 
@@ -177,3 +179,17 @@ def test_a_flag_given_as_a_string_is_refused():
 
     with pytest.raises(InputTypeError, match="normalize must be True or False, got 'false'"):
         MultiTaskConfig(backbone_config=BertConfig(), normalize="false")
+
+
+@pytest.mark.parametrize("tasks", [5, 2.5, {"topic": 1}, b"topic"])
+def test_tasks_that_are_not_names_are_the_same_error_from_every_entry_point(model, tasks):
+    """`predict(tasks=5)` read the value as a list before `check_tasks` saw it ("'int' object is not iterable"):
+    `requested_tasks` is the one rule, for `check_tasks`, `predict` and `forward` alike."""
+    expected = f"tasks must be a task name or a list of task names, got {type(tasks).__name__}"
+    with pytest.raises(InputTypeError, match=re.escape(expected)):
+        requested_tasks(tasks)
+    with pytest.raises(InputTypeError, match=re.escape(expected)):
+        check_tasks(tasks, model.config)
+    assert api_error(lambda: model.predict("a", tasks=tasks)) == expected
+    batch = model.tokenize(["a"])
+    assert api_error(lambda: model(**batch, tasks=tasks)) == expected
