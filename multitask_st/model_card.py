@@ -485,9 +485,7 @@ def _card_data(
     overrides: dict[str, Any],
 ) -> ModelCardData:
     """The card's YAML metadata (what the Hub reads); `overrides` win over what is derived."""
-    datasets = sorted(
-        {_hub_id_of(info) for info in (training or {}).get("tasks", {}).values()} - {None}
-    )
+    datasets = sorted({_hub_id_of(info) for info in (training or {}).get("tasks", {}).values()} - {None})
     fields: dict[str, Any] = {
         "library_name": "transformers",
         "pipeline_tag": "feature-extraction",
